@@ -1,0 +1,1 @@
+//! The policy language and its compiler into peer visibility and packet filters.

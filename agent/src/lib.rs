@@ -1,0 +1,1 @@
+//! The node agent behind `meshd up`: data plane, NAT traversal, invoker.

@@ -1,0 +1,1 @@
+//! The coordinator: registration, addressing, peer maps, durable state.

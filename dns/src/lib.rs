@@ -1,0 +1,1 @@
+//! Split DNS: mesh names answered locally, the rest forwarded upstream.

@@ -1,0 +1,1 @@
+//! Wire formats shared by agent, coordinator and relay. Filled in by the control-plane and relay issues.

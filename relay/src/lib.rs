@@ -1,0 +1,1 @@
+//! The self-hosted relay (DERP-like, TCP/443) and STUN responder.
