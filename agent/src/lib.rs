@@ -1,1 +1,3 @@
 //! The node agent behind `meshd up`: data plane, NAT traversal, invoker.
+
+pub mod keys;
