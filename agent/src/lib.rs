@@ -1,3 +1,4 @@
 //! The node agent behind `meshd up`: data plane, NAT traversal, invoker.
 
+pub mod allowed_ips;
 pub mod keys;
