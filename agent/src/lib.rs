@@ -2,3 +2,4 @@
 
 pub mod allowed_ips;
 pub mod keys;
+pub mod peers;
