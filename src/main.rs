@@ -1,1 +1,36 @@
-fn main() {}
+//! meshd: the one binary. A thin CLI that wires subcommands to the library crates.
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod lab_cmd;
+
+#[derive(Parser)]
+#[command(
+    name = "meshd",
+    version,
+    about = "Overlay-network mesh for serverless functions"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The network-namespace laboratory: an emulated internet with NATs, firewalls and latency.
+    #[command(subcommand)]
+    Lab(lab_cmd::LabCmd),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Cmd::Lab(cmd) => lab_cmd::run(cmd),
+    }
+}

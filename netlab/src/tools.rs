@@ -1,0 +1,133 @@
+//! Measurements taken inside a lab with standard tools (ping, iperf3), shared by the tests
+//! and the benchmarks.
+use std::time::Duration;
+
+use crate::{Lab, LabError};
+
+/// Round-trip times in milliseconds of `count` pings from `from` to `to` (lost ones omitted).
+pub fn ping_rtts(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    count: u32,
+    interval: Duration,
+) -> Result<Vec<f64>, LabError> {
+    let target = lab.addr(to)?.to_string();
+    let count_s = count.to_string();
+    let interval_s = format!("{:.3}", interval.as_secs_f64());
+    let deadline = Duration::from_secs(10) + interval * count * 2;
+    let out = lab.exec_timeout(
+        from,
+        &["ping", "-n", "-c", &count_s, "-i", &interval_s, &target],
+        deadline,
+    )?;
+    // A non-zero exit only means some replies were lost; the parsed count tells.
+    Ok(out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect())
+}
+
+/// The median of a non-empty slice.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 0 {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    })
+}
+
+/// One iperf3 TCP run from `client` to `server` over the lab; returns received bits per second.
+pub fn iperf3_tcp(
+    lab: &Lab,
+    server: &str,
+    client: &str,
+    secs: u32,
+    streams: u32,
+) -> Result<f64, LabError> {
+    let mut srv = lab.spawn(
+        server,
+        "iperf3-server",
+        &["iperf3", "-s", "-1", "--forceflush"],
+    )?;
+    let target = lab.addr(server)?.to_string();
+    let (secs_s, streams_s) = (secs.to_string(), streams.to_string());
+    let mut last = String::new();
+    let mut result = None;
+    // The server needs a moment to listen; a refused connection is retried, nothing else.
+    lab.wait_until("iperf3 to connect", Duration::from_secs(10), || {
+        match lab.exec_timeout(
+            client,
+            &[
+                "iperf3", "-c", &target, "-t", &secs_s, "-P", &streams_s, "-f", "m",
+            ],
+            Duration::from_secs(u64::from(secs) + 20),
+        ) {
+            Ok(out) if out.status.success() => {
+                result = parse_iperf3_receiver(&out.stdout);
+                last = out.stdout;
+                true
+            }
+            Ok(out) => {
+                last = format!("{}{}", out.stdout, out.stderr);
+                !last.contains("refused")
+            }
+            Err(e) => {
+                last = e.to_string();
+                true
+            }
+        }
+    })?;
+    let _ = srv.stop(Duration::from_secs(2));
+    result.ok_or_else(|| {
+        LabError::Lab(format!(
+            "iperf3 from {client} to {server} gave no result: {last}"
+        ))
+    })
+}
+
+/// The receiver's total rate from iperf3's text summary, in bits per second.
+fn parse_iperf3_receiver(text: &str) -> Option<f64> {
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_end().ends_with("receiver"))?;
+    let mut words = line.split_whitespace().collect::<Vec<_>>();
+    let unit_at = words.iter().position(|w| w.ends_with("bits/sec"))?;
+    let value: f64 = words.get(unit_at.checked_sub(1)?)?.parse().ok()?;
+    let scale = match words.swap_remove(unit_at) {
+        "Gbits/sec" => 1e9,
+        "Mbits/sec" => 1e6,
+        "Kbits/sec" => 1e3,
+        "bits/sec" => 1.0,
+        _ => return None,
+    };
+    Some(value * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_iperf3_summaries() {
+        let single =
+            "[  5]   0.00-3.00   sec  3.91 GBytes  11194 Mbits/sec                  receiver\n";
+        assert_eq!(parse_iperf3_receiver(single), Some(11194e6));
+        let multi = "[  5]   0.00-3.00   sec  1 GBytes  500 Mbits/sec  0  sender\n\
+                     [SUM]   0.00-3.00   sec  2.5 GBytes  7.16 Gbits/sec                  receiver\n";
+        assert_eq!(parse_iperf3_receiver(multi), Some(7.16e9));
+        assert_eq!(parse_iperf3_receiver("garbage"), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+    }
+}

@@ -1,0 +1,238 @@
+//! `meshd lab …`: bring labs up and down, run commands in them, show the demo.
+#![allow(clippy::print_stdout)] // a CLI talks to its user on stdout
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Subcommand;
+use meshd_netlab::{registry, tools, Lab, LabOptions, Topology};
+
+#[derive(Subcommand)]
+pub enum LabCmd {
+    /// Build the lab described by FILE and keep it until Ctrl-C or `meshd lab down`.
+    Up { file: PathBuf },
+    /// Remove a running lab (the only one, or the one named by ID).
+    Down { id: Option<String> },
+    /// Remove every lab whose owning process is gone (running labs are left alone).
+    Clean,
+    /// List the labs on this machine.
+    List,
+    /// Run a command inside a node, host or site router of a running lab.
+    Exec {
+        /// Lab id (needed only when several labs run).
+        #[arg(long)]
+        lab: Option<String>,
+        node: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Build the lab, show what each node sees of the emulated internet, tear it down.
+    Demo { file: PathBuf },
+}
+
+pub fn run(cmd: LabCmd) -> Result<()> {
+    match cmd {
+        LabCmd::Up { file } => up(&file),
+        LabCmd::Down { id } => down(id),
+        LabCmd::Clean => {
+            let removed = registry::clean()?;
+            println!(
+                "removed {} lab(s) left behind{}",
+                removed.len(),
+                fmt_ids(&removed)
+            );
+            Ok(())
+        }
+        LabCmd::List => {
+            for l in registry::list() {
+                let state = if l.alive {
+                    "running"
+                } else {
+                    "left behind (meshd lab clean removes it)"
+                };
+                println!(
+                    "{}  {} namespaces  owner pid {}  {state}",
+                    l.id,
+                    l.namespaces.len(),
+                    l.owner_pid.map_or("?".into(), |p| p.to_string())
+                );
+            }
+            Ok(())
+        }
+        LabCmd::Exec { lab, node, command } => exec(lab, &node, &command),
+        LabCmd::Demo { file } => demo(&file),
+    }
+}
+
+fn fmt_ids(ids: &[String]) -> String {
+    if ids.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", ids.join(" "))
+    }
+}
+
+fn load(file: &PathBuf) -> Result<Topology> {
+    Ok(Topology::from_file(file)?)
+}
+
+fn up(file: &PathBuf) -> Result<()> {
+    let topo = load(file)?;
+    let lab = Lab::up_with(
+        &topo,
+        LabOptions {
+            keep_logs: true,
+            ..Default::default()
+        },
+    )?;
+    println!("lab {} is up ({})", lab.id(), file.display());
+    print_members(&lab);
+    println!("\nlogs: {}", lab.log_dir().display());
+    println!(
+        "explore: meshd lab exec {} -- ping -c 3 {}",
+        first(&lab),
+        tools_target(&lab)
+    );
+    println!("stop:    Ctrl-C here, or meshd lab down {}", lab.id());
+    // The lab's signal handler removes it on SIGINT/SIGTERM/SIGHUP and exits.
+    loop {
+        std::thread::park();
+    }
+}
+
+fn first(lab: &Lab) -> String {
+    lab.endpoints()
+        .first()
+        .map(|s| s.to_string())
+        .unwrap_or_default()
+}
+
+fn tools_target(lab: &Lab) -> String {
+    lab.endpoints()
+        .last()
+        .and_then(|n| lab.addr(n).ok())
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
+fn print_members(lab: &Lab) {
+    for name in lab.endpoints() {
+        let addr = lab.addr(name).map(|a| a.to_string()).unwrap_or_default();
+        println!(
+            "  {name:<12} {addr:<16} netns {}",
+            lab.ns(name).unwrap_or("?")
+        );
+    }
+}
+
+fn pick(id: Option<String>) -> Result<registry::LabInfo> {
+    let labs = registry::list();
+    match id {
+        Some(id) => labs
+            .into_iter()
+            .find(|l| l.id == id)
+            .ok_or_else(|| anyhow!("no lab {id}; `meshd lab list` shows the labs")),
+        None => {
+            let mut running: Vec<_> = labs.into_iter().filter(|l| l.alive).collect();
+            match running.len() {
+                0 => bail!("no lab is running; start one with `meshd lab up FILE`"),
+                1 => Ok(running.remove(0)),
+                _ => bail!(
+                    "several labs run ({}); name one with its id",
+                    running
+                        .iter()
+                        .map(|l| l.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+            }
+        }
+    }
+}
+
+fn down(id: Option<String>) -> Result<()> {
+    let lab = pick(id)?;
+    if lab.alive {
+        if let Some(pid) = lab.owner_pid.and_then(|p| rustix_pid(p)) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        for _ in 0..100 {
+            if !registry::list()
+                .iter()
+                .any(|l| l.id == lab.id && !l.namespaces.is_empty())
+            {
+                println!("lab {} removed", lab.id);
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("lab {} did not go away within 10 s of SIGTERM to its owner; `meshd lab clean` after killing it", lab.id);
+    }
+    registry::remove(&lab.id, &lab.namespaces)?;
+    println!("lab {} removed", lab.id);
+    Ok(())
+}
+
+fn rustix_pid(p: u32) -> Option<rustix::process::Pid> {
+    rustix::process::Pid::from_raw(i32::try_from(p).ok()?)
+}
+
+fn exec(lab: Option<String>, node: &str, command: &[String]) -> Result<()> {
+    let lab = pick(lab)?;
+    let ns = registry::ns_name(&lab.id, node);
+    if !lab.namespaces.contains(&ns) {
+        let names: Vec<&str> = lab
+            .namespaces
+            .iter()
+            .filter_map(|n| registry::parse_ns_name(n).map(|(_, n)| n))
+            .collect();
+        bail!(
+            "lab {} has no node {node:?}; it has: {}",
+            lab.id,
+            names.join(", ")
+        );
+    }
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .args(command)
+        .status()
+        .context("running ip netns exec")?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+fn demo(file: &PathBuf) -> Result<()> {
+    let topo = load(file)?;
+    let lab = Lab::up(&topo)?;
+    println!(
+        "lab {} is up ({}): {} public hosts, {} sites",
+        lab.id(),
+        file.display(),
+        topo.hosts.len(),
+        topo.sites.len()
+    );
+    let Some(target) = topo.hosts.first().map(|h| h.name.clone()) else {
+        bail!("the demo needs at least one [[host]] to measure against");
+    };
+    println!(
+        "\n{:<10} {:<8} {:<22} {:<12} {:>14} {:>12}",
+        "node", "site", "nat", "firewall", "rtt to host", "configured"
+    );
+    for site in &topo.sites {
+        for node in &site.nodes {
+            let rtts = tools::ping_rtts(&lab, node, &target, 5, Duration::from_millis(200))?;
+            let rtt = tools::median(&rtts).map_or("unreachable".into(), |m| format!("{m:.1} ms"));
+            let want = site.link.latency_ms + topo.hosts[0].link.latency_ms;
+            println!(
+                "{node:<10} {:<8} {:<22} {:<12} {rtt:>14} {:>9} ms",
+                site.name,
+                format!("{:?}", site.nat),
+                format!("{:?}", site.firewall),
+                want
+            );
+        }
+    }
+    lab.down()?;
+    println!("\nlab removed");
+    Ok(())
+}
