@@ -1,7 +1,7 @@
 //! `meshd lab …`: bring labs up and down, run commands in them, show the demo.
 #![allow(clippy::print_stdout)] // a CLI talks to its user on stdout
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -73,11 +73,11 @@ fn fmt_ids(ids: &[String]) -> String {
     }
 }
 
-fn load(file: &PathBuf) -> Result<Topology> {
+fn load(file: &Path) -> Result<Topology> {
     Ok(Topology::from_file(file)?)
 }
 
-fn up(file: &PathBuf) -> Result<()> {
+fn up(file: &Path) -> Result<()> {
     let topo = load(file)?;
     let lab = Lab::up_with(
         &topo,
@@ -154,7 +154,7 @@ fn pick(id: Option<String>) -> Result<registry::LabInfo> {
 fn down(id: Option<String>) -> Result<()> {
     let lab = pick(id)?;
     if lab.alive {
-        if let Some(pid) = lab.owner_pid.and_then(|p| rustix_pid(p)) {
+        if let Some(pid) = lab.owner_pid.and_then(rustix_pid) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
         for _ in 0..100 {
@@ -201,7 +201,7 @@ fn exec(lab: Option<String>, node: &str, command: &[String]) -> Result<()> {
     std::process::exit(status.code().unwrap_or(1));
 }
 
-fn demo(file: &PathBuf) -> Result<()> {
+fn demo(file: &Path) -> Result<()> {
     let topo = load(file)?;
     let lab = Lab::up(&topo)?;
     println!(
