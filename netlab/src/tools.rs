@@ -1,8 +1,153 @@
 //! Measurements taken inside a lab with standard tools (ping, iperf3), shared by the tests
 //! and the benchmarks.
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::{Lab, LabError};
+
+/// A UDP server that answers every datagram with the source address it saw, as text
+/// ("198.18.3.2:40000"): the mapped address a NAT gave the sender. Runs on a thread of the
+/// calling process, with its socket in a lab node's namespace.
+pub struct UdpReflector {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpReflector {
+    /// Listens on `port` of `node`'s address.
+    pub fn start(lab: &Lab, node: &str, port: u16) -> Result<Self, LabError> {
+        let addr = SocketAddr::from((lab.addr(node)?, port));
+        Self::start_at(lab, node, addr)
+    }
+
+    pub fn start_at(lab: &Lab, node: &str, addr: SocketAddr) -> Result<Self, LabError> {
+        let sock = lab
+            .in_ns(node, || UdpSocket::bind(addr))?
+            .map_err(|source| LabError::Io {
+                what: format!("binding {addr} in {node}"),
+                source,
+            })?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .map_err(|source| LabError::Io {
+                what: "setting a socket timeout".into(),
+                source,
+            })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop2.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(from.to_string().as_bytes(), from);
+                }
+            }
+        });
+        Ok(UdpReflector {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for UdpReflector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A UDP socket in `node`'s namespace, bound to `port` (0: any) on all addresses.
+pub fn udp_socket(lab: &Lab, node: &str, port: u16) -> Result<UdpSocket, LabError> {
+    let sock = lab
+        .in_ns(node, || UdpSocket::bind(("0.0.0.0", port)))?
+        .map_err(|source| LabError::Io {
+            what: format!("binding UDP port {port} in {node}"),
+            source,
+        })?;
+    Ok(sock)
+}
+
+/// Sends one datagram to `to` and waits up to `timeout` for any answer: None if nothing came.
+pub fn udp_ask(sock: &UdpSocket, to: SocketAddr, timeout: Duration) -> Option<String> {
+    sock.set_read_timeout(Some(timeout)).ok()?;
+    sock.send_to(b"?", to).ok()?;
+    let mut buf = [0u8; 2048];
+    let (n, _) = sock.recv_from(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Whether `sock` receives any datagram within `timeout`.
+pub fn udp_receives(sock: &UdpSocket, timeout: Duration) -> bool {
+    let mut buf = [0u8; 2048];
+    sock.set_read_timeout(Some(timeout)).is_ok() && sock.recv_from(&mut buf).is_ok()
+}
+
+/// A TCP server in a node that accepts and closes connections, on a thread of this process.
+pub struct TcpAcceptor {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpAcceptor {
+    pub fn start(lab: &Lab, node: &str, port: u16) -> Result<Self, LabError> {
+        let addr = SocketAddr::from((lab.addr(node)?, port));
+        let listener = lab
+            .in_ns(node, || TcpListener::bind(addr))?
+            .map_err(|source| LabError::Io {
+                what: format!("listening on {addr} in {node}"),
+                source,
+            })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| LabError::Io {
+                what: "making a listener non-blocking".into(),
+                source,
+            })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                if listener.accept().is_err() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        });
+        Ok(TcpAcceptor {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for TcpAcceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Whether a TCP connection from `node` to `to` is established within `timeout`.
+pub fn tcp_connects(
+    lab: &Lab,
+    node: &str,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Result<bool, LabError> {
+    lab.in_ns(node, || TcpStream::connect_timeout(&to, timeout).is_ok())
+}
 
 /// Round-trip times in milliseconds of `count` pings from `from` to `to` (lost ones omitted).
 pub fn ping_rtts(

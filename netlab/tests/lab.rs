@@ -1,0 +1,259 @@
+//! netlab behaviour, proven in real namespaces (needs root; fails without it).
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use meshd_netlab::tools::{self, TcpAcceptor, UdpReflector};
+use meshd_netlab::{registry, Firewall, Lab, Nat, Site, Topology, RESOLVER_ADDR};
+
+const SHORT: Duration = Duration::from_millis(700);
+const ANSWER: Duration = Duration::from_secs(3);
+
+fn nat_lab() -> Lab {
+    Lab::up(
+        &Topology::new()
+            .host("refl1")
+            .host("refl2")
+            .site(Site::new("home", ["eim1"]).nat(Nat::EndpointIndependent))
+            .site(Site::new("carrier", ["sym1"]).nat(Nat::Symmetric))
+            .site(Site::new("dc", ["pub1"])),
+    )
+    .expect("lab up")
+}
+
+fn mapped(lab: &Lab, node: &str, port: u16, servers: &[&UdpReflector]) -> Vec<SocketAddr> {
+    let sock = tools::udp_socket(lab, node, port).unwrap();
+    servers
+        .iter()
+        .map(|r| {
+            let text = tools::udp_ask(&sock, r.addr(), ANSWER)
+                .unwrap_or_else(|| panic!("{node}: no answer from {}", r.addr()));
+            text.parse().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn endpoint_independent_nat_keeps_one_mapping_and_symmetric_does_not() {
+    let lab = nat_lab();
+    let r1 = UdpReflector::start(&lab, "refl1", 3478).unwrap();
+    let r2 = UdpReflector::start(&lab, "refl2", 3478).unwrap();
+
+    let eim = mapped(&lab, "eim1", 40000, &[&r1, &r2]);
+    assert_eq!(
+        eim[0], eim[1],
+        "behind endpoint-independent NAT both reflectors must see one mapping"
+    );
+    assert_eq!(
+        eim[0].ip(),
+        lab.addr("home").unwrap(),
+        "mapped to the router's public address"
+    );
+
+    let sym = mapped(&lab, "sym1", 40000, &[&r1, &r2]);
+    assert_eq!(sym[0].ip(), lab.addr("carrier").unwrap());
+    assert_ne!(
+        sym[0].port(),
+        sym[1].port(),
+        "behind symmetric NAT each destination gets its own port"
+    );
+
+    let public = mapped(&lab, "pub1", 40000, &[&r1, &r2]);
+    let itself = SocketAddr::from((lab.addr("pub1").unwrap(), 40000));
+    assert_eq!(public, vec![itself; 2], "no NAT: seen as itself");
+}
+
+#[test]
+fn unsolicited_inbound_udp_to_a_natted_node_is_dropped() {
+    let lab = nat_lab();
+    let r1 = UdpReflector::start(&lab, "refl1", 3478).unwrap();
+    let node = tools::udp_socket(&lab, "eim1", 40001).unwrap();
+    let seen: SocketAddr = tools::udp_ask(&node, r1.addr(), ANSWER)
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // The mapping exists, but only the reflector's own address and port may use it.
+    let stranger = tools::udp_socket(&lab, "refl2", 5555).unwrap();
+    stranger.send_to(b"knock", seen).unwrap();
+    let same_host_other_port = tools::udp_socket(&lab, "refl1", 5556).unwrap();
+    same_host_other_port.send_to(b"knock", seen).unwrap();
+    // The node's private address is not routed on the internet at all.
+    let _ = stranger.send_to(b"knock", (lab.addr("eim1").unwrap(), 40001));
+    assert!(
+        !tools::udp_receives(&node, SHORT),
+        "unsolicited datagram reached a node behind NAT"
+    );
+
+    // Positive controls: the reflector itself still gets through, and a public node is reachable.
+    assert!(tools::udp_ask(&node, r1.addr(), ANSWER).is_some());
+    let public = tools::udp_socket(&lab, "pub1", 40002).unwrap();
+    stranger
+        .send_to(b"hello", (lab.addr("pub1").unwrap(), 40002))
+        .unwrap();
+    assert!(
+        tools::udp_receives(&public, ANSWER),
+        "a node with a public address must be reachable"
+    );
+}
+
+#[test]
+fn firewalls_block_what_they_say_and_pass_the_rest() {
+    let lab = Lab::up(
+        &Topology::new()
+            .host("srv")
+            .site(
+                Site::new("corp", ["udpb"])
+                    .nat(Nat::EndpointIndependent)
+                    .firewall(Firewall::UdpBlocked),
+            )
+            .site(Site::new("strict", ["https"]).firewall(Firewall::HttpsOnly))
+            .site(Site::new("open", ["free"]).nat(Nat::EndpointIndependent)),
+    )
+    .unwrap();
+    let srv = lab.addr("srv").unwrap();
+    let _tls = TcpAcceptor::start(&lab, "srv", 443).unwrap();
+    let _web = TcpAcceptor::start(&lab, "srv", 80).unwrap();
+    let udp = UdpReflector::start(&lab, "srv", 3478).unwrap();
+    let dns_elsewhere = UdpReflector::start(&lab, "srv", 53).unwrap();
+    let resolver =
+        UdpReflector::start_at(&lab, "inet", SocketAddr::from((RESOLVER_ADDR, 53))).unwrap();
+
+    let tcp = |node: &str, port: u16| {
+        tools::tcp_connects(&lab, node, SocketAddr::from((srv, port)), SHORT).unwrap()
+    };
+    let udp_ok = |node: &str, to: SocketAddr| {
+        let s = tools::udp_socket(&lab, node, 0).unwrap();
+        tools::udp_ask(&s, to, SHORT).is_some()
+    };
+
+    // udp-blocked: all TCP passes, UDP only to the lab resolver's port 53.
+    assert!(tcp("udpb", 443) && tcp("udpb", 80));
+    assert!(!udp_ok("udpb", udp.addr()), "UDP left a udp-blocked site");
+    assert!(
+        !udp_ok("udpb", dns_elsewhere.addr()),
+        "UDP/53 to a non-resolver left a udp-blocked site"
+    );
+    assert!(
+        udp_ok("udpb", resolver.addr()),
+        "DNS to the lab resolver must pass"
+    );
+
+    // https-only: TCP 443 and nothing else, not even ICMP or DNS.
+    assert!(tcp("https", 443));
+    assert!(!tcp("https", 80), "TCP 80 left an https-only site");
+    assert!(!udp_ok("https", udp.addr()) && !udp_ok("https", resolver.addr()));
+    let ping = lab
+        .exec("https", &["ping", "-c", "1", "-W", "1", &srv.to_string()])
+        .unwrap();
+    assert!(!ping.status.success(), "ICMP left an https-only site");
+
+    // Control: an open site passes all of it.
+    assert!(tcp("free", 80) && udp_ok("free", udp.addr()));
+}
+
+#[test]
+fn processes_run_inside_nodes_with_logs_and_exec_collects_output() {
+    let lab = Lab::up(
+        &Topology::new()
+            .host("a")
+            .site(Site::new("s", ["n1"]).nat(Nat::EndpointIndependent)),
+    )
+    .unwrap();
+    let out = lab
+        .exec("n1", &["ip", "-4", "-o", "addr", "show", "dev", "eth0"])
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert!(out.contains(&lab.addr("n1").unwrap().to_string()), "{out}");
+
+    let mut p = lab
+        .spawn(
+            "a",
+            "talker",
+            &[
+                "sh",
+                "-c",
+                "echo started; ip -o -4 addr show dev eth0; sleep 30",
+            ],
+        )
+        .unwrap();
+    lab.wait_until("the talker to print", Duration::from_secs(5), || {
+        p.log().contains("198.18.")
+    })
+    .unwrap();
+    assert!(p.log_path().starts_with(lab.log_dir()));
+    assert!(p.try_wait().is_none());
+    p.stop(Duration::from_secs(2));
+    assert!(p.try_wait().is_some());
+
+    let err = lab.exec("nope", &["true"]).unwrap_err().to_string();
+    assert!(err.contains("no node") && err.contains("n1"), "{err}");
+    let err = lab
+        .wait_until(
+            "something that never happens",
+            Duration::from_millis(50),
+            || false,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&lab.log_dir().display().to_string()),
+        "timeouts say where the logs are"
+    );
+}
+
+#[test]
+fn teardown_removes_everything_on_drop_and_on_panic() {
+    let lab = Lab::up(
+        &Topology::new()
+            .host("a")
+            .site(Site::new("s", ["n1"]).latency_ms(5)),
+    )
+    .unwrap();
+    let id = lab.id().to_owned();
+    let _sleeper = lab.spawn("n1", "sleeper", &["sleep", "600"]).unwrap();
+    assert_eq!(registry::namespaces()[&id].len(), 4, "inet, a, s, n1");
+    drop(lab);
+    assert!(
+        !registry::namespaces().contains_key(&id),
+        "namespaces left after drop"
+    );
+    assert!(!std::path::Path::new(registry::STATE_DIR).join(&id).exists());
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let result = std::thread::spawn(move || {
+        let lab = Lab::up(&Topology::new().host("a")).unwrap();
+        tx.send(lab.id().to_owned()).unwrap();
+        panic!("a failing test");
+    })
+    .join();
+    assert!(result.is_err());
+    let id = rx.recv().unwrap();
+    assert!(
+        !registry::namespaces().contains_key(&id),
+        "namespaces left after a panic"
+    );
+}
+
+#[test]
+fn parallel_labs_do_not_collide() {
+    let topo = Topology::new()
+        .host("coord")
+        .site(Site::new("edge", ["edge1"]).nat(Nat::EndpointIndependent));
+    let labs: Vec<Lab> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| Lab::up(&topo).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ids: Vec<&str> = labs.iter().map(Lab::id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4);
+    // Same names and addresses in every lab, and each lab's traffic stays in it.
+    for lab in &labs {
+        let r = UdpReflector::start(lab, "coord", 3478).unwrap();
+        let s = tools::udp_socket(lab, "edge1", 0).unwrap();
+        assert!(tools::udp_ask(&s, r.addr(), ANSWER).is_some());
+    }
+}
