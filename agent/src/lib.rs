@@ -3,3 +3,4 @@
 pub mod allowed_ips;
 pub mod keys;
 pub mod peers;
+pub mod wgconf;
