@@ -3,4 +3,6 @@
 pub mod allowed_ips;
 pub mod keys;
 pub mod peers;
+pub mod tun;
+pub mod udp;
 pub mod wgconf;

@@ -1,0 +1,649 @@
+//! The UDP socket carrying WireGuard for all peers, with batched I/O.
+//!
+//! Sending: [`UdpSendBatch`] lays datagrams out back to back and groups runs of
+//! equal-size datagrams to one destination (the last of a run may be shorter)
+//! into one UDP GSO message (`UDP_SEGMENT`): one `sendmsg` carries up to 64
+//! datagrams. Receiving: `recvmmsg` with `UDP_GRO`, so one system call returns
+//! up to 32 buffers of up to 64 datagrams each; [`UdpRecvBatch::iter`] splits
+//! them at the segment boundaries again.
+//!
+//! The control-message plumbing (and its fallbacks: GSO switched off when a
+//! driver answers EIO) comes from `quinn-udp`, Quinn's small crate for exactly
+//! this; this module owns the buffers, the grouping and the socket setup.
+//!
+//! One dual-stack IPv6 socket serves IPv4 peers through v4-mapped addresses;
+//! addresses are mapped on the way out and unmapped on the way in, so callers
+//! only ever see plain IPv4 and IPv6 addresses.
+
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
+
+/// Socket buffer size asked for (wireguard-go uses the same): enough for
+/// ~5000 full-size datagrams, so a burst while the engine is busy encrypting
+/// is queued rather than dropped.
+pub const SOCKET_BUFFER: usize = 7 << 20;
+
+/// The largest UDP payload the kernel accepts in one GSO message over IPv4
+/// (65535 - 20 - 8); also used for IPv6, which allows 20 bytes more.
+const MAX_GSO_BYTES: usize = 65507;
+
+/// The kernel's limit on segments per GSO message (`UDP_MAX_SEGMENTS`).
+const MAX_GSO_SEGMENTS: usize = 64;
+
+/// Bytes of datagram space in one send batch: one 64 KiB TUN super-packet
+/// encrypted (~46 × 1452 B) fits several times over.
+const SEND_BATCH_BYTES: usize = 256 * 1024;
+
+/// Datagrams (or GSO messages) in one send batch.
+const SEND_BATCH_MESSAGES: usize = 256;
+
+/// Messages per `recvmmsg`, quinn-udp's batch size.
+const RECV_MESSAGES: usize = quinn_udp::BATCH_SIZE;
+
+/// Room for one GRO message: at most 64 KiB of coalesced datagrams.
+const RECV_BUF: usize = 65536;
+
+/// How long `send_batch` waits for room in a full socket send buffer before
+/// dropping the rest of the batch.
+const SEND_WAIT: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UdpError {
+    #[error("binding UDP socket to {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("UDP I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// What [`UdpSocket::send_batch`] did with a batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SendReport {
+    /// Datagrams handed to the kernel.
+    pub sent: usize,
+    /// Datagrams dropped: refused by the kernel (unreachable, too big, wrong
+    /// address family) or the send buffer stayed full.
+    pub dropped: usize,
+    /// `sendmsg` calls made.
+    pub syscalls: usize,
+}
+
+/// Effective socket buffer sizes, as the kernel reports them (it doubles what
+/// was asked to account for its bookkeeping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferSizes {
+    pub send: usize,
+    pub recv: usize,
+}
+
+/// A non-blocking UDP socket with batched, segmentation-offloaded I/O.
+#[derive(Debug)]
+pub struct UdpSocket {
+    sock: std::net::UdpSocket,
+    state: UdpSocketState,
+    /// An IPv6 socket that also carries IPv4 as v4-mapped addresses.
+    dual_stack: bool,
+    local: SocketAddr,
+}
+
+impl UdpSocket {
+    /// Binds a socket on all addresses, IPv4 and IPv6, at `port` (0: any
+    /// port). Falls back to IPv4 only where IPv6 is unavailable.
+    pub fn bind_any(port: u16) -> Result<Self, UdpError> {
+        let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        match Self::bind(v6) {
+            Err(UdpError::Bind { source, .. })
+                if source.raw_os_error() == Some(rustix::io::Errno::AFNOSUPPORT.raw_os_error()) =>
+            {
+                tracing::info!("IPv6 unavailable, binding IPv4 only");
+                Self::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+            }
+            other => other,
+        }
+    }
+
+    /// Binds to `addr`. An unspecified IPv6 address gives a dual-stack socket.
+    pub fn bind(addr: SocketAddr) -> Result<Self, UdpError> {
+        let bind_err = |source: io::Error| UdpError::Bind { addr, source };
+        let family = match addr {
+            SocketAddr::V4(_) => AddressFamily::INET,
+            SocketAddr::V6(_) => AddressFamily::INET6,
+        };
+        let fd: OwnedFd = rustix::net::socket_with(
+            family,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC,
+            Some(rustix::net::ipproto::UDP),
+        )
+        .map_err(|e| bind_err(e.into()))?;
+        let dual_stack = matches!(addr, SocketAddr::V6(a) if a.ip().is_unspecified());
+        if dual_stack {
+            sockopt::set_ipv6_v6only(&fd, false).map_err(|e| bind_err(e.into()))?;
+        }
+        rustix::net::bind(&fd, &addr).map_err(|e| bind_err(e.into()))?;
+        let sock = std::net::UdpSocket::from(fd);
+        set_buffer_sizes(&sock, SOCKET_BUFFER);
+        // Also switches the socket to non-blocking and turns on UDP_GRO.
+        let state = UdpSocketState::new(UdpSockRef::from(&sock)).map_err(bind_err)?;
+        let local = sock.local_addr().map_err(bind_err)?;
+        tracing::debug!(
+            %local,
+            dual_stack,
+            gso_segments = state.max_gso_segments(),
+            gro_segments = state.gro_segments(),
+            "UDP socket bound"
+        );
+        Ok(UdpSocket {
+            sock,
+            state,
+            dual_stack,
+            local,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Datagrams one send may carry (1 when the kernel or driver lacks GSO).
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    /// Datagrams the kernel may coalesce into one received buffer.
+    pub fn gro_segments(&self) -> usize {
+        self.state.gro_segments()
+    }
+
+    pub fn buffer_sizes(&self) -> Result<BufferSizes, UdpError> {
+        Ok(BufferSizes {
+            send: sockopt::socket_send_buffer_size(&self.sock).map_err(io::Error::from)?,
+            recv: sockopt::socket_recv_buffer_size(&self.sock).map_err(io::Error::from)?,
+        })
+    }
+
+    /// Receives what is queued (up to 32 messages, each possibly coalesced
+    /// from many datagrams) into `batch`, replacing its contents. Returns the
+    /// number of messages; 0 when nothing is queued.
+    pub fn recv_batch(&self, batch: &mut UdpRecvBatch) -> Result<usize, UdpError> {
+        batch.count = 0;
+        let mut chunks = batch.bufs.chunks_mut(RECV_BUF);
+        let mut slices: [IoSliceMut<'_>; RECV_MESSAGES] =
+            std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+        match self
+            .state
+            .recv(UdpSockRef::from(&self.sock), &mut slices, &mut batch.meta)
+        {
+            Ok(n) => {
+                for meta in &mut batch.meta[..n] {
+                    meta.addr = canonical(meta.addr);
+                }
+                batch.count = n;
+                tracing::trace!(messages = n, "UDP recv");
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sends every datagram of `batch` and clears it. A datagram the kernel
+    /// refuses is dropped and counted, and the rest are still sent; when the
+    /// send buffer is full this waits up to 200 ms for room (the backpressure
+    /// that keeps a fast sender from losing its own packets), then drops.
+    pub fn send_batch(&self, batch: &mut UdpSendBatch) -> SendReport {
+        let mut report = SendReport::default();
+        let mut stalled = false;
+        for msg in &batch.msgs {
+            let data = &batch.buf[msg.start..msg.start + msg.len];
+            if stalled {
+                report.dropped += msg.count;
+                continue;
+            }
+            let Some(destination) = self.map_destination(msg.dest) else {
+                tracing::trace!(dest = %msg.dest, "no route for address family, dropped");
+                report.dropped += msg.count;
+                continue;
+            };
+            // GSO may have been switched off after the batch was built, so
+            // split the message into what the socket takes now.
+            let per_send = self.state.max_gso_segments().clamp(1, MAX_GSO_SEGMENTS);
+            for chunk in data.chunks(msg.segment * per_send) {
+                let segments = chunk.len().div_ceil(msg.segment);
+                if stalled {
+                    report.dropped += segments;
+                    continue;
+                }
+                let transmit = Transmit {
+                    destination,
+                    ecn: None,
+                    contents: chunk,
+                    segment_size: (segments > 1).then_some(msg.segment),
+                    src_ip: None,
+                };
+                match self.send_one(&transmit, &mut report.syscalls) {
+                    Ok(()) => report.sent += segments,
+                    Err(e) => {
+                        if e.kind() == io::ErrorKind::WouldBlock {
+                            tracing::debug!("UDP send buffer stayed full, dropping the batch");
+                            stalled = true;
+                        } else {
+                            tracing::trace!(dest = %msg.dest, error = %e, "UDP send refused");
+                        }
+                        report.dropped += segments;
+                    }
+                }
+            }
+        }
+        batch.clear();
+        report
+    }
+
+    fn send_one(&self, transmit: &Transmit<'_>, syscalls: &mut usize) -> io::Result<()> {
+        loop {
+            *syscalls += 1;
+            match self.state.try_send(UdpSockRef::from(&self.sock), transmit) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !self.wait_writable(SEND_WAIT)? {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Waits until the socket can take a datagram; false on timeout.
+    fn wait_writable(&self, timeout: Duration) -> io::Result<bool> {
+        let timeout = Timespec::try_from(timeout).map_err(io::Error::other)?;
+        let mut fds = [PollFd::new(&self.sock, PollFlags::OUT)];
+        let ready = rustix::event::poll(&mut fds, Some(&timeout))?;
+        Ok(ready > 0)
+    }
+
+    fn map_destination(&self, dest: SocketAddr) -> Option<SocketAddr> {
+        match (dest, self.local) {
+            (SocketAddr::V4(v4), SocketAddr::V6(_)) if self.dual_stack => Some(SocketAddr::V6(
+                SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0),
+            )),
+            (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => {
+                Some(dest)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl AsFd for UdpSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
+/// Asks for `bytes` of socket buffer in each direction. As root the
+/// `*BUFFORCE` options go past `net.core.{r,w}mem_max`; otherwise the kernel
+/// caps the request at those limits. Failure only costs throughput, so it is
+/// logged, not returned.
+fn set_buffer_sizes(sock: &std::net::UdpSocket, bytes: usize) {
+    if sockopt::set_socket_send_buffer_size_force(sock, bytes).is_err() {
+        if let Err(e) = sockopt::set_socket_send_buffer_size(sock, bytes) {
+            tracing::warn!(error = %e, "cannot set UDP send buffer size");
+        }
+    }
+    if sockopt::set_socket_recv_buffer_size_force(sock, bytes).is_err() {
+        if let Err(e) = sockopt::set_socket_recv_buffer_size(sock, bytes) {
+            tracing::warn!(error = %e, "cannot set UDP receive buffer size");
+        }
+    }
+}
+
+/// IPv4 peers on a dual-stack socket show up as `::ffff:a.b.c.d`.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Message {
+    dest: SocketAddr,
+    start: usize,
+    /// Bytes in all segments.
+    len: usize,
+    /// Size of every segment but possibly the last.
+    segment: usize,
+    count: usize,
+    /// The last segment was shorter than `segment`: nothing more may join.
+    closed: bool,
+}
+
+/// Datagrams waiting to be sent, grouped into GSO messages as they arrive.
+#[derive(Debug)]
+pub struct UdpSendBatch {
+    buf: Box<[u8]>,
+    used: usize,
+    msgs: Vec<Message>,
+    datagrams: usize,
+}
+
+impl Default for UdpSendBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl UdpSendBatch {
+    pub fn new() -> Self {
+        UdpSendBatch {
+            buf: vec![0; SEND_BATCH_BYTES].into_boxed_slice(),
+            used: 0,
+            msgs: Vec::with_capacity(SEND_BATCH_MESSAGES),
+            datagrams: 0,
+        }
+    }
+
+    /// Datagrams in the batch.
+    pub fn len(&self) -> usize {
+        self.datagrams
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.datagrams == 0
+    }
+
+    /// GSO messages the batch groups its datagrams into.
+    pub fn messages(&self) -> usize {
+        self.msgs.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.used = 0;
+        self.msgs.clear();
+        self.datagrams = 0;
+    }
+
+    /// Appends a datagram for `dest` by letting `fill` write at most `max_len`
+    /// bytes of it into the batch (for example encrypting straight into it).
+    /// `fill` returns the length; 0 means "no datagram". Returns false, without
+    /// calling `fill`, when the batch lacks room: send it, then push again.
+    pub fn push_with(
+        &mut self,
+        dest: SocketAddr,
+        max_len: usize,
+        fill: impl FnOnce(&mut [u8]) -> usize,
+    ) -> bool {
+        let max_len = max_len.min(MAX_GSO_BYTES);
+        if self.used + max_len > self.buf.len() || self.msgs.len() == SEND_BATCH_MESSAGES {
+            return false;
+        }
+        let start = self.used;
+        let n = fill(&mut self.buf[start..start + max_len]).min(max_len);
+        if n == 0 {
+            return true;
+        }
+        self.used += n;
+        self.datagrams += 1;
+        if let Some(last) = self.msgs.last_mut() {
+            let joins = last.dest == dest
+                && !last.closed
+                && n <= last.segment
+                && last.count < MAX_GSO_SEGMENTS
+                && last.len + n <= MAX_GSO_BYTES
+                && last.start + last.len == start;
+            if joins {
+                last.len += n;
+                last.count += 1;
+                last.closed = n < last.segment;
+                return true;
+            }
+        }
+        self.msgs.push(Message {
+            dest,
+            start,
+            len: n,
+            segment: n,
+            count: 1,
+            closed: false,
+        });
+        true
+    }
+
+    /// Appends a copy of `datagram`; false when the batch lacks room (or the
+    /// datagram is empty or larger than a UDP payload can be).
+    pub fn push(&mut self, dest: SocketAddr, datagram: &[u8]) -> bool {
+        if datagram.is_empty() || datagram.len() > MAX_GSO_BYTES {
+            return false;
+        }
+        self.push_with(dest, datagram.len(), |buf| {
+            buf[..datagram.len()].copy_from_slice(datagram);
+            datagram.len()
+        })
+    }
+}
+
+/// Received datagrams: up to 32 messages of up to 64 KiB each.
+#[derive(Debug)]
+pub struct UdpRecvBatch {
+    bufs: Box<[u8]>,
+    meta: [RecvMeta; RECV_MESSAGES],
+    count: usize,
+}
+
+impl Default for UdpRecvBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl UdpRecvBatch {
+    pub fn new() -> Self {
+        UdpRecvBatch {
+            bufs: vec![0; RECV_MESSAGES * RECV_BUF].into_boxed_slice(),
+            meta: [RecvMeta::default(); RECV_MESSAGES],
+            count: 0,
+        }
+    }
+
+    /// Messages received by the last `recv_batch` (each may hold many datagrams).
+    pub fn messages(&self) -> usize {
+        self.count
+    }
+
+    /// Every datagram received, in order, with its sender; coalesced messages
+    /// are split at their segment boundaries.
+    pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> + '_ {
+        self.meta[..self.count]
+            .iter()
+            .zip(self.bufs.chunks(RECV_BUF))
+            .flat_map(|(meta, buf)| {
+                let data = &buf[..meta.len.min(buf.len())];
+                // A stride of 0 never comes from the kernel; treat it as "one datagram".
+                let stride = if meta.stride == 0 {
+                    data.len().max(1)
+                } else {
+                    meta.stride
+                };
+                data.chunks(stride).map(move |d| (meta.addr, d))
+            })
+    }
+}
+
+/// UDP receive errors counted by the kernel for the calling thread's network
+/// namespace, IPv4 and IPv6 together.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UdpDropCounters {
+    /// Datagrams dropped because a socket receive buffer was full.
+    pub rcvbuf_errors: u64,
+    /// All datagrams that could not be delivered (includes `rcvbuf_errors`).
+    pub in_errors: u64,
+}
+
+/// Reads [`UdpDropCounters`] from `/proc/thread-self/net/snmp` and `snmp6`
+/// (thread-self, because a thread may have entered another namespace).
+pub fn udp_drop_counters() -> io::Result<UdpDropCounters> {
+    let v4 = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+    let mut counters = parse_snmp(&v4).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, "no Udp lines in /proc/net/snmp")
+    })?;
+    // IPv6 may be disabled, and with it snmp6.
+    if let Ok(v6) = std::fs::read_to_string("/proc/thread-self/net/snmp6") {
+        let six = parse_snmp6(&v6);
+        counters.rcvbuf_errors += six.rcvbuf_errors;
+        counters.in_errors += six.in_errors;
+    }
+    Ok(counters)
+}
+
+/// `/proc/net/snmp` has a header line and a value line per protocol:
+/// `Udp: InDatagrams NoPorts InErrors …` then `Udp: 1 0 3 …`.
+fn parse_snmp(text: &str) -> Option<UdpDropCounters> {
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp: "));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let field = |name: &str| -> u64 {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .and_then(|i| values.get(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Some(UdpDropCounters {
+        rcvbuf_errors: field("RcvbufErrors"),
+        in_errors: field("InErrors"),
+    })
+}
+
+/// `/proc/net/snmp6` has one `Name value` pair per line.
+fn parse_snmp6(text: &str) -> UdpDropCounters {
+    let mut counters = UdpDropCounters::default();
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let value = value.parse().unwrap_or(0);
+        match name {
+            "Udp6RcvbufErrors" => counters.rcvbuf_errors = value,
+            "Udp6InErrors" => counters.in_errors = value,
+            _ => {}
+        }
+    }
+    counters
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn shape(batch: &UdpSendBatch) -> Vec<(SocketAddr, usize, usize, usize)> {
+        batch
+            .msgs
+            .iter()
+            .map(|m| (m.dest, m.segment, m.count, m.len))
+            .collect()
+    }
+
+    #[test]
+    fn send_batch_groups_runs_into_gso_messages() {
+        let a = addr("10.0.0.1:51820");
+        let b = addr("[fd00::2]:51820");
+        let mut batch = UdpSendBatch::new();
+        for len in [1000, 1000, 1000, 300, 1000] {
+            assert!(batch.push(a, &vec![1; len]));
+        }
+        assert!(batch.push(b, &[2; 1000]));
+        assert!(batch.push(b, &[2; 1200]));
+        assert!(batch.push(a, &[3; 1200]));
+        assert_eq!(
+            shape(&batch),
+            vec![
+                // The short datagram closes the run.
+                (a, 1000, 4, 3300),
+                (a, 1000, 1, 1000),
+                (b, 1000, 1, 1000),
+                // A longer datagram cannot join a run of shorter ones.
+                (b, 1200, 1, 1200),
+                (a, 1200, 1, 1200),
+            ]
+        );
+        assert_eq!(batch.len(), 8);
+        batch.clear();
+        assert!(batch.is_empty());
+        assert_eq!(batch.messages(), 0);
+    }
+
+    #[test]
+    fn send_batch_respects_gso_limits_and_capacity() {
+        let a = addr("10.0.0.1:1");
+        let mut batch = UdpSendBatch::new();
+        for _ in 0..70 {
+            assert!(batch.push(a, &[0; 100]));
+        }
+        // 64 segments per message at most.
+        assert_eq!(shape(&batch), vec![(a, 100, 64, 6400), (a, 100, 6, 600)]);
+        batch.clear();
+        for _ in 0..50 {
+            assert!(batch.push(a, &[0; 1452]));
+        }
+        // 65507 bytes per message at most: 45 × 1452 = 65340.
+        assert_eq!(shape(&batch)[0], (a, 1452, 45, 65340));
+        batch.clear();
+        let mut pushed = 0;
+        while batch.push(a, &[0; 9000]) {
+            pushed += 1;
+        }
+        assert_eq!(pushed, SEND_BATCH_BYTES / 9000);
+        assert!(!batch.push(a, &[]));
+        assert!(batch.push_with(a, 10, |_| 0));
+    }
+
+    #[test]
+    fn addresses_are_unmapped() {
+        assert_eq!(canonical(addr("[::ffff:10.1.2.3]:9")), addr("10.1.2.3:9"));
+        assert_eq!(canonical(addr("[fd00::1]:9")), addr("[fd00::1]:9"));
+        assert_eq!(canonical(addr("10.1.2.3:9")), addr("10.1.2.3:9"));
+    }
+
+    #[test]
+    fn snmp_parsing() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+            Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+            Udp: 100 2 7 90 5 0\n\
+            UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+            UdpLite: 0 0 99 0 99 0\n";
+        assert_eq!(
+            parse_snmp(snmp),
+            Some(UdpDropCounters {
+                rcvbuf_errors: 5,
+                in_errors: 7
+            })
+        );
+        assert_eq!(parse_snmp("Ip: 1\n"), None);
+        assert_eq!(
+            parse_snmp("Udp: InErrors\nUdp: x\n"),
+            Some(UdpDropCounters::default())
+        );
+        let snmp6 = "Udp6InDatagrams 4\nUdp6InErrors 3\nUdp6RcvbufErrors 1\ngarbage\n";
+        assert_eq!(
+            parse_snmp6(snmp6),
+            UdpDropCounters {
+                rcvbuf_errors: 1,
+                in_errors: 3
+            }
+        );
+    }
+}
