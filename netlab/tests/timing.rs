@@ -1,0 +1,176 @@
+//! Timing fidelity of the emulated internet. These tests measure time and throughput, so the
+//! test command runs them alone (`-E 'test(/^timing_/)' -j 1`), never beside other tests.
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use meshd_netlab::tools::{self, median};
+use meshd_netlab::{Host, Lab, Nat, Site, Topology};
+
+fn rtt(lab: &Lab, from: &str, to: &str, count: u32) -> (f64, Vec<f64>) {
+    let rtts = tools::ping_rtts(lab, from, to, count, Duration::from_millis(50)).unwrap();
+    assert!(
+        rtts.len() as u32 >= count - 1,
+        "{from} -> {to}: only {} of {count} replies",
+        rtts.len()
+    );
+    (median(&rtts).unwrap(), rtts)
+}
+
+/// Configured round trip vs measured median: within ±10 % or ±1 ms, whichever is larger.
+fn assert_close(what: &str, measured: f64, configured: f64) {
+    let tolerance = (configured * 0.10).max(1.0);
+    eprintln!("{what}: configured {configured} ms, measured median {measured:.2} ms");
+    assert!(
+        (measured - configured).abs() <= tolerance,
+        "{what}: measured {measured:.2} ms, configured {configured} ms (tolerance ±{tolerance:.1} ms)"
+    );
+}
+
+#[test]
+fn timing_latency_matches_the_configuration_up_to_200_ms() {
+    let lab = Lab::up(
+        &Topology::new()
+            .host("h")
+            .host(Host::new("far").latency_ms(5))
+            .site(Site::new("one", ["n1"]).latency_ms(1))
+            .site(
+                Site::new("edge", ["n20"])
+                    .nat(Nat::EndpointIndependent)
+                    .latency_ms(20),
+            )
+            .site(Site::new("moon", ["n200"]).latency_ms(200))
+            .site(Site::new("near", ["n0"])),
+    )
+    .unwrap();
+    assert_close("no latency configured", rtt(&lab, "n0", "h", 20).0, 0.0);
+    assert_close("1 ms uplink", rtt(&lab, "n1", "h", 20).0, 1.0);
+    assert_close("20 ms uplink behind NAT", rtt(&lab, "n20", "h", 20).0, 20.0);
+    assert_close("200 ms uplink", rtt(&lab, "n200", "h", 20).0, 200.0);
+    // Two impaired uplinks on one path add up.
+    assert_close(
+        "20 ms site to 5 ms host",
+        rtt(&lab, "n20", "far", 20).0,
+        25.0,
+    );
+    assert_close(
+        "20 ms site to 200 ms site",
+        rtt(&lab, "n20", "n200", 20).0,
+        220.0,
+    );
+}
+
+#[test]
+fn timing_jitter_spreads_delay_within_its_bounds() {
+    let lab = Lab::up(
+        &Topology::new()
+            .host("h")
+            .site(Site::new("s", ["n"]).latency_ms(40).jitter_ms(20)),
+    )
+    .unwrap();
+    let (med, rtts) = rtt(&lab, "n", "h", 60);
+    let (min, max) = rtts
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    eprintln!("jitter: median {med:.2} min {min:.2} max {max:.2} ms");
+    // Each direction is 20 ms ± 5 ms, so a round trip is 30..50 ms (+1 ms for the machine).
+    assert!(
+        min >= 29.0 && max <= 51.0,
+        "RTT outside 30..50 ms: min {min:.2} max {max:.2}"
+    );
+    assert!(
+        max - min >= 5.0,
+        "jitter had no visible effect: {min:.2}..{max:.2}"
+    );
+    assert_close("jittered median", med, 40.0);
+}
+
+#[test]
+fn timing_loss_matches_the_configured_rate() {
+    let lab = Lab::up(
+        &Topology::new()
+            .host("h")
+            .site(Site::new("s", ["n"]).loss_pct(20.0)),
+    )
+    .unwrap();
+    let sink = tools::udp_socket(&lab, "h", 9000).unwrap();
+    sink.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    // Count on another thread while sending, so the sink's socket buffer never overflows.
+    let counter = std::thread::spawn(move || {
+        let mut got = 0usize;
+        let mut buf = [0u8; 16];
+        while sink.recv_from(&mut buf).is_ok() {
+            got += 1;
+        }
+        got
+    });
+    let src = tools::udp_socket(&lab, "n", 0).unwrap();
+    let to = SocketAddr::from((lab.addr("h").unwrap(), 9000));
+    const SENT: usize = 2000;
+    for i in 0..SENT {
+        src.send_to(&(i as u32).to_be_bytes(), to).unwrap();
+        if i % 50 == 49 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let got = counter.join().unwrap();
+    let delivered = got as f64 / SENT as f64 * 100.0;
+    eprintln!("loss 20%: {got} of {SENT} delivered ({delivered:.1}%)");
+    // Binomial, σ ≈ 0.9 points: ±3 points is over 3σ.
+    assert!(
+        (77.0..=83.0).contains(&delivered),
+        "delivered {delivered:.1}%, expected 80 ± 3"
+    );
+}
+
+fn iperf(lab: &Lab, server: &str, client: &str) -> f64 {
+    tools::iperf3_tcp(lab, server, client, 3, 1).unwrap()
+}
+
+#[test]
+fn timing_unimpaired_path_is_as_fast_as_a_plain_veth_pair() {
+    let pair = Lab::veth_pair().unwrap();
+    let lab = Lab::up(&Topology::new().host("srv").site(Site::new("dc", ["n1"]))).unwrap();
+    // Alternate the two so that a slow moment of the machine hits both alike.
+    let (mut base, mut through) = (vec![], vec![]);
+    for _ in 0..3 {
+        base.push(iperf(&pair, "right", "left"));
+        through.push(iperf(&lab, "srv", "n1"));
+    }
+    let (b, t) = (median(&base).unwrap(), median(&through).unwrap());
+    eprintln!(
+        "plain veth {:.2} Gbit/s, lab path {:.2} Gbit/s ({:.0}%)",
+        b / 1e9,
+        t / 1e9,
+        t / b * 100.0
+    );
+    assert!(
+        t >= 0.9 * b,
+        "lab path {:.2} Gbit/s is more than 10% below the plain veth {:.2} Gbit/s",
+        t / 1e9,
+        b / 1e9
+    );
+}
+
+#[test]
+fn timing_the_emulator_carries_at_least_500_mbit() {
+    let lab = Lab::up(
+        &Topology::new()
+            .host("srv")
+            .site(Site::new("edge", ["n1"]).latency_ms(10)),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let rates: Vec<f64> = (0..3).map(|_| iperf(&lab, "srv", "n1")).collect();
+    let m = median(&rates).unwrap();
+    eprintln!(
+        "through a 10 ms emulated uplink: {:.0} Mbit/s ({:?})",
+        m / 1e6,
+        started.elapsed()
+    );
+    assert!(
+        m >= 500e6,
+        "the emulator carried only {:.0} Mbit/s",
+        m / 1e6
+    );
+}
