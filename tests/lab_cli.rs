@@ -1,4 +1,6 @@
 //! `meshd lab …` as a person uses it: up, exec, down, Ctrl-C, clean, and refusal without root.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,4 +1,6 @@
 //! netlab behaviour, proven in real namespaces (needs root; fails without it).
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,5 +1,7 @@
 //! Timing fidelity of the emulated internet. These tests measure time and throughput, so the
 //! test command runs them alone (`-E 'test(/^timing_/)' -j 1`), never beside other tests.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
