@@ -41,22 +41,23 @@ impl UpProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
+        // Owned at once, so that a failed wait below still kills and reaps it.
+        let mut up = UpProcess {
+            child,
+            out,
+            id: String::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let text = std::fs::read_to_string(&out).unwrap_or_default();
-            if let Some(id) = text
+            let text = std::fs::read_to_string(&up.out).unwrap_or_default();
+            let id = text
                 .lines()
                 .next()
                 .and_then(|l| l.strip_prefix("lab "))
-                .and_then(|l| l.split(' ').next())
-            {
-                if text.contains("stop:") {
-                    return UpProcess {
-                        child,
-                        out,
-                        id: id.to_owned(),
-                    };
-                }
+                .and_then(|l| l.split(' ').next());
+            if let (Some(id), true) = (id, text.contains("stop:")) {
+                up.id = id.to_owned();
+                return up;
             }
             assert!(
                 Instant::now() < deadline,
