@@ -246,25 +246,34 @@ impl Lab {
             )?;
         }
 
-        // 4. Sites: a router with `wan` and a `lan` bridge, nodes on the bridge.
+        // 4. Sites: a router with `wan` and one point-to-point veth `p<i>` per node. Node i has
+        // 198.19.K.(10+i)/24; the router answers ARP for the whole LAN on each `p<i>`
+        // (proxy_arp) and routes each node's /32, so nodes of a site still reach each other.
+        // No bridge: with br_netfilter loaded on the host, bridged frames would also cross
+        // netfilter, and the lab must not depend on the host's modules.
         for (j, s) in topo.sites.iter().enumerate() {
             let k = topo.hosts.len() + j + 1;
             let router = self.members[&s.name].ns.clone();
             let mut rb = format!(
                 "link set lo up\naddr add 198.18.{k}.2/24 dev wan\nlink set wan up\n\
-                 route add default via 198.18.{k}.1\n\
-                 link add name lan type bridge\naddr add 198.19.{k}.1/24 dev lan\nlink set lan up\n"
+                 route add default via 198.18.{k}.1\n"
             );
             for (i, n) in s.nodes.iter().enumerate() {
                 let _ = write!(
                     rb,
                     "link add name p{i} type veth peer name eth0 netns {peer}\n\
-                     link set p{i} master lan\nlink set p{i} up\n",
-                    peer = self.members[n].ns
+                     addr add 198.19.{k}.1/32 dev p{i}\nlink set p{i} up\n\
+                     route add 198.19.{k}.{a}/32 dev p{i}\n",
+                    peer = self.members[n].ns,
+                    a = 10 + i
                 );
             }
             self.ip_batch(&router, &rb)?;
             sys::sysctl(&router, "net.ipv4.ip_forward", "1")?;
+            sys::sysctl(&router, "net.ipv4.conf.all.proxy_arp", "1")?;
+            // Replies between two nodes of a site leave by another p<i> than they came in:
+            // that is routing, not a shortcut to advertise.
+            sys::sysctl(&router, "net.ipv4.conf.all.send_redirects", "0")?;
             for (i, n) in s.nodes.iter().enumerate() {
                 let ns = self.members[n].ns.clone();
                 self.ip_batch(

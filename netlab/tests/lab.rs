@@ -259,3 +259,38 @@ fn parallel_labs_do_not_collide() {
         assert!(tools::udp_ask(&s, r.addr(), ANSWER).is_some());
     }
 }
+
+#[test]
+fn nodes_of_one_site_reach_each_other_on_their_private_addresses() {
+    let lab = Lab::up(
+        &Topology::new()
+            .host("h")
+            .site(Site::new("home", ["a1", "a2", "a3"]).nat(Nat::EndpointIndependent)),
+    )
+    .unwrap();
+    let r = UdpReflector::start(&lab, "a2", 7000).unwrap();
+    let s = tools::udp_socket(&lab, "a1", 7001).unwrap();
+    let seen: SocketAddr = tools::udp_ask(&s, r.addr(), ANSWER)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        seen,
+        SocketAddr::from((lab.addr("a1").unwrap(), 7001)),
+        "no NAT inside a site"
+    );
+    let ping = lab
+        .exec(
+            "a3",
+            &[
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                &lab.addr("a1").unwrap().to_string(),
+            ],
+        )
+        .unwrap();
+    assert!(ping.status.success(), "{}", ping.stdout);
+}
