@@ -1,6 +1,7 @@
 //! The node agent behind `meshd up`: data plane, NAT traversal, invoker.
 
 pub mod allowed_ips;
+pub mod engine;
 pub mod keys;
 pub mod peers;
 pub mod tun;

@@ -363,6 +363,18 @@ pub fn configure(name: &str, addrs: &[IpNet], routes: &[IpNet]) -> Result<(), Tu
     Ok(())
 }
 
+/// Removes routes that [`configure`] added; routes already gone are fine.
+pub fn remove_routes(name: &str, routes: &[IpNet]) -> Result<(), TunError> {
+    for route in routes {
+        let net = route.trunc().to_string();
+        match ip(&["route", "del", &net, "dev", name]) {
+            Err(TunError::Command { detail, .. }) if detail.contains("No such process") => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
 fn ip(args: &[&str]) -> Result<(), TunError> {
     let command = format!("ip {}", args.join(" "));
     let output = Command::new("ip")

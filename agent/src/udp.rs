@@ -30,8 +30,9 @@ use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
 pub const SOCKET_BUFFER: usize = 7 << 20;
 
 /// The largest UDP payload the kernel accepts in one GSO message over IPv4
-/// (65535 - 20 - 8); also used for IPv6, which allows 20 bytes more.
-const MAX_GSO_BYTES: usize = 65507;
+/// (65535 - 20 - 8); also used for IPv6, which allows 20 bytes more. It is
+/// also the largest single datagram.
+pub const MAX_GSO_BYTES: usize = 65507;
 
 /// The kernel's limit on segments per GSO message (`UDP_MAX_SEGMENTS`).
 const MAX_GSO_SEGMENTS: usize = 64;
@@ -371,6 +372,21 @@ impl UdpSendBatch {
         self.datagrams = 0;
     }
 
+    /// Whether a datagram of up to `max_len` bytes fits.
+    pub fn has_room(&self, max_len: usize) -> bool {
+        self.used + max_len.min(MAX_GSO_BYTES) <= self.buf.len()
+            && self.msgs.len() < SEND_BATCH_MESSAGES
+    }
+
+    /// Every datagram in the batch with its destination, in order.
+    pub fn datagrams(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> + '_ {
+        self.msgs.iter().flat_map(|m| {
+            self.buf[m.start..m.start + m.len]
+                .chunks(m.segment.max(1))
+                .map(move |d| (m.dest, d))
+        })
+    }
+
     /// Appends a datagram for `dest` by letting `fill` write at most `max_len`
     /// bytes of it into the batch (for example encrypting straight into it).
     /// `fill` returns the length; 0 means "no datagram". Returns false, without
@@ -381,10 +397,10 @@ impl UdpSendBatch {
         max_len: usize,
         fill: impl FnOnce(&mut [u8]) -> usize,
     ) -> bool {
-        let max_len = max_len.min(MAX_GSO_BYTES);
-        if self.used + max_len > self.buf.len() || self.msgs.len() == SEND_BATCH_MESSAGES {
+        if !self.has_room(max_len) {
             return false;
         }
+        let max_len = max_len.min(MAX_GSO_BYTES);
         let start = self.used;
         let n = fill(&mut self.buf[start..start + max_len]).min(max_len);
         if n == 0 {
@@ -581,6 +597,20 @@ mod tests {
             ]
         );
         assert_eq!(batch.len(), 8);
+        let lens: Vec<(SocketAddr, usize)> = batch.datagrams().map(|(d, p)| (d, p.len())).collect();
+        assert_eq!(
+            lens,
+            [
+                (a, 1000),
+                (a, 1000),
+                (a, 1000),
+                (a, 300),
+                (a, 1000),
+                (b, 1000),
+                (b, 1200),
+                (a, 1200)
+            ]
+        );
         batch.clear();
         assert!(batch.is_empty());
         assert_eq!(batch.messages(), 0);

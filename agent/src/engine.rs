@@ -1,0 +1,306 @@
+//! The data-plane engine: one thread joining the TUN device, the UDP socket
+//! and the WireGuard core ([`node::Node`]).
+//!
+//! Each turn waits (in `poll`) for either descriptor or the next timer, then
+//! drains the network into the TUN and the TUN into the network, each up to a
+//! budget so one direction cannot starve the other, and finally runs the
+//! timers. Outputs collect in batches that are flushed when full and at the end
+//! of each turn: one TUN read of a 64 KiB super-packet becomes ~45 encrypted
+//! datagrams leaving in one GSO send, and a GRO'd burst of datagrams becomes
+//! one coalesced TUN write.
+
+pub mod node;
+
+use std::collections::BTreeSet;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use rustix::event::{PollFd, PollFlags, Timespec};
+
+use crate::keys::PrivateKey;
+use crate::peers::{PeerConfig, PeerError};
+use crate::tun::{self, Tun, TunBatch, TunError};
+use crate::udp::{UdpError, UdpRecvBatch, UdpSendBatch, UdpSocket};
+pub use node::{Counters, Node, PeerStatus, Sink};
+
+/// Batches read from each side per turn before serving the other.
+const BUDGET: usize = 8;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub private_key: PrivateKey,
+    /// The TUN device to create.
+    pub tun_name: String,
+    pub mtu: u16,
+    /// Use TUN segmentation offloads; falls back to plain packets if the
+    /// kernel refuses.
+    pub offload: bool,
+    /// The node's addresses on the TUN, with their prefix.
+    pub addresses: Vec<IpNet>,
+    /// UDP port for WireGuard; 0 picks one.
+    pub listen_port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Tun(#[from] TunError),
+    #[error(transparent)]
+    Udp(#[from] UdpError),
+    #[error(transparent)]
+    Peers(#[from] PeerError),
+    #[error("waiting for packets: {0}")]
+    Poll(#[source] io::Error),
+}
+
+/// Counters of the engine: the core's, plus I/O failures.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EngineCounters {
+    pub node: Counters,
+    /// Datagrams the kernel refused, or the send buffer had no room for.
+    pub udp_send_dropped: u64,
+    /// TUN writes the kernel refused (each may be a coalesced batch).
+    pub tun_write_errors: u64,
+    /// TUN reads that could not be split into packets.
+    pub tun_read_errors: u64,
+    pub udp_recv_errors: u64,
+}
+
+pub struct Engine {
+    node: Node,
+    tun: Tun,
+    udp: UdpSocket,
+    tun_in: TunBatch,
+    udp_in: UdpRecvBatch,
+    tun_out: TunBatch,
+    udp_out: UdpSendBatch,
+    /// Allowed-IP prefixes currently routed into the TUN.
+    routed: BTreeSet<IpNet>,
+    counters: EngineCounters,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("node", &self.node)
+            .field("tun", &self.tun)
+            .field("udp", &self.udp.local_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Creates the TUN device with its addresses and binds the UDP socket.
+    pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
+        let tun = match Tun::create(&config.tun_name, config.mtu, config.offload) {
+            Err(e) if config.offload => {
+                tracing::warn!(error = %e, "TUN offloads unavailable, using plain packets");
+                Tun::create(&config.tun_name, config.mtu, false)?
+            }
+            other => other?,
+        };
+        tun.set_nonblocking(true)?;
+        tun::configure(tun.name(), &config.addresses, &[])?;
+        let udp = UdpSocket::bind_any(config.listen_port)?;
+        tracing::info!(
+            tun = tun.name(),
+            offload = tun.offload(),
+            port = udp.local_addr().port(),
+            public_key = %config.private_key.public_key(),
+            "engine up"
+        );
+        Ok(Engine {
+            node: Node::new(config.private_key, Instant::now()),
+            tun,
+            udp,
+            tun_in: TunBatch::new(),
+            udp_in: UdpRecvBatch::new(),
+            tun_out: TunBatch::new(),
+            udp_out: UdpSendBatch::new(),
+            routed: BTreeSet::new(),
+            counters: EngineCounters::default(),
+        })
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    pub fn tun(&self) -> &Tun {
+        &self.tun
+    }
+
+    pub fn udp(&self) -> &UdpSocket {
+        &self.udp
+    }
+
+    pub fn counters(&self) -> EngineCounters {
+        EngineCounters {
+            node: self.node.counters(),
+            ..self.counters
+        }
+    }
+
+    pub fn peer_status(&mut self) -> Vec<PeerStatus> {
+        self.node.peer_status(Instant::now())
+    }
+
+    /// Makes `peers` the peer set (sessions of unchanged peers continue) and
+    /// routes their allowed IPs into the TUN. Default routes (`/0`) are not
+    /// installed: sending everything into the tunnel, the tunnel's own
+    /// datagrams included, needs policy routing, which is the caller's call.
+    pub fn set_peers(&mut self, peers: &[PeerConfig]) -> Result<(), EngineError> {
+        self.node.set_peers(peers, Instant::now())?;
+        let wanted: BTreeSet<IpNet> = self
+            .node
+            .prefixes()
+            .into_iter()
+            .filter(|net| {
+                let default = net.prefix_len() == 0;
+                if default {
+                    tracing::warn!(%net, "default route not installed");
+                }
+                !default
+            })
+            .collect();
+        let stale: Vec<IpNet> = self.routed.difference(&wanted).copied().collect();
+        let new: Vec<IpNet> = wanted.difference(&self.routed).copied().collect();
+        tun::remove_routes(self.tun.name(), &stale)?;
+        tun::configure(self.tun.name(), &[], &new)?;
+        self.routed = wanted;
+        Ok(())
+    }
+
+    /// Runs turns until `stop` is set (checked at least every 100 ms).
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<(), EngineError> {
+        while !stop.load(Ordering::Relaxed) {
+            self.turn(Duration::from_millis(100))?;
+        }
+        Ok(())
+    }
+
+    /// One turn: waits up to `max_wait` (less if a timer is due) for traffic,
+    /// then moves everything that is queued.
+    pub fn turn(&mut self, max_wait: Duration) -> Result<(), EngineError> {
+        let wait = self
+            .node
+            .poll_timeout()
+            .saturating_duration_since(Instant::now())
+            .min(max_wait);
+        let timeout =
+            Timespec::try_from(wait).map_err(|e| EngineError::Poll(io::Error::other(e)))?;
+        let mut fds = [
+            PollFd::new(&self.tun, PollFlags::IN),
+            PollFd::new(&self.udp, PollFlags::IN),
+        ];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(EngineError::Poll(e.into())),
+        }
+        let now = Instant::now();
+        let Engine {
+            node,
+            tun,
+            udp,
+            tun_in,
+            udp_in,
+            tun_out,
+            udp_out,
+            counters,
+            ..
+        } = self;
+        let mut out = Outbox {
+            tun_dev: tun,
+            udp_dev: udp,
+            tun_batch: tun_out,
+            udp_batch: udp_out,
+            counters,
+        };
+
+        for _ in 0..BUDGET {
+            match out.udp_dev.recv_batch(udp_in) {
+                Ok(0) => break,
+                Ok(_) => {
+                    for (from, datagram) in udp_in.iter() {
+                        node.handle_datagram(from, datagram, &mut out, now);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP receive failed");
+                    out.counters.udp_recv_errors += 1;
+                    break;
+                }
+            }
+        }
+        out.flush_tun();
+
+        for _ in 0..BUDGET {
+            tun_in.clear();
+            match out.tun_dev.recv_batch(tun_in) {
+                Ok(0) => break,
+                Ok(_) => {
+                    for packet in tun_in.iter() {
+                        node.handle_tun_packet(packet, &mut out, now);
+                    }
+                }
+                Err(TunError::Malformed(e)) => {
+                    tracing::debug!(error = %e, "TUN read dropped");
+                    out.counters.tun_read_errors += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+
+        node.handle_timeout(&mut out, now);
+        out.flush_udp();
+        out.flush_tun();
+        Ok(())
+    }
+}
+
+/// The engine's [`Sink`]: batches that flush to the real devices when full.
+struct Outbox<'a> {
+    tun_dev: &'a mut Tun,
+    udp_dev: &'a UdpSocket,
+    tun_batch: &'a mut TunBatch,
+    udp_batch: &'a mut UdpSendBatch,
+    counters: &'a mut EngineCounters,
+}
+
+impl Outbox<'_> {
+    fn flush_udp(&mut self) {
+        if self.udp_batch.is_empty() {
+            return;
+        }
+        let report = self.udp_dev.send_batch(self.udp_batch);
+        self.counters.udp_send_dropped += report.dropped as u64;
+    }
+
+    fn flush_tun(&mut self) {
+        if self.tun_batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.tun_dev.send_batch(self.tun_batch) {
+            tracing::debug!(error = %e, "TUN write failed");
+            self.counters.tun_write_errors += 1;
+        }
+    }
+}
+
+impl Sink for Outbox<'_> {
+    fn udp(&mut self, len: usize) -> &mut UdpSendBatch {
+        if !self.udp_batch.has_room(len) {
+            self.flush_udp();
+        }
+        self.udp_batch
+    }
+
+    fn tun(&mut self) -> &mut TunBatch {
+        if self.tun_batch.is_full() {
+            self.flush_tun();
+        }
+        self.tun_batch
+    }
+}

@@ -1,0 +1,420 @@
+//! The data-plane core ([`Node`]) with a simulated network and a fake clock:
+//! two nodes, datagrams carried between them by the test. Deterministic and
+//! unprivileged; the same core runs in the engine over real sockets.
+
+// Helpers outside #[test] functions count as non-test code for clippy.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use meshd_agent::engine::{Node, Sink};
+use meshd_agent::keys::{PresharedKey, PrivateKey};
+use meshd_agent::peers::PeerConfig;
+use meshd_agent::tun::TunBatch;
+use meshd_agent::udp::UdpSendBatch;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+#[derive(Default)]
+struct Collect {
+    udp: UdpSendBatch,
+    tun: TunBatch,
+}
+
+impl Sink for Collect {
+    fn udp(&mut self, len: usize) -> &mut UdpSendBatch {
+        assert!(self.udp.has_room(len), "test batch overflow");
+        &mut self.udp
+    }
+    fn tun(&mut self) -> &mut TunBatch {
+        assert!(!self.tun.is_full(), "test batch overflow");
+        &mut self.tun
+    }
+}
+
+impl Collect {
+    fn take_datagrams(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+        let v = self.udp.datagrams().map(|(a, d)| (a, d.to_vec())).collect();
+        self.udp.clear();
+        v
+    }
+    fn take_packets(&mut self) -> Vec<Vec<u8>> {
+        let v = self.tun.iter().map(<[u8]>::to_vec).collect();
+        self.tun.clear();
+        v
+    }
+}
+
+/// A minimal IPv4 packet (the core only reads addresses and the length).
+fn ipv4(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 0, 64, 17, 0, 0]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(payload);
+    p
+}
+
+const A_IP: [u8; 4] = [10, 0, 0, 1];
+const B_IP: [u8; 4] = [10, 0, 0, 2];
+
+struct Sim {
+    a: Node,
+    b: Node,
+    sa: Collect,
+    sb: Collect,
+    /// Where each node's datagrams come from, as the other sees it.
+    addr_a: SocketAddr,
+    addr_b: SocketAddr,
+    now: Instant,
+    lost: usize,
+}
+
+fn peer(key: &PrivateKey, allowed: &[&str], endpoint: Option<SocketAddr>) -> PeerConfig {
+    PeerConfig {
+        public_key: key.public_key(),
+        preshared_key: None,
+        allowed_ips: allowed.iter().map(|s| s.parse().unwrap()).collect(),
+        endpoint,
+        persistent_keepalive: None,
+    }
+}
+
+impl Sim {
+    /// A knows B's endpoint; B learns A's from the handshake.
+    fn new(psk: Option<PresharedKey>) -> Sim {
+        let now = Instant::now();
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let addr_a: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let addr_b: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+        let mut a = Node::new(ka.clone(), now);
+        let mut b = Node::new(kb.clone(), now);
+        let mut pb = peer(&kb, &["10.0.0.2/32"], Some(addr_b));
+        pb.preshared_key = psk.clone();
+        let mut pa = peer(&ka, &["10.0.0.1/32"], None);
+        pa.preshared_key = psk;
+        a.set_peers(&[pb], now).unwrap();
+        b.set_peers(&[pa], now).unwrap();
+        Sim {
+            a,
+            b,
+            sa: Collect::default(),
+            sb: Collect::default(),
+            addr_a,
+            addr_b,
+            now,
+            lost: 0,
+        }
+    }
+
+    /// Carries datagrams both ways until none are left; returns how many.
+    fn deliver(&mut self) -> usize {
+        let mut moved = 0;
+        loop {
+            let from_a = self.sa.take_datagrams();
+            let from_b = self.sb.take_datagrams();
+            if from_a.is_empty() && from_b.is_empty() {
+                return moved;
+            }
+            moved += from_a.len() + from_b.len();
+            for (dest, d) in from_a {
+                if dest == self.addr_b {
+                    self.b
+                        .handle_datagram(self.addr_a, &d, &mut self.sb, self.now);
+                } else {
+                    self.lost += 1;
+                }
+            }
+            for (dest, d) in from_b {
+                if dest == self.addr_a {
+                    self.a
+                        .handle_datagram(self.addr_b, &d, &mut self.sa, self.now);
+                } else {
+                    self.lost += 1;
+                }
+            }
+        }
+    }
+
+    fn advance(&mut self, dt: Duration) {
+        self.now += dt;
+        self.a.handle_timeout(&mut self.sa, self.now);
+        self.b.handle_timeout(&mut self.sb, self.now);
+        self.deliver();
+    }
+
+    fn a_sends(&mut self, payload: &[u8]) -> Vec<u8> {
+        let p = ipv4(A_IP, B_IP, payload);
+        self.a.handle_tun_packet(&p, &mut self.sa, self.now);
+        p
+    }
+
+    fn b_sends(&mut self, payload: &[u8]) -> Vec<u8> {
+        let p = ipv4(B_IP, A_IP, payload);
+        self.b.handle_tun_packet(&p, &mut self.sb, self.now);
+        p
+    }
+}
+
+fn handshake_and_data(psk: Option<PresharedKey>) {
+    let mut sim = Sim::new(psk);
+    // The first packet starts the handshake and waits in boringtun's queue.
+    let p = sim.a_sends(b"hello b");
+    assert_eq!(sim.a.counters().tx_packets, 0);
+    assert!(sim.deliver() >= 3, "initiation, response, data");
+    assert_eq!(sim.sb.take_packets(), vec![p]);
+    // B learned A's endpoint from the handshake and can answer.
+    let q = sim.b_sends(b"hello a");
+    sim.deliver();
+    assert_eq!(sim.sa.take_packets(), vec![q]);
+    assert_eq!(sim.a.counters().rx_packets, 1);
+    assert_eq!(sim.b.counters().rx_packets, 1);
+    let status = sim.b.peer_status(sim.now);
+    assert_eq!(status[0].endpoint, Some(sim.addr_a));
+    assert!(status[0].last_handshake.is_some());
+    assert_eq!(sim.lost, 0);
+}
+
+#[test]
+fn handshake_then_data_both_ways() {
+    handshake_and_data(None);
+}
+
+#[test]
+fn handshake_with_preshared_key() {
+    handshake_and_data(Some(PresharedKey::generate()));
+}
+
+#[test]
+fn mismatched_preshared_keys_never_connect() {
+    let mut sim = Sim::new(Some(PresharedKey::generate()));
+    let mut pa = sim.b.peer_configs()[0].clone();
+    pa.preshared_key = Some(PresharedKey::generate());
+    sim.b.set_peers(&[pa], sim.now).unwrap();
+    sim.a_sends(b"x");
+    sim.deliver();
+    assert!(sim.sb.take_packets().is_empty());
+    // The preshared key enters at the response, which A then rejects.
+    assert!(sim.a.counters().bad_datagram > 0);
+}
+
+#[test]
+fn spoofed_sources_are_dropped() {
+    let mut sim = Sim::new(None);
+    sim.a_sends(b"connect");
+    sim.deliver();
+    sim.sb.take_packets();
+    // A may only use 10.0.0.1 as a source.
+    let forged = ipv4([10, 0, 0, 99], B_IP, b"forged");
+    sim.a.handle_tun_packet(&forged, &mut sim.sa, sim.now);
+    sim.deliver();
+    assert!(sim.sb.take_packets().is_empty());
+    assert_eq!(sim.b.counters().spoofed, 1);
+}
+
+#[test]
+fn unroutable_packets_are_counted() {
+    let mut sim = Sim::new(None);
+    sim.a
+        .handle_tun_packet(&ipv4(A_IP, [10, 9, 9, 9], b""), &mut sim.sa, sim.now);
+    assert_eq!(sim.a.counters().no_route, 1);
+    // B has no endpoint for A until A has been in touch.
+    sim.b_sends(b"too early");
+    assert_eq!(sim.b.counters().no_endpoint, 1);
+    sim.a.handle_tun_packet(&[0x45, 0, 0], &mut sim.sa, sim.now);
+    sim.a.handle_tun_packet(&[], &mut sim.sa, sim.now);
+    assert_eq!(sim.a.counters().bad_inner, 2);
+    assert!(sim.sa.take_datagrams().is_empty());
+}
+
+#[test]
+fn garbage_truncations_and_replays_are_dropped() {
+    let mut sim = Sim::new(None);
+    sim.a_sends(b"connect");
+    sim.deliver();
+    sim.sb.take_packets();
+    let p = sim.a_sends(b"once only");
+    let data = sim.sa.take_datagrams();
+    assert_eq!(data.len(), 1);
+    let datagram = &data[0].1;
+    let from = sim.addr_a;
+    sim.b.handle_datagram(from, datagram, &mut sim.sb, sim.now);
+    sim.b.handle_datagram(from, datagram, &mut sim.sb, sim.now);
+    assert_eq!(sim.sb.take_packets(), vec![p], "a replay was delivered");
+    let bad_before = sim.b.counters().bad_datagram;
+    assert!(bad_before >= 1);
+
+    let mut rng = SmallRng::seed_from_u64(7);
+    for len in 0..datagram.len() {
+        sim.b
+            .handle_datagram(from, &datagram[..len], &mut sim.sb, sim.now);
+    }
+    for _ in 0..5000 {
+        let len = rng.random_range(0..300);
+        let mut d: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        if len >= 4 && rng.random_bool(0.7) {
+            // Plausible headers reach deeper into the parsers.
+            d[..4].copy_from_slice(&[rng.random_range(1..=4), 0, 0, 0]);
+        }
+        if len >= 8 && rng.random_bool(0.3) {
+            d[4..8].copy_from_slice(&datagram[4..8]);
+        }
+        sim.b.handle_datagram(from, &d, &mut sim.sb, sim.now);
+    }
+    assert!(sim.sb.take_packets().is_empty());
+    let c = sim.b.counters();
+    assert!(c.bad_datagram > bad_before && c.unknown_peer > 0, "{c:?}");
+    // The session survived the junk.
+    let q = sim.a_sends(b"after the storm");
+    sim.deliver();
+    assert_eq!(sim.sb.take_packets(), vec![q]);
+}
+
+#[test]
+fn sessions_rekey_under_a_fake_clock() {
+    let mut sim = Sim::new(None);
+    let mut sent = 0;
+    let mut received = 0;
+    // Ten minutes: five rekey intervals (120 s), past the 180 s reject time.
+    for second in 0..600 {
+        let p = sim.a_sends(format!("a{second}").as_bytes());
+        let q = sim.b_sends(format!("b{second}").as_bytes());
+        sent += 2;
+        sim.deliver();
+        let got_b = sim.sb.take_packets();
+        let got_a = sim.sa.take_packets();
+        received += got_a.len() + got_b.len();
+        if second > 0 {
+            assert_eq!(got_b, vec![p], "second {second}");
+            assert_eq!(got_a, vec![q], "second {second}");
+        }
+        for _ in 0..4 {
+            sim.advance(Duration::from_millis(250));
+        }
+    }
+    // The very first b→a packet had no endpoint yet.
+    assert_eq!(received, sent - 1);
+    let last = sim.a.peer_status(sim.now)[0].last_handshake.unwrap();
+    assert!(last < Duration::from_secs(130), "no rekey: {last:?}");
+}
+
+#[test]
+fn persistent_keepalive_follows_configuration() {
+    let mut sim = Sim::new(None);
+    sim.a_sends(b"connect");
+    sim.deliver();
+    let mut pb = sim.a.peer_configs()[0].clone();
+    pb.persistent_keepalive = Some(5);
+    sim.a.set_peers(&[pb.clone()], sim.now).unwrap();
+    let mut keepalives = 0;
+    for _ in 0..(30 * 4) {
+        sim.now += Duration::from_millis(250);
+        sim.a.handle_timeout(&mut sim.sa, sim.now);
+        keepalives += sim
+            .sa
+            .take_datagrams()
+            .iter()
+            .filter(|(_, d)| d.len() == 32)
+            .count();
+    }
+    assert!(
+        (5..=7).contains(&keepalives),
+        "{keepalives} keepalives in 30 s"
+    );
+    pb.persistent_keepalive = None;
+    sim.a.set_peers(&[pb], sim.now).unwrap();
+    for _ in 0..(20 * 4) {
+        sim.now += Duration::from_millis(250);
+        sim.a.handle_timeout(&mut sim.sa, sim.now);
+        assert!(sim.sa.take_datagrams().iter().all(|(_, d)| d.len() != 32));
+    }
+}
+
+#[test]
+fn endpoint_follows_a_roaming_peer() {
+    let mut sim = Sim::new(None);
+    sim.a_sends(b"connect");
+    sim.deliver();
+    sim.addr_a = "198.51.100.7:40000".parse().unwrap();
+    sim.a_sends(b"from elsewhere");
+    sim.deliver();
+    assert_eq!(sim.b.peer_status(sim.now)[0].endpoint, Some(sim.addr_a));
+    let q = sim.b_sends(b"reply");
+    sim.deliver();
+    assert_eq!(sim.sa.take_packets().last(), Some(&q));
+    assert_eq!(sim.lost, 0);
+}
+
+#[test]
+fn peers_change_without_disturbing_others() {
+    let mut sim = Sim::new(None);
+    sim.a_sends(b"connect");
+    sim.deliver();
+    sim.sb.take_packets();
+    // A adds a second peer and widens B's allowed IPs: B's session stays.
+    let third = PrivateKey::generate();
+    let mut pb = sim.a.peer_configs()[0].clone();
+    pb.allowed_ips.push("10.1.0.0/16".parse().unwrap());
+    let pc = peer(
+        &third,
+        &["10.0.0.3/32"],
+        Some("192.0.2.3:1".parse().unwrap()),
+    );
+    sim.a.set_peers(&[pb.clone(), pc], sim.now).unwrap();
+    let p = ipv4(A_IP, [10, 1, 2, 3], b"via the new prefix");
+    sim.a.handle_tun_packet(&p, &mut sim.sa, sim.now);
+    let out = sim.sa.take_datagrams();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1[0], 4, "a data packet, not a new handshake");
+    // The third peer gets a handshake initiation of its own.
+    sim.a
+        .handle_tun_packet(&ipv4(A_IP, [10, 0, 0, 3], b""), &mut sim.sa, sim.now);
+    let out = sim.sa.take_datagrams();
+    assert_eq!(out[0].0, "192.0.2.3:1".parse().unwrap());
+    assert_eq!(out[0].1[0], 1);
+    // Removing B: its addresses no longer route, and B's datagrams are unknown.
+    sim.a.set_peers(&[], sim.now).unwrap();
+    assert!(sim.a.prefixes().is_empty());
+    sim.a
+        .handle_tun_packet(&ipv4(A_IP, B_IP, b""), &mut sim.sa, sim.now);
+    assert_eq!(sim.a.counters().no_route, 1);
+    sim.b_sends(b"to a removed peer");
+    sim.deliver();
+    assert!(sim.a.counters().unknown_peer > 0);
+    assert!(sim.sa.take_packets().is_empty());
+}
+
+#[test]
+fn handshake_floods_get_cookie_replies() {
+    let mut sim = Sim::new(None);
+    sim.a_sends(b"connect");
+    let init = sim.sa.take_datagrams().remove(0).1;
+    assert_eq!(init[0], 1);
+    for _ in 0..40 {
+        sim.b
+            .handle_datagram(sim.addr_a, &init, &mut sim.sb, sim.now);
+    }
+    assert!(sim.b.counters().cookies_sent > 0);
+    let replies = sim.sb.take_datagrams();
+    assert!(replies.iter().any(|(_, d)| d[0] == 3 && d.len() == 64));
+}
+
+#[test]
+fn ipv6_inner_packets_route() {
+    let mut sim = Sim::new(None);
+    let mut pb = sim.a.peer_configs()[0].clone();
+    pb.allowed_ips.push("fd00::2/128".parse().unwrap());
+    sim.a.set_peers(&[pb], sim.now).unwrap();
+    let mut pa = sim.b.peer_configs()[0].clone();
+    pa.allowed_ips.push("fd00::1/128".parse().unwrap());
+    sim.b.set_peers(&[pa], sim.now).unwrap();
+    let mut p = vec![0x60, 0, 0, 0, 0, 4, 17, 64];
+    p.extend_from_slice(&"fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    p.extend_from_slice(&"fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    p.extend_from_slice(b"six!");
+    sim.a.handle_tun_packet(&p, &mut sim.sa, sim.now);
+    sim.deliver();
+    assert_eq!(sim.sb.take_packets(), vec![p]);
+}
