@@ -29,6 +29,23 @@ pub enum LabCmd {
     },
     /// Build the lab, show what each node sees of the emulated internet, tear it down.
     Demo { file: PathBuf },
+    /// Benchmarks (not tests): print tables with ratios against the peers they name.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Fidelity and speed of the emulated internet: RTT and loss against the configuration,
+    /// TCP throughput of lab links and paths against a plain veth pair.
+    Netlab {
+        /// Runs per figure (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 3)]
+        secs: u32,
+    },
 }
 
 pub fn run(cmd: LabCmd) -> Result<()> {
@@ -62,6 +79,11 @@ pub fn run(cmd: LabCmd) -> Result<()> {
         }
         LabCmd::Exec { lab, node, command } => exec(lab, &node, &command),
         LabCmd::Demo { file } => demo(&file),
+        LabCmd::Bench(BenchCmd::Netlab { runs, secs }) => {
+            let report = meshd_netlab::bench::run(runs, secs)?;
+            println!("{}", report.table());
+            Ok(())
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! emulated in userspace ([`shaper`]). Every lab has a unique id in all its namespace names,
 //! tears itself down on drop, panic and Ctrl-C, and [`registry::clean`] removes what a crashed
 //! lab left behind. See docs/netlab.md for the address plan and the rules.
+pub mod bench;
 mod lab;
 mod nfqueue;
 pub mod registry;
