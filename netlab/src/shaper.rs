@@ -102,6 +102,9 @@ impl Shaper {
             .spawn(move || {
                 let setup = || -> Result<NfQueue, LabError> {
                     crate::sys::enter_netns(&ns_owned)?;
+                    // Wake on time: the default 50 µs slack on every timed wait adds up to a
+                    // visible bias on a 1 ms link.
+                    let _ = rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(1));
                     let mut q =
                         NfQueue::open().map_err(|e| shaper_err("opening the NFQUEUE socket", e))?;
                     for (num, _) in &lines {
