@@ -212,16 +212,33 @@ struct PeerDraft {
     persistent_keepalive: Option<u16>,
 }
 
-/// The longest key name is 19 characters; anything much longer may be a
-/// pasted secret (a base64 key is 44), so it is not repeated back.
-const MAX_QUOTED_KEY: usize = 32;
-
-fn quote_key(text: &str) -> String {
-    if text.chars().count() <= MAX_QUOTED_KEY {
-        format!("{text:?}")
-    } else {
-        "(a name too long to be a key, not shown in case it is a secret)".to_string()
+/// Quotes user text for a message, hiding anything that looks like a key: a
+/// run of 40 or more base64 characters, which no address, port or key name
+/// has (a key is 44). A private key pasted in the wrong place is then never
+/// printed back.
+fn shown(text: &str) -> String {
+    const KEY_LIKE_RUN: usize = 40;
+    let is_b64 = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=');
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.len() >= KEY_LIKE_RUN {
+            out.push_str("<key-like text hidden>");
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if is_b64(c) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
     }
+    flush(&mut run, &mut out);
+    format!("{out:?}")
 }
 
 fn wrong_section(n: usize, key: Field, section: SectionKind) -> ConfigError {
@@ -262,7 +279,7 @@ impl Parser {
                 n,
                 format!(
                     "{} is outside any section: put it under [Interface] or [Peer]",
-                    quote_key(key_text)
+                    shown(key_text)
                 ),
             ));
         };
@@ -275,7 +292,7 @@ impl Parser {
                 n,
                 format!(
                     "unknown key {} in {}; expected one of: {}",
-                    quote_key(key_text),
+                    shown(key_text),
                     section.header(),
                     expected_keys(section)
                 ),
@@ -428,7 +445,7 @@ impl InterfaceDraft {
             Field::Address => {
                 for item in list(n, key, value)? {
                     let address = parse_address(item).ok_or_else(|| {
-                        err(n, format!("Address {item:?} is not an IP address with an optional /prefix, like 10.0.0.1/24 or fd00::1/64"))
+                        err(n, format!("Address {item} is not an IP address with an optional /prefix, like 10.0.0.1/24 or fd00::1/64", item = shown(item)))
                     })?;
                     self.addresses.push(address);
                 }
@@ -437,7 +454,10 @@ impl InterfaceDraft {
                 let port: u16 = decimal(value).ok_or_else(|| {
                     err(
                         n,
-                        format!("ListenPort {value:?} is not a port number: expected 0 to 65535"),
+                        format!(
+                            "ListenPort {value} is not a port number: expected 0 to 65535",
+                            value = shown(value)
+                        ),
                     )
                 })?;
                 self.listen_port = Some(port).filter(|&p| p != 0);
@@ -447,7 +467,8 @@ impl InterfaceDraft {
                     err(
                         n,
                         format!(
-                            "MTU {value:?} is not valid: expected a number from {MIN_MTU} to 65535"
+                            "MTU {value} is not valid: expected a number from {MIN_MTU} to 65535",
+                            value = shown(value)
                         ),
                     )
                 })?;
@@ -459,7 +480,7 @@ impl InterfaceDraft {
             )),
             Field::Table => {
                 if !value.eq_ignore_ascii_case("auto") {
-                    return Err(err(n, format!("Table = {value:?} is not supported: meshd adds a route to the main table for each peer's AllowedIPs (only `auto` is accepted)")));
+                    return Err(err(n, format!("Table = {value} is not supported: meshd adds a route to the main table for each peer's AllowedIPs (only `auto` is accepted)", value = shown(value))));
                 }
             }
             Field::PreUp | Field::PostUp | Field::PreDown | Field::PostDown => {
@@ -472,13 +493,16 @@ impl InterfaceDraft {
                 if !value.eq_ignore_ascii_case("false") {
                     return Err(err(
                         n,
-                        format!("SaveConfig {value:?} is not valid: expected true or false"),
+                        format!(
+                            "SaveConfig {value} is not valid: expected true or false",
+                            value = shown(value)
+                        ),
                     ));
                 }
             }
             Field::FwMark => {
                 if !(value.eq_ignore_ascii_case("off") || value == "0") {
-                    return Err(err(n, format!("FwMark = {value:?} is not supported: meshd does not mark its packets (only `off` or 0 is accepted)")));
+                    return Err(err(n, format!("FwMark = {value} is not supported: meshd does not mark its packets (only `off` or 0 is accepted)", value = shown(value))));
                 }
             }
             Field::PublicKey
@@ -505,7 +529,7 @@ impl PeerDraft {
         match key {
             Field::PublicKey => {
                 let parsed = value.parse().map_err(|_| {
-                    err(n, format!("PublicKey {value:?} is not a valid key: expected 44 characters of base64, as printed by `wg pubkey`"))
+                    err(n, format!("PublicKey {value} is not a valid key: expected 44 characters of base64, as printed by `wg pubkey`", value = shown(value)))
                 })?;
                 self.public_key = Some((n, parsed));
             }
@@ -523,7 +547,7 @@ impl PeerDraft {
             Field::AllowedIps => {
                 for item in list(n, key, value)? {
                     let net = parse_address(item).ok_or_else(|| {
-                        err(n, format!("AllowedIPs {item:?} is not an IP prefix, like 10.0.0.0/24, fd00::/64 or 10.0.0.7"))
+                        err(n, format!("AllowedIPs {item} is not an IP prefix, like 10.0.0.0/24, fd00::/64 or 10.0.0.7", item = shown(item)))
                     })?;
                     let trunc = net.trunc();
                     if trunc != net {
@@ -543,7 +567,7 @@ impl PeerDraft {
                     0
                 } else {
                     decimal(value).ok_or_else(|| {
-                        err(n, format!("PersistentKeepalive {value:?} is not valid: expected `off` or a number of seconds from 0 to 65535"))
+                        err(n, format!("PersistentKeepalive {value} is not valid: expected `off` or a number of seconds from 0 to 65535", value = shown(value)))
                     })?
                 };
                 self.persistent_keepalive = Some(seconds).filter(|&s| s != 0);
@@ -618,38 +642,49 @@ fn parse_address(s: &str) -> Option<IpNet> {
 fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
     let Some((host, port)) = s.rsplit_once(':') else {
         return Err(format!(
-            "Endpoint {s:?} has no port: expected IP:port, like 192.0.2.1:51820 or [2001:db8::1]:51820"
+            "Endpoint {s} has no port: expected IP:port, like 192.0.2.1:51820 or [2001:db8::1]:51820", s = shown(s)
         ));
     };
     let ip = if let Some(inner) = host.strip_prefix('[') {
         let inner = inner.strip_suffix(']').ok_or_else(|| {
-            format!("Endpoint {s:?} is malformed: expected [IPv6]:port, like [2001:db8::1]:51820")
+            format!(
+                "Endpoint {s} is malformed: expected [IPv6]:port, like [2001:db8::1]:51820",
+                s = shown(s)
+            )
         })?;
-        IpAddr::V6(
-            inner
-                .parse::<Ipv6Addr>()
-                .map_err(|_| format!("Endpoint {s:?}: {inner:?} is not an IPv6 address"))?,
-        )
+        IpAddr::V6(inner.parse::<Ipv6Addr>().map_err(|_| {
+            format!(
+                "Endpoint {s}: {inner} is not an IPv6 address",
+                s = shown(s),
+                inner = shown(inner)
+            )
+        })?)
     } else if let Ok(v4) = host.parse::<Ipv4Addr>() {
         IpAddr::V4(v4)
     } else if host.contains(':') {
         return Err(format!(
-            "Endpoint {s:?}: an IPv6 endpoint must be written in brackets, like [2001:db8::1]:51820"
+            "Endpoint {s}: an IPv6 endpoint must be written in brackets, like [2001:db8::1]:51820",
+            s = shown(s)
         ));
     } else {
         return Err(format!(
-            "Endpoint {s:?}: hostname endpoints are not supported, use an IP address"
+            "Endpoint {s}: hostname endpoints are not supported, use an IP address",
+            s = shown(s)
         ));
     };
-    let port = decimal(port)
-        .filter(|&p: &u16| p != 0)
-        .ok_or_else(|| format!("Endpoint {s:?}: the port must be a number from 1 to 65535"))?;
+    let port = decimal(port).filter(|&p: &u16| p != 0).ok_or_else(|| {
+        format!(
+            "Endpoint {s}: the port must be a number from 1 to 65535",
+            s = shown(s)
+        )
+    })?;
     Ok(SocketAddr::new(ip, port))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const PRIV: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
     const PUB_A: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
@@ -783,8 +818,8 @@ PersistentKeepalive = 25
             ("[Peer", 3, "malformed section header: expected [Interface] or [Peer] alone on the line"),
             ("[Peer] x", 3, "malformed section header: expected [Interface] or [Peer] alone on the line"),
             ("just words", 3, "expected `Key = Value`, a [Interface] or [Peer] header, or a # comment"),
-            ("PRIV", 3, "unknown key (a name too long to be a key, not shown in case it is a secret) in [Interface]; expected one of: PrivateKey, Address, ListenPort, MTU, DNS, Table, PreUp, PostUp, PreDown, PostDown, SaveConfig, FwMark"),
-            ("!PRIV", 1, "(a name too long to be a key, not shown in case it is a secret) is outside any section: put it under [Interface] or [Peer]"),
+            ("PRIV", 3, "unknown key \"<key-like text hidden>\" in [Interface]; expected one of: PrivateKey, Address, ListenPort, MTU, DNS, Table, PreUp, PostUp, PreDown, PostDown, SaveConfig, FwMark"),
+            ("!PRIV", 1, "\"<key-like text hidden>\" is outside any section: put it under [Interface] or [Peer]"),
             ("= 5", 3, "missing key before `=`"),
             ("Foo = 1", 3, "unknown key \"Foo\" in [Interface]; expected one of: PrivateKey, Address, ListenPort, MTU, DNS, Table, PreUp, PostUp, PreDown, PostDown, SaveConfig, FwMark"),
             ("[Peer]\nPublicKey = PUB_A\nBar = 1", 5, "unknown key \"Bar\" in [Peer]; expected one of: PublicKey, PresharedKey, AllowedIPs, Endpoint, PersistentKeepalive"),
@@ -804,6 +839,8 @@ PersistentKeepalive = 25
             ("Address = 10.0.0.1/33", 3, "Address \"10.0.0.1/33\" is not an IP address with an optional /prefix, like 10.0.0.1/24 or fd00::1/64"),
             ("Address = 10.0.0.1/", 3, "Address \"10.0.0.1/\" is not an IP address with an optional /prefix, like 10.0.0.1/24 or fd00::1/64"),
             ("Address = 10.0.0.1/+8", 3, "Address \"10.0.0.1/+8\" is not an IP address with an optional /prefix, like 10.0.0.1/24 or fd00::1/64"),
+            ("Address = 10.0.0.1/24 PRIV", 3, "Address \"10.0.0.1/24 <key-like text hidden>\" is not an IP address with an optional /prefix, like 10.0.0.1/24 or fd00::1/64"),
+            ("[Peer]\nPublicKey = PUB_A\nEndpoint = PRIV:1", 5, "Endpoint \"<key-like text hidden>:1\": hostname endpoints are not supported, use an IP address"),
             ("Address = fd00::1/129", 3, "Address \"fd00::1/129\" is not an IP address with an optional /prefix, like 10.0.0.1/24 or fd00::1/64"),
             ("Address = host.example", 3, "Address \"host.example\" is not an IP address with an optional /prefix, like 10.0.0.1/24 or fd00::1/64"),
             ("Address = 10.0.0.1/24 fd00::1/64", 3, "Address \"10.0.0.1/24 fd00::1/64\" is not an IP address with an optional /prefix, like 10.0.0.1/24 or fd00::1/64"),
@@ -830,9 +867,10 @@ PersistentKeepalive = 25
             // Peer values.
             ("[Peer]\nAllowedIPs = 10.0.0.0/8", 3, "[Peer] has no PublicKey"),
             ("[Peer]\nPublicKey = PUB_A\n[Peer]\n", 5, "[Peer] has no PublicKey"),
-            ("[Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg", 4, "PublicKey \"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg\" is not a valid key: expected 44 characters of base64, as printed by `wg pubkey`"),
+            ("[Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg", 4, "PublicKey \"<key-like text hidden>\" is not a valid key: expected 44 characters of base64, as printed by `wg pubkey`"),
             ("[Peer]\nPublicKey = PUB_A\nPresharedKey = nope", 5, "PresharedKey is not a valid key: expected 44 characters of base64, as printed by `wg genpsk`"),
             ("[Peer]\nPublicKey = PUB_A\nAllowedIPs = 10.0.0.0/8, 300.0.0.0/8", 5, "AllowedIPs \"300.0.0.0/8\" is not an IP prefix, like 10.0.0.0/24, fd00::/64 or 10.0.0.7"),
+            ("[Peer]\nPublicKey = PUB_A\nallowedips=PRIV", 5, "AllowedIPs \"<key-like text hidden>\" is not an IP prefix, like 10.0.0.0/24, fd00::/64 or 10.0.0.7"),
             ("[Peer]\nPublicKey = PUB_A\nAllowedIPs = +10.0.0.0/8", 5, "AllowedIPs \"+10.0.0.0/8\" is not an IP prefix, like 10.0.0.0/24, fd00::/64 or 10.0.0.7"),
             ("[Peer]\nPublicKey = PUB_A\nAllowedIPs = 10.0.0.0/8,", 5, "AllowedIPs has an empty entry: expected a comma-separated list of addresses"),
             ("[Peer]\nPublicKey = PUB_A\nEndpoint = 192.0.2.1", 5, "Endpoint \"192.0.2.1\" has no port: expected IP:port, like 192.0.2.1:51820 or [2001:db8::1]:51820"),
@@ -889,6 +927,72 @@ PersistentKeepalive = 25
         .unwrap();
         assert_eq!(config.peers[0].allowed_ips, vec![net("10.0.0.0/8")]);
         crate::peers::validate(&config.peers).unwrap();
+    }
+
+    /// What must hold for any input: no panic, an error on an existing
+    /// line, warnings on existing lines, and peers the engine can apply.
+    fn check_invariants(text: &str) -> Result<(), TestCaseError> {
+        let lines = text.lines().count().max(1);
+        match parse(text) {
+            Ok(config) => {
+                prop_assert!(crate::peers::validate(&config.peers).is_ok());
+                for (line, _) in &config.warnings {
+                    prop_assert!((1..=lines).contains(line), "warning on line {}", line);
+                }
+            }
+            Err(e) => {
+                prop_assert!((1..=lines).contains(&e.line), "{}", e);
+                prop_assert!(!e.message.contains(PRIV.trim_end_matches('=')), "{}", e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lines built from the grammar's own pieces, so that random files get
+    /// past the header and key checks into the value parsers.
+    fn config_line() -> impl Strategy<Value = String> {
+        let names = Field::ALL.map(Field::name).to_vec();
+        let key = prop_oneof![
+            prop::sample::select(names.clone()).prop_map(str::to_string),
+            prop::sample::select(names).prop_map(|n| n.to_ascii_lowercase()),
+            "[A-Za-z ]{0,8}",
+        ];
+        let value = prop_oneof![
+            prop::sample::select(vec![
+                PRIV, PUB_A, PUB_B, PSK, "off", "auto", "true", "false", ""
+            ])
+            .prop_map(str::to_string),
+            "[0-9]{1,6}",
+            "[0-9a-f:.,/ \\[\\]]{0,40}",
+            any::<String>(),
+        ];
+        prop_oneof![
+            3 => prop::sample::select(vec!["[Interface]", "[Peer]", "[ peer ]", "[Interface", ""])
+                .prop_map(str::to_string),
+            10 => (key, "[ \t]{0,2}", value, "( *#.*)?")
+                .prop_map(|(k, space, v, comment)| format!("{k}{space}={space}{v}{comment}")),
+            1 => any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in any::<String>()) {
+            check_invariants(&text)?;
+        }
+
+        #[test]
+        fn config_like_text_never_panics(
+            lines in prop::collection::vec(config_line(), 0..24),
+            crlf in any::<bool>(),
+        ) {
+            let text = lines.join(if crlf { "\r\n" } else { "\n" });
+            check_invariants(&text)?;
+            // The same file with a valid interface in front must get at least
+            // as far: it can fail only on a line of the original.
+            let prefixed = format!("[Interface]\nPrivateKey = {PRIV}\n[Peer]\n{text}");
+            check_invariants(&prefixed)?;
+        }
     }
 
     #[test]
