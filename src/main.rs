@@ -2,6 +2,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod key_cmd;
 mod lab_cmd;
 
 #[derive(Parser)]
@@ -20,6 +21,12 @@ enum Cmd {
     /// The network-namespace laboratory: an emulated internet with NATs, firewalls and latency.
     #[command(subcommand)]
     Lab(lab_cmd::LabCmd),
+    /// Print a new private key (base64, like `wg genkey`).
+    Genkey,
+    /// Read a private key on stdin, print its public key (like `wg pubkey`).
+    Pubkey,
+    /// Print a new preshared key (like `wg genpsk`).
+    Genpsk,
 }
 
 fn main() -> Result<()> {
@@ -32,5 +39,8 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Cmd::Lab(cmd) => lab_cmd::run(cmd),
+        Cmd::Genkey => key_cmd::genkey(),
+        Cmd::Pubkey => key_cmd::pubkey(),
+        Cmd::Genpsk => key_cmd::genpsk(),
     }
 }
