@@ -6,6 +6,10 @@
 //! other, both directions) while one TCP stream runs across; with offload on
 //! and off. This is the engine's TUN path without the crypto.
 //!
+//! `io_bench engine [SECONDS]`: two engines (one thread each) in two
+//! namespaces joined by a veth pair, one TCP stream through the tunnel; with
+//! TUN offload on and off. This is the data plane end to end.
+//!
 //! `io_bench udp [SECONDS]`: 1452-byte datagrams (a 1420-byte inner packet
 //! plus WireGuard's 32 bytes) sent as fast as possible into a veth whose peer
 //! is down (a sink): one `send_to` per datagram, `sendmmsg` of 64, and our GSO
@@ -25,6 +29,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use meshd_agent::engine::{Engine, EngineConfig};
+use meshd_agent::keys::PrivateKey;
+use meshd_agent::peers::PeerConfig;
 use meshd_agent::tun::{configure, Tun, TunBatch};
 use meshd_agent::udp::{UdpSendBatch, UdpSocket};
 use rustix::event::{PollFd, PollFlags, Timespec};
@@ -90,7 +97,12 @@ fn main() -> Result<()> {
             }
         }
         Some("udp") => bench_udp(duration)?,
-        _ => return Err("usage: io_bench tun|udp [SECONDS]".into()),
+        Some("engine") => {
+            for offload in [true, false] {
+                bench_engine(offload, duration)?;
+            }
+        }
+        _ => return Err("usage: io_bench tun|udp|engine [SECONDS]".into()),
     }
     Ok(())
 }
@@ -160,6 +172,181 @@ fn bench_tun(offload: bool, duration: Duration) -> Result<()> {
         pkts / (reads.load(Ordering::Relaxed) as f64).max(1.0),
     );
     Ok(())
+}
+
+/// Sends one TCP stream from `from` to `to_addr` (listening in `to`) for
+/// `duration`; returns the bytes received and the receiver's elapsed time.
+fn tcp_stream(
+    from: &NetNs,
+    to: &NetNs,
+    to_addr: SocketAddr,
+    duration: Duration,
+) -> Result<(u64, Duration)> {
+    std::thread::scope(|s| {
+        let (listening, listening_rx) = std::sync::mpsc::channel();
+        let receiver = s.spawn(move || {
+            in_ns(to, || {
+                let listener = TcpListener::bind(to_addr)?;
+                listening.send(())?;
+                let (mut conn, _) = listener.accept()?;
+                let mut buf = vec![0; 256 * 1024];
+                let mut total = 0u64;
+                let start = Instant::now();
+                loop {
+                    let n = conn.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok((total, start.elapsed()));
+                    }
+                    total += n as u64;
+                }
+            })
+        });
+        listening_rx.recv_timeout(Duration::from_secs(5))?;
+        in_ns(from, || {
+            let mut conn = connect_retrying(to_addr)?;
+            let buf = vec![0x5a; 256 * 1024];
+            let start = Instant::now();
+            while start.elapsed() < duration {
+                conn.write_all(&buf)?;
+            }
+            conn.shutdown(std::net::Shutdown::Write)?;
+            Ok(())
+        })?;
+        receiver.join().map_err(|_| "receiver panicked")?
+    })
+}
+
+fn bench_engine(offload: bool, duration: Duration) -> Result<()> {
+    let ns_a = NetNs::new("ea")?;
+    let ns_b = NetNs::new("eb")?;
+    run(&[
+        "ip", "-n", &ns_a.0, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns",
+        &ns_b.0,
+    ])?;
+    for (ns, dev, addr) in [
+        (&ns_a, "va", "192.168.88.1/24"),
+        (&ns_b, "vb", "192.168.88.2/24"),
+    ] {
+        run(&["ip", "-n", &ns.0, "addr", "add", addr, "dev", dev])?;
+        run(&["ip", "-n", &ns.0, "link", "set", dev, "up"])?;
+    }
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let peer = |key: &PrivateKey, inner: &str, endpoint: &str| -> Result<PeerConfig> {
+        Ok(PeerConfig {
+            public_key: key.public_key(),
+            preshared_key: None,
+            allowed_ips: vec![inner.parse()?],
+            endpoint: Some(endpoint.parse()?),
+            persistent_keepalive: None,
+        })
+    };
+    let sides = [
+        (
+            &ns_a,
+            ka.clone(),
+            "10.88.0.1/24",
+            peer(&kb, "10.88.0.2/32", "192.168.88.2:51820")?,
+        ),
+        (
+            &ns_b,
+            kb,
+            "10.88.0.2/24",
+            peer(&ka, "10.88.0.1/32", "192.168.88.1:51820")?,
+        ),
+    ];
+    let stop = AtomicBool::new(false);
+    let (bytes, elapsed) = std::thread::scope(|s| -> Result<(u64, Duration)> {
+        let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
+        let mut engines = Vec::new();
+        for (ns, key, addr, peer) in &sides {
+            let ready_tx = ready_tx.clone();
+            let stop = &stop;
+            engines.push(s.spawn(move || {
+                in_ns(ns, || {
+                    let mut engine = Engine::new(EngineConfig {
+                        private_key: key.clone(),
+                        tun_name: "wg0".into(),
+                        mtu: 1420,
+                        offload,
+                        addresses: vec![addr.parse()?],
+                        listen_port: 51820,
+                    })?;
+                    engine.set_peers(std::slice::from_ref(peer))?;
+                    ready_tx.send(())?;
+                    engine.run(stop)?;
+                    Ok(engine.counters())
+                })
+            }));
+        }
+        for _ in 0..2 {
+            ready.recv_timeout(Duration::from_secs(10))?;
+        }
+        let result = tcp_stream(&ns_a, &ns_b, "10.88.0.2:5201".parse()?, duration);
+        let rtt = udp_rtt(&ns_a, &ns_b);
+        stop.store(true, Ordering::Relaxed);
+        let (tunnel, direct) = rtt?;
+        println!(
+            "engine offload={:<5} median UDP round trip {:.0} µs through the tunnel, {:.0} µs over the bare veth",
+            offload,
+            tunnel.as_secs_f64() * 1e6,
+            direct.as_secs_f64() * 1e6,
+        );
+        for e in engines {
+            let counters = e.join().map_err(|_| "engine panicked")??;
+            if counters.udp_send_dropped > 0 {
+                println!("  {counters:?}");
+            }
+        }
+        result
+    })?;
+    println!(
+        "engine offload={:<5} {:6.2} Gbit/s single TCP stream through the tunnel",
+        offload,
+        bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9,
+    );
+    Ok(())
+}
+
+/// Median round trip of 64-byte UDP echoes from `from` to `to`, through the
+/// tunnel and over the veth underneath, 500 each.
+fn udp_rtt(from: &NetNs, to: &NetNs) -> Result<(Duration, Duration)> {
+    std::thread::scope(|s| {
+        let (bound, bound_rx) = std::sync::mpsc::channel();
+        let echo = s.spawn(move || {
+            in_ns(to, || {
+                let sock = std::net::UdpSocket::bind("0.0.0.0:7777")?;
+                sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+                bound.send(())?;
+                let mut buf = [0u8; 64];
+                // Ends when the client stops sending.
+                while let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                    sock.send_to(&buf[..n], peer)?;
+                }
+                Ok(())
+            })
+        });
+        bound_rx.recv_timeout(Duration::from_secs(5))?;
+        let result = in_ns(from, || {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+            let mut medians = Vec::new();
+            for target in ["10.88.0.2:7777", "192.168.88.2:7777"] {
+                let mut rtts = Vec::new();
+                let mut buf = [0u8; 64];
+                for _ in 0..500 {
+                    let start = Instant::now();
+                    sock.send_to(&[1; 64], target)?;
+                    sock.recv_from(&mut buf)?;
+                    rtts.push(start.elapsed());
+                }
+                rtts.sort();
+                medians.push(rtts[rtts.len() / 2]);
+            }
+            Ok((medians[0], medians[1]))
+        });
+        echo.join().map_err(|_| "echo panicked")??;
+        result
+    })
 }
 
 fn connect_retrying(addr: SocketAddr) -> Result<TcpStream> {
