@@ -9,6 +9,7 @@
 pub mod bench;
 mod lab;
 mod nfqueue;
+pub mod peers;
 pub mod registry;
 pub mod shaper;
 mod sys;
