@@ -121,12 +121,12 @@ impl NfQueue {
         hdr[..4].copy_from_slice(&verdict.to_be_bytes());
         hdr[4..].copy_from_slice(&q.id.to_be_bytes());
         let msg = self.message(kind, NLM_F_REQUEST, q.queue, &[(NFQA_VERDICT_HDR, &hdr)]);
-        net::sendto(
-            &self.fd,
-            &msg,
-            SendFlags::empty(),
-            &netlink::SocketAddrNetlink::new(0, 0),
-        )?;
+        self.send(&msg)
+    }
+
+    fn send(&self, msg: &[u8]) -> io::Result<()> {
+        let kernel = netlink::SocketAddrNetlink::new(0, 0);
+        net::sendto(&self.fd, msg, SendFlags::empty(), &kernel)?;
         Ok(())
     }
 
@@ -134,12 +134,7 @@ impl NfQueue {
     fn request(&mut self, queue: u16, attrs: &[(u16, &[u8])]) -> io::Result<()> {
         let msg = self.message(MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, queue, attrs);
         let seq = self.seq;
-        net::sendto(
-            &self.fd,
-            &msg,
-            SendFlags::empty(),
-            &netlink::SocketAddrNetlink::new(0, 0),
-        )?;
+        self.send(&msg)?;
         loop {
             let (n, _) = net::recv(&self.fd, &mut self.rx[..], RecvFlags::empty())?;
             if let Some(errno) = find_ack(&self.rx[..n], seq) {

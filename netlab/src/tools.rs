@@ -13,8 +13,7 @@ use crate::{Lab, LabError};
 /// calling process, with its socket in a lab node's namespace.
 pub struct UdpReflector {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _server: Background,
 }
 
 impl UdpReflector {
@@ -36,34 +35,20 @@ impl UdpReflector {
                 what: "setting a socket timeout".into(),
                 source,
             })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !stop2.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(from.to_string().as_bytes(), from);
-                }
+        let mut buf = [0u8; 2048];
+        let server = Background::spawn(move || {
+            if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(from.to_string().as_bytes(), from);
             }
         });
         Ok(UdpReflector {
             addr,
-            stop,
-            thread: Some(thread),
+            _server: server,
         })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-}
-
-impl Drop for UdpReflector {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -95,8 +80,7 @@ pub fn udp_receives(sock: &UdpSocket, timeout: Duration) -> bool {
 
 /// A TCP server in a node that accepts and closes connections, on a thread of this process.
 pub struct TcpAcceptor {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _server: Background,
 }
 
 impl TcpAcceptor {
@@ -114,23 +98,39 @@ impl TcpAcceptor {
                 what: "making a listener non-blocking".into(),
                 source,
             })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                if listener.accept().is_err() {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+        let server = Background::spawn(move || {
+            if listener.accept().is_err() {
+                std::thread::sleep(Duration::from_millis(5));
             }
         });
-        Ok(TcpAcceptor {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(TcpAcceptor { _server: server })
     }
 }
 
-impl Drop for TcpAcceptor {
+/// A thread that runs `step` over and over until dropped. Each step must return within a
+/// short time (a socket timeout or a brief sleep), since the stop flag is read between steps.
+struct Background {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    fn spawn(mut step: impl FnMut() + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                step();
+            }
+        });
+        Background {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Background {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
