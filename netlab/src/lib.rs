@@ -7,6 +7,7 @@
 //! tears itself down on drop, panic and Ctrl-C, and [`registry::clean`] removes what a crashed
 //! lab left behind. See docs/netlab.md for the address plan and the rules.
 pub mod bench;
+pub mod bench_dataplane;
 mod lab;
 mod nfqueue;
 pub mod peers;

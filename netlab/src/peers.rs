@@ -80,6 +80,30 @@ impl Impl {
     }
 }
 
+impl Impl {
+    /// The installed version, as the program itself reports it ("wireguard-go v0.0.20220316",
+    /// "boringtun 0.7.1", "nebula 1.6.1").
+    pub fn version(self) -> Result<String, LabError> {
+        let (program, flag) = match self {
+            Impl::WireguardGo => ("wireguard-go".to_owned(), "--version"),
+            Impl::BoringtunCli { .. } => {
+                (locate_boringtun_cli()?.display().to_string(), "--version")
+            }
+            Impl::Nebula => ("nebula".to_owned(), "-version"),
+        };
+        let out = sys::run(&program, &[flag], None)?;
+        let line = out
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .ok_or_else(|| bad_output(&format!("{program} {flag}"), &out))?;
+        Ok(match line.strip_prefix("Version: ") {
+            Some(v) => format!("nebula {v}"),
+            None => line.to_owned(),
+        })
+    }
+}
+
 impl fmt::Display for Impl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
