@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod key_cmd;
 mod lab_cmd;
+mod wg_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +28,9 @@ enum Cmd {
     Pubkey,
     /// Print a new preshared key (like `wg genpsk`).
     Genpsk,
+    /// A userspace WireGuard interface from a wg-quick file: up, show, down, syncconf.
+    #[command(subcommand)]
+    Wg(wg_cmd::WgCmd),
 }
 
 fn main() -> Result<()> {
@@ -42,5 +46,6 @@ fn main() -> Result<()> {
         Cmd::Genkey => key_cmd::genkey(),
         Cmd::Pubkey => key_cmd::pubkey(),
         Cmd::Genpsk => key_cmd::genpsk(),
+        Cmd::Wg(cmd) => wg_cmd::run(cmd),
     }
 }

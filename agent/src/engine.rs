@@ -8,18 +8,25 @@
 //! of each turn: one TUN read of a 64 KiB super-packet becomes ~45 encrypted
 //! datagrams leaving in one GSO send, and a GRO'd burst of datagrams becomes
 //! one coalesced TUN write.
+//!
+//! Other threads reach a running engine through an [`EngineHandle`]: commands
+//! (change the peers, report the status) go into a channel that the engine
+//! drains at the start of every turn, and an eventfd in the engine's `poll`
+//! set wakes it for them. The engine's state stays on its own thread.
 
 pub mod node;
 
 use std::collections::BTreeSet;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 
-use crate::keys::PrivateKey;
+use crate::keys::{PrivateKey, PublicKey};
 use crate::peers::{PeerConfig, PeerError};
 use crate::tun::{self, Tun, TunBatch, TunError};
 use crate::udp::{UdpError, UdpRecvBatch, UdpSendBatch, UdpSocket};
@@ -53,6 +60,8 @@ pub enum EngineError {
     Peers(#[from] PeerError),
     #[error("waiting for packets: {0}")]
     Poll(#[source] io::Error),
+    #[error("creating the engine's wake-up eventfd: {0}")]
+    Waker(#[source] io::Error),
 }
 
 /// Counters of the engine: the core's, plus I/O failures.
@@ -68,6 +77,87 @@ pub struct EngineCounters {
     pub udp_recv_errors: u64,
 }
 
+/// What `wg show` needs to know about a running engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineStatus {
+    pub tun_name: String,
+    pub public_key: PublicKey,
+    pub listen_port: u16,
+    /// Sorted by public key.
+    pub peers: Vec<PeerStatus>,
+    pub counters: EngineCounters,
+}
+
+/// How long [`EngineHandle`] waits for the engine to carry out a command.
+/// Replacing the peers runs `ip route` once per changed prefix, so this is
+/// generous.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Why a command sent through an [`EngineHandle`] did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("the engine did not answer within {} s", .0.as_secs())]
+    Timeout(Duration),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+enum Command {
+    SetPeers {
+        peers: Vec<PeerConfig>,
+        reply: mpsc::Sender<Result<(), EngineError>>,
+    },
+    Status {
+        reply: mpsc::Sender<EngineStatus>,
+    },
+}
+
+/// A way for other threads to talk to a running [`Engine`]. Each call
+/// queues a command, wakes the engine, and waits until the engine has
+/// carried it out in its next turn; if nobody runs the engine's turns, the
+/// call fails after a timeout, and once the engine is dropped at once.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    waker: Arc<OwnedFd>,
+}
+
+impl EngineHandle {
+    /// Makes `peers` the engine's peer set, as [`Engine::set_peers`] does:
+    /// sessions of peers whose configuration is unchanged continue.
+    pub fn set_peers(&self, peers: Vec<PeerConfig>) -> Result<(), ControlError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::SetPeers { peers, reply })?;
+        Ok(Self::wait(&answer)??)
+    }
+
+    pub fn status(&self) -> Result<EngineStatus, ControlError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Status { reply })?;
+        Self::wait(&answer)
+    }
+
+    fn send(&self, command: Command) -> Result<(), ControlError> {
+        self.commands
+            .send(command)
+            .map_err(|_| ControlError::Stopped)?;
+        // The counter only fails to grow when it is about to overflow, and
+        // then the engine has a wake-up pending anyway.
+        let _ = rustix::io::write(&*self.waker, &1u64.to_ne_bytes());
+        Ok(())
+    }
+
+    fn wait<T>(answer: &mpsc::Receiver<T>) -> Result<T, ControlError> {
+        answer.recv_timeout(COMMAND_TIMEOUT).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => ControlError::Timeout(COMMAND_TIMEOUT),
+            // The engine dropped the command unanswered: it is gone.
+            mpsc::RecvTimeoutError::Disconnected => ControlError::Stopped,
+        })
+    }
+}
+
 pub struct Engine {
     node: Node,
     tun: Tun,
@@ -79,6 +169,11 @@ pub struct Engine {
     /// Allowed-IP prefixes currently routed into the TUN.
     routed: BTreeSet<IpNet>,
     counters: EngineCounters,
+    commands: mpsc::Receiver<Command>,
+    /// Kept to hand out in [`Engine::handle`].
+    command_sender: mpsc::Sender<Command>,
+    /// An eventfd that handles write to when they queue a command.
+    waker: Arc<OwnedFd>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -104,6 +199,9 @@ impl Engine {
         tun.set_nonblocking(true)?;
         tun::configure(tun.name(), &config.addresses, &[])?;
         let udp = UdpSocket::bind_any(config.listen_port)?;
+        let waker = rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
+            .map_err(|e| EngineError::Waker(e.into()))?;
+        let (command_sender, commands) = mpsc::channel();
         tracing::info!(
             tun = tun.name(),
             offload = tun.offload(),
@@ -121,7 +219,29 @@ impl Engine {
             udp_out: UdpSendBatch::new(),
             routed: BTreeSet::new(),
             counters: EngineCounters::default(),
+            commands,
+            command_sender,
+            waker: Arc::new(waker),
         })
+    }
+
+    /// A handle for other threads to change the peers and read the status
+    /// while this engine runs.
+    pub fn handle(&self) -> EngineHandle {
+        EngineHandle {
+            commands: self.command_sender.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+
+    pub fn status(&mut self) -> EngineStatus {
+        EngineStatus {
+            tun_name: self.tun.name().to_owned(),
+            public_key: self.node.public_key(),
+            listen_port: self.udp.local_addr().port(),
+            peers: self.peer_status(),
+            counters: self.counters(),
+        }
     }
 
     pub fn node(&self) -> &Node {
@@ -194,10 +314,20 @@ impl Engine {
         let mut fds = [
             PollFd::new(&self.tun, PollFlags::IN),
             PollFd::new(&self.udp, PollFlags::IN),
+            PollFd::new(&*self.waker, PollFlags::IN),
         ];
         match rustix::event::poll(&mut fds, Some(&timeout)) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(EngineError::Poll(e.into())),
+        }
+        if fds[2].revents().contains(PollFlags::IN) {
+            // Reset the counter; the commands themselves are in the channel.
+            let _ = rustix::io::read(&*self.waker, &mut [0u8; 8]);
+        }
+        // Every turn, not only after a wake-up: a command queued between the
+        // poll and the read above would otherwise wait for the next one.
+        while let Ok(command) = self.commands.try_recv() {
+            self.execute(command);
         }
         let now = Instant::now();
         let Engine {
@@ -257,6 +387,25 @@ impl Engine {
         out.flush_udp();
         out.flush_tun();
         Ok(())
+    }
+}
+
+impl Engine {
+    fn execute(&mut self, command: Command) {
+        // A requester that gave up waiting has dropped its receiver; the
+        // command is still carried out, only the answer is lost.
+        match command {
+            Command::SetPeers { peers, reply } => {
+                let result = self.set_peers(&peers);
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, "peer update refused");
+                }
+                let _ = reply.send(result);
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
     }
 }
 

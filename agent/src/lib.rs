@@ -4,6 +4,7 @@ pub mod allowed_ips;
 pub mod engine;
 pub mod keys;
 pub mod peers;
+pub mod standalone;
 pub mod tun;
 pub mod udp;
 pub mod wgconf;

@@ -85,6 +85,8 @@ pub struct PeerStatus {
     pub last_handshake: Option<Duration>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+    /// Seconds between persistent keepalives; `None` when off.
+    pub persistent_keepalive: Option<u16>,
 }
 
 /// The clock boringtun reads.
@@ -220,6 +222,7 @@ impl Node {
                     last_handshake,
                     tx_bytes: tx as u64,
                     rx_bytes: rx as u64,
+                    persistent_keepalive: p.config.persistent_keepalive.filter(|&s| s != 0),
                 }
             })
             .collect()
