@@ -1,0 +1,120 @@
+//! Join tokens: `meshd1_` followed by base64url (no padding) of a field
+//! sequence (docs/control-protocol.md, "Join tokens").
+
+use std::fmt;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+
+use crate::codec::{DecodeError, EncodeError, Fields, Writer};
+use crate::message::TokenSecret;
+
+pub const TOKEN_PREFIX: &str = "meshd1_";
+/// Longest coordinator address (`host:port`), in bytes.
+pub const MAX_ADDRESS_LEN: usize = 255;
+/// Most coordinator addresses in one token.
+pub const MAX_ADDRESSES: usize = 16;
+
+/// What a node needs to join: where the coordinator is, how to recognise it,
+/// and the secret that admits it. `Debug` hides the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub secret: TokenSecret,
+    /// SHA-256 of the coordinator's TLS certificate (DER).
+    pub cert_pin: [u8; 32],
+    /// `host:port` of every coordinator replica, tried in order.
+    pub addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("not a meshd join token: it must start with `{TOKEN_PREFIX}`")]
+    Prefix,
+    #[error("join token is damaged: not valid base64url after `{TOKEN_PREFIX}`")]
+    Base64,
+    #[error("join token is damaged: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("join token names no coordinator address")]
+    NoAddress,
+    #[error("join token cannot be encoded: {0}")]
+    Encode(#[from] EncodeError),
+}
+
+impl JoinToken {
+    /// The token text. It contains the secret: show it to the operator once,
+    /// never log it.
+    pub fn encode(&self) -> Result<String, TokenError> {
+        if self.addresses.is_empty() {
+            return Err(TokenError::NoAddress);
+        }
+        let mut buf = Vec::new();
+        let w = &mut Writer {
+            buf: &mut buf,
+            ctx: "JoinToken",
+        };
+        w.bytes(1, &self.secret.0)?;
+        w.bytes(2, &self.cert_pin)?;
+        w.strs(3, &self.addresses, MAX_ADDRESS_LEN, MAX_ADDRESSES)?;
+        Ok(format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(&buf)))
+    }
+
+    /// Parses a token; surrounding whitespace (a pasted newline) is ignored.
+    pub fn parse(text: &str) -> Result<Self, TokenError> {
+        let body = text
+            .trim()
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or(TokenError::Prefix)?;
+        let bytes = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenError::Base64)?;
+        let mut f = Fields::new(&bytes, "JoinToken");
+        let (mut secret, mut pin) = (None, None);
+        let mut addresses = Vec::new();
+        while let Some((tag, v)) = f.next_field()? {
+            match tag {
+                1 => f.set(&mut secret, tag, TokenSecret(f.array(tag, v, "32")?))?,
+                2 => f.set(&mut pin, tag, f.array(tag, v, "32")?)?,
+                3 => f.push(
+                    &mut addresses,
+                    MAX_ADDRESSES,
+                    tag,
+                    f.str(tag, v, MAX_ADDRESS_LEN)?,
+                )?,
+                t => f.unknown(t)?,
+            }
+        }
+        if addresses.is_empty() {
+            return Err(TokenError::NoAddress);
+        }
+        Ok(JoinToken {
+            secret: f.need(secret, 1)?,
+            cert_pin: f.need(pin, 2)?,
+            addresses,
+        })
+    }
+}
+
+/// What the coordinator stores and looks tokens up by instead of the secret.
+/// The secret is 32 random bytes, so a plain hash cannot be reversed and a
+/// lookup by hash leaks nothing worth timing.
+pub fn secret_hash(secret: &TokenSecret) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"meshd join token v1");
+    h.update(secret.0);
+    h.finalize().into()
+}
+
+/// SHA-256 of a DER certificate: the pin a token carries.
+pub fn cert_pin(cert_der: &[u8]) -> [u8; 32] {
+    Sha256::digest(cert_der).into()
+}
+
+/// Lower-case hex, for showing hashes and pins.
+pub struct Hex<'a>(pub &'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
