@@ -1,6 +1,8 @@
 //! Tunnels between two lab nodes made by real implementations of other meshes: `wireguard-go`
 //! and `boringtun-cli` (both configured over the WireGuard UAPI with `wg setconf`) and
 //! `nebula`. Interop tests pair them with meshd; the data-plane benchmark measures them.
+//! [`Impl::Meshd`] is meshd's own `meshd wg up`, started the same way, so it pairs with any of
+//! the WireGuard implementations.
 //!
 //! A [`TunnelPair`] gives the left node 100.64.0.1/24 and the right node 100.64.0.2/24 inside
 //! the tunnel, carries the tunnel's UDP between the nodes' lab addresses ([`Lab::addr`], so
@@ -13,6 +15,7 @@ use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::tools::median;
@@ -45,6 +48,9 @@ pub enum Impl {
     /// Debian's `nebula`, with certificates from `nebula-cert`; does not interoperate with the
     /// WireGuard implementations.
     Nebula,
+    /// meshd's standalone mode, `meshd wg up --foreground` with a wg-quick file (see
+    /// [`locate_meshd`] for which binary).
+    Meshd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +62,7 @@ enum Family {
 impl Impl {
     fn family(self) -> Family {
         match self {
-            Impl::WireguardGo | Impl::BoringtunCli { .. } => Family::WireGuard,
+            Impl::WireguardGo | Impl::BoringtunCli { .. } | Impl::Meshd => Family::WireGuard,
             Impl::Nebula => Family::Nebula,
         }
     }
@@ -76,6 +82,7 @@ impl Impl {
                 sys::require_tool("nebula", "nebula")?;
                 sys::require_tool("nebula-cert", "nebula")
             }
+            Impl::Meshd => locate_meshd().map(drop),
         }
     }
 }
@@ -90,6 +97,7 @@ impl Impl {
                 (locate_boringtun_cli()?.display().to_string(), "--version")
             }
             Impl::Nebula => ("nebula".to_owned(), "-version"),
+            Impl::Meshd => (locate_meshd()?.display().to_string(), "--version"),
         };
         let out = sys::run(&program, &[flag], None)?;
         let line = out
@@ -113,6 +121,7 @@ impl fmt::Display for Impl {
                 f.write_str("boringtun-cli (default, 4 threads)")
             }
             Impl::Nebula => f.write_str("nebula"),
+            Impl::Meshd => f.write_str("meshd"),
         }
     }
 }
@@ -380,11 +389,12 @@ impl<'lab> TunnelPair<'lab> {
     }
 
     /// WireGuard ends: seconds since the epoch of the last handshake with the peer (0: none
-    /// yet), from `wg show IFACE latest-handshakes`. None for nebula. boringtun-cli answers
-    /// with the seconds elapsed since the handshake instead (cloudflare/boringtun#447).
+    /// yet), from `wg show IFACE latest-handshakes`. None for nebula and meshd (`meshd wg
+    /// show` reports it). boringtun-cli answers with the seconds elapsed since the handshake
+    /// instead (cloudflare/boringtun#447).
     pub fn latest_handshake(&self, side: Side) -> Result<Option<u64>, LabError> {
         let end = &self.ends[side.index()];
-        if end.imp.family() != Family::WireGuard {
+        if end.imp.family() != Family::WireGuard || end.imp == Impl::Meshd {
             return Ok(None);
         }
         let out = self
@@ -397,10 +407,10 @@ impl<'lab> TunnelPair<'lab> {
     }
 
     /// WireGuard ends: the preshared key of the peer as `wg show` prints it ("(none)" when
-    /// there is none). None for nebula.
+    /// there is none). None for nebula and meshd (which never shows keys).
     pub fn preshared_key(&self, side: Side) -> Result<Option<String>, LabError> {
         let end = &self.ends[side.index()];
-        if end.imp.family() != Family::WireGuard {
+        if end.imp.family() != Family::WireGuard || end.imp == Impl::Meshd {
             return Ok(None);
         }
         let out = self
@@ -480,10 +490,22 @@ fn start_wireguard_pair(
     for spec in specs {
         let (me, peer) = (spec.side.index(), spec.side.other().index());
         let mut conf = format!(
-            "[Interface]\nPrivateKey = {}\nListenPort = {}\n\n[Peer]\nPublicKey = {}\n\
-             AllowedIPs = {}/32\nEndpoint = {}:{}\n",
-            private[me],
-            opts.listen_port,
+            "[Interface]\nPrivateKey = {}\nListenPort = {}\n",
+            private[me], opts.listen_port
+        );
+        // meshd reads a wg-quick file and sets the interface up itself; `wg setconf` would
+        // refuse these keys.
+        if spec.imp == Impl::Meshd {
+            let _ = writeln!(
+                conf,
+                "Address = {}/{TUNNEL_PREFIX}\nMTU = {}",
+                spec.side.tunnel_addr(),
+                opts.mtu
+            );
+        }
+        let _ = write!(
+            conf,
+            "\n[Peer]\nPublicKey = {}\nAllowedIPs = {}/32\nEndpoint = {}:{}\n",
             public[peer],
             spec.side.other().tunnel_addr(),
             spec.peer_underlay,
@@ -506,6 +528,9 @@ fn start_wireguard_end(
     opts: &TunnelOptions,
 ) -> Result<End, LabError> {
     let iface = spec.iface.as_str();
+    if spec.imp == Impl::Meshd {
+        return start_meshd_end(lab, spec, conf, opts);
+    }
     let mut argv: Vec<String> = match spec.imp {
         Impl::WireguardGo => vec!["wireguard-go".into(), "-f".into()],
         Impl::BoringtunCli { threads } => {
@@ -520,10 +545,11 @@ fn start_wireguard_end(
             }
             v
         }
-        Impl::Nebula => {
-            return Err(LabError::Lab(
-                "nebula is not a WireGuard implementation".into(),
-            ))
+        Impl::Nebula | Impl::Meshd => {
+            return Err(LabError::Lab(format!(
+                "{} is not configured with wg setconf",
+                spec.imp
+            )))
         }
     };
     argv.push(iface.to_owned());
@@ -560,6 +586,46 @@ fn start_wireguard_end(
         )),
     )?;
     tracing::debug!(node = spec.node, imp = %spec.imp, iface, underlay = %spec.underlay, "WireGuard end configured");
+    Ok(end)
+}
+
+/// `meshd wg up --foreground`: it creates, addresses and routes the interface itself, and its
+/// control socket appears once the interface is up.
+fn start_meshd_end(
+    lab: &Lab,
+    spec: &EndSpec<'_>,
+    conf: &Path,
+    opts: &TunnelOptions,
+) -> Result<End, LabError> {
+    let (meshd, conf) = (
+        locate_meshd()?.display().to_string(),
+        conf.display().to_string(),
+    );
+    let iface = spec.iface.as_str();
+    let argv = [
+        meshd.as_str(),
+        "wg",
+        "up",
+        &conf,
+        "--foreground",
+        "--interface",
+        iface,
+    ];
+    let socket = Path::new(MESHD_SOCKET_DIR).join(format!("{iface}.sock"));
+    let mut end = End {
+        node: spec.node.to_owned(),
+        imp: spec.imp,
+        iface: iface.to_owned(),
+        proc: lab.spawn(spec.node, iface, &argv)?,
+        uapi_socket: Some(socket.clone()),
+    };
+    wait_started(
+        lab,
+        &mut end,
+        &format!("meshd to open {}", socket.display()),
+        opts.timeout,
+        || socket.exists(),
+    )?;
     Ok(end)
 }
 
@@ -731,6 +797,40 @@ fn parse_wg_peer_field(out: &str, field: usize) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// Where `meshd wg` keeps its control sockets (`meshd_agent::standalone::SOCKET_DIR`).
+const MESHD_SOCKET_DIR: &str = "/run/meshd/wg";
+
+static MESHD_BINARY: OnceLock<PathBuf> = OnceLock::new();
+
+/// Makes [`Impl::Meshd`] run this binary; tests pass `env!("CARGO_BIN_EXE_meshd")`. The first
+/// call wins.
+pub fn use_meshd_binary(path: impl Into<PathBuf>) {
+    let _ = MESHD_BINARY.set(path.into());
+}
+
+/// The meshd binary for [`Impl::Meshd`]: the one given to [`use_meshd_binary`], else this
+/// process's own executable when it is meshd (`meshd lab bench`), else `meshd` in PATH.
+pub fn locate_meshd() -> Result<PathBuf, LabError> {
+    if let Some(path) = MESHD_BINARY.get() {
+        return Ok(path.clone());
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.file_name().is_some_and(|n| n == "meshd") {
+            return Ok(exe);
+        }
+    }
+    let dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    find_program(&dirs, "meshd").ok_or_else(|| {
+        LabError::Lab(
+            "no meshd binary: call peers::use_meshd_binary, run from the meshd binary, or put \
+             meshd in PATH"
+                .into(),
+        )
+    })
 }
 
 /// Finds `boringtun-cli` in PATH, then in Cargo's bin directory, where `cargo install` puts it.
