@@ -11,7 +11,7 @@ set -euo pipefail
 secs=${1:-60}
 cd "$(dirname "$0")/.."
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-for target in wgconf keys; do
+for target in wgconf keys demux; do
     mkdir -p "fuzz/corpus/$target"
     extra=()
     [[ -d fuzz/seeds/$target ]] && extra+=("fuzz/seeds/$target")
