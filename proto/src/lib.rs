@@ -6,6 +6,7 @@
 //! back, and never touches a socket or a clock.
 
 pub mod auth;
+pub mod client;
 mod codec;
 pub mod frame;
 pub mod message;

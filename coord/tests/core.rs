@@ -1,0 +1,633 @@
+#![allow(clippy::unwrap_used)]
+//! The coordinator core driven by real protocol clients over an in-memory
+//! transport and a fake clock.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meshd_coord::*;
+use meshd_proto::client::{Client, ClientError, ClientEvent, Join};
+use meshd_proto::*;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use x25519_dalek::StaticSecret;
+
+const T0: u64 = 1_800_000_000;
+
+struct Conn {
+    client: Client,
+    /// Every message the coordinator sent, and its bytes on the wire.
+    got: Vec<Message>,
+    bytes: usize,
+    error: Option<ClientError>,
+    closed: bool,
+}
+
+struct Harness {
+    coord: Coordinator,
+    store: Arc<Mutex<MemStore>>,
+    now: SystemTime,
+    conns: BTreeMap<SessionId, Conn>,
+    config: Config,
+}
+
+fn key(n: u8) -> StaticSecret {
+    StaticSecret::from([n; 32])
+}
+
+fn pubkey(n: u8) -> NodeKey {
+    auth::public_key(&key(n))
+}
+
+impl Harness {
+    fn new(config: Config) -> Self {
+        let store = Arc::new(Mutex::new(MemStore::default()));
+        let now = UNIX_EPOCH + Duration::from_secs(T0);
+        let coord = Self::start(&config, &store, now, 1);
+        Harness {
+            coord,
+            store,
+            now,
+            conns: BTreeMap::new(),
+            config,
+        }
+    }
+
+    fn start(
+        config: &Config,
+        store: &Arc<Mutex<MemStore>>,
+        now: SystemTime,
+        seed: u64,
+    ) -> Coordinator {
+        Coordinator::new(
+            config.clone(),
+            StaticSecret::from([0xc0; 32]),
+            Box::new(store.clone()),
+            Box::new(StdRng::seed_from_u64(seed)),
+            now,
+        )
+        .unwrap()
+    }
+
+    /// A restart: a new coordinator on the same store; every session is gone.
+    fn restart(&mut self) {
+        self.coord = Self::start(&self.config, &self.store, self.now, 2);
+        self.conns.clear();
+    }
+
+    fn token(&mut self, spec: TokenSpec) -> (TokenRecord, TokenSecret) {
+        self.coord.create_token(spec, self.now).unwrap()
+    }
+
+    fn connect(&mut self, secret: StaticSecret, join: Join) -> SessionId {
+        let binding = [self.conns.len() as u8; 32];
+        let id = self.coord.open_session(&binding, self.now);
+        let client = Client::new(secret, join, &binding);
+        self.conns.insert(
+            id,
+            Conn {
+                client,
+                got: vec![],
+                bytes: 0,
+                error: None,
+                closed: false,
+            },
+        );
+        self.drive();
+        id
+    }
+
+    fn register(&mut self, n: u8, name: &str, token: &TokenSecret) -> SessionId {
+        let join = Join::Register {
+            token_secret: token.clone(),
+            name: name.into(),
+        };
+        self.connect(key(n), join)
+    }
+
+    fn login(&mut self, n: u8) -> SessionId {
+        self.connect(key(n), Join::Login)
+    }
+
+    /// Moves messages both ways, through the wire encoding, until nothing moves.
+    fn drive(&mut self) {
+        loop {
+            let mut moved = false;
+            while let Some(a) = self.coord.poll_action() {
+                moved = true;
+                match a {
+                    Action::Send { session, message } => {
+                        let Some(c) = self.conns.get_mut(&session) else {
+                            continue;
+                        };
+                        if c.closed {
+                            continue;
+                        }
+                        let bytes = encode(&message).unwrap();
+                        c.bytes += bytes.len();
+                        let decoded = decode(&bytes).unwrap().unwrap();
+                        assert_eq!(decoded, message);
+                        c.got.push(decoded.clone());
+                        if c.error.is_none() {
+                            if let Err(e) = c.client.handle_message(decoded) {
+                                c.error = Some(e);
+                            }
+                        }
+                    }
+                    Action::Close { session } => {
+                        if let Some(c) = self.conns.get_mut(&session) {
+                            c.closed = true;
+                        }
+                        self.coord.close_session(session, self.now);
+                    }
+                }
+            }
+            let ids: Vec<SessionId> = self.conns.keys().copied().collect();
+            for id in ids {
+                let c = self.conns.get_mut(&id).unwrap();
+                while let Some(m) = c.client.poll_transmit() {
+                    if c.closed {
+                        continue;
+                    }
+                    moved = true;
+                    self.coord.handle_message(id, m, self.now);
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.coord.handle_timeout(self.now);
+        self.drive();
+    }
+
+    fn disconnect(&mut self, id: SessionId) {
+        self.conns.get_mut(&id).unwrap().closed = true;
+        self.coord.close_session(id, self.now);
+        self.drive();
+    }
+
+    fn conn(&mut self, id: SessionId) -> &mut Conn {
+        self.conns.get_mut(&id).unwrap()
+    }
+
+    /// Messages received since the last call.
+    fn take(&mut self, id: SessionId) -> Vec<Message> {
+        std::mem::take(&mut self.conn(id).got)
+    }
+
+    fn refused(&mut self, id: SessionId) -> ErrorCode {
+        let c = self.conn(id);
+        assert!(c.closed, "session should be closed");
+        match &c.error {
+            Some(ClientError::Rejected(e)) => e.code,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn info(&mut self, id: SessionId) -> NodeInfo {
+        self.conn(id).client.info().cloned().expect("joined")
+    }
+
+    fn peer_ids(&mut self, id: SessionId) -> Vec<NodeId> {
+        self.conn(id).client.peers().keys().copied().collect()
+    }
+
+    fn report(&mut self, id: SessionId, endpoints: &[&str]) {
+        let e = endpoints
+            .iter()
+            .map(|s| s.parse::<SocketAddr>().unwrap())
+            .collect();
+        self.conn(id).client.report_endpoints(e);
+        self.drive();
+    }
+}
+
+fn reusable() -> TokenSpec {
+    TokenSpec {
+        reusable: true,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn first_node_joins_and_gets_addresses_an_empty_map_and_a_policy() {
+    let mut h = Harness::new(Config::default());
+    let (_, secret) = h.token(TokenSpec {
+        tags: vec!["tag:edge".into()],
+        ..Default::default()
+    });
+    let a = h.register(1, "edge-1", &secret);
+    let got = h.take(a);
+    let names: Vec<&str> = got.iter().map(Message::name).collect();
+    assert_eq!(
+        names,
+        ["Challenge", "RegisterOk", "PeerMap", "PolicyChanged"]
+    );
+    let info = h.info(a);
+    assert_eq!(info.name, "edge-1");
+    assert_eq!(info.ipv4.to_string(), "100.64.0.1");
+    assert_eq!(info.mesh_ipv4, MESH_IPV4);
+    assert_eq!(info.mesh_ipv6.prefix_len(), 48);
+    assert_eq!(info.mesh_ipv6.network().octets()[0], 0xfd);
+    assert!(info.mesh_ipv6.contains(&info.ipv6));
+    assert_eq!(info.ipv6.octets()[12..], [100, 64, 0, 1]);
+    assert_eq!(info.tags, ["tag:edge"]);
+    assert!(h.peer_ids(a).is_empty());
+    assert_eq!(h.conn(a).client.policy().len(), 2);
+    assert!(h.coord.is_connected(info.node_id));
+}
+
+#[test]
+fn second_node_sees_the_first_and_the_first_learns_of_the_second() {
+    let mut h = Harness::new(Config::default());
+    let (_, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    let b = h.register(2, "b", &secret);
+    let (ia, ib) = (h.info(a), h.info(b));
+    assert_ne!(ia.ipv4, ib.ipv4);
+    assert_eq!(h.peer_ids(b), [ia.node_id]);
+    assert_eq!(h.peer_ids(a), [ib.node_id]);
+    let pa = &h.conn(b).client.peers()[&ia.node_id];
+    assert_eq!(
+        (pa.node_key, pa.ipv4, pa.name.as_str()),
+        (pubkey(1), ia.ipv4, "a")
+    );
+    assert!(matches!(h.take(a).last(), Some(Message::PeerAdded(p)) if p.node_id == ib.node_id));
+}
+
+#[test]
+fn endpoint_changes_reach_exactly_the_other_nodes_with_bytes_independent_of_mesh_size() {
+    let bytes_per_viewer = |n: u8| {
+        let mut h = Harness::new(Config::default());
+        let (_, secret) = h.token(reusable());
+        let sessions: Vec<SessionId> = (1..=n)
+            .map(|i| h.register(i, &format!("n{i}"), &secret))
+            .collect();
+        for &s in &sessions {
+            h.take(s);
+            h.conn(s).bytes = 0;
+        }
+        h.report(sessions[0], &["192.0.2.1:51820", "[2001:db8::1]:51820"]);
+        let origin = h.info(sessions[0]).node_id;
+        assert!(
+            h.take(sessions[0]).is_empty(),
+            "the reporter is not told its own change"
+        );
+        for &s in &sessions[1..] {
+            let got = h.take(s);
+            assert_eq!(got.len(), 1);
+            let Message::EndpointChanged(c) = &got[0] else {
+                panic!("{got:?}")
+            };
+            assert_eq!(c.node_id, origin);
+            assert_eq!(c.endpoints.len(), 2);
+            assert_eq!(h.conn(s).client.peers()[&origin].endpoints, c.endpoints);
+        }
+        // Reporting the same endpoints again changes nothing and sends nothing.
+        h.report(sessions[0], &["192.0.2.1:51820", "[2001:db8::1]:51820"]);
+        assert!(sessions.iter().all(|&s| h.take(s).is_empty()));
+        let per: Vec<usize> = sessions[1..].iter().map(|&s| h.conns[&s].bytes).collect();
+        assert!(per.windows(2).all(|w| w[0] == w[1]));
+        per[0]
+    };
+    assert_eq!(bytes_per_viewer(3), bytes_per_viewer(40));
+}
+
+#[test]
+fn key_rotation_reaches_peers_and_only_the_new_key_logs_in() {
+    let mut h = Harness::new(Config::default());
+    let (_, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    let b = h.register(2, "b", &secret);
+    let ia = h.info(a).node_id;
+    h.take(b);
+    h.conn(a).client.rotate_key(key(11)).unwrap();
+    h.drive();
+    let events: Vec<ClientEvent> = std::iter::from_fn(|| h.conn(a).client.poll_event()).collect();
+    assert!(events.contains(&ClientEvent::KeyRotated(pubkey(11))));
+    assert_eq!(
+        h.take(b),
+        [Message::KeyRotated(KeyRotated {
+            node_id: ia,
+            node_key: pubkey(11)
+        })]
+    );
+    assert_eq!(h.conn(b).client.peers()[&ia].node_key, pubkey(11));
+    h.disconnect(a);
+    let old = h.login(1);
+    assert_eq!(h.refused(old), ErrorCode::UnknownNode);
+    let new = h.login(11);
+    assert_eq!(h.info(new).node_id, ia);
+}
+
+#[test]
+fn a_node_cannot_claim_another_nodes_key() {
+    let mut h = Harness::new(Config::default());
+    let (_, secret) = h.token(reusable());
+    let _victim = h.register(2, "victim", &secret);
+    let victim_key = pubkey(2);
+    // The attacker knows the victim's public key but not its private key: it
+    // sends the victim's key with a proof made with its own key.
+    for purpose in ["login", "register"] {
+        let id = h.coord.open_session(b"binding", h.now);
+        let msg = if purpose == "login" {
+            Message::Login(Login {
+                node_key: victim_key,
+                proof: [0x5a; 32],
+            })
+        } else {
+            Message::Register(Register {
+                token_secret: secret.clone(),
+                node_key: victim_key,
+                name: "evil".into(),
+                proof: [0x5a; 32],
+            })
+        };
+        h.coord.handle_message(id, msg, h.now);
+        let actions: Vec<Action> = std::iter::from_fn(|| h.coord.poll_action()).collect();
+        let error = actions.iter().find_map(|a| match a {
+            Action::Send {
+                session,
+                message: Message::Error(e),
+            } if *session == id => Some(e.code),
+            _ => None,
+        });
+        assert_eq!(error, Some(ErrorCode::BadProof), "{purpose}");
+        assert!(actions.contains(&Action::Close { session: id }));
+    }
+    // Registering a key that is already registered (with a valid proof) is
+    // refused too: that node must log in.
+    let again = h.register(2, "victim-again", &secret);
+    assert_eq!(h.refused(again), ErrorCode::KeyInUse);
+    assert_eq!(h.coord.state().nodes.len(), 1);
+}
+
+#[test]
+fn token_errors_are_distinct() {
+    let mut h = Harness::new(Config::default());
+    let (one, once) = h.token(TokenSpec::default());
+    let ok = h.register(1, "a", &once);
+    assert_eq!(h.info(ok).name, "a");
+    let used = h.register(2, "b", &once);
+    assert_eq!(h.refused(used), ErrorCode::TokenUsed);
+    assert_eq!(h.coord.state().tokens[&one.id].uses, 1);
+
+    let (rev, revoked) = h.token(reusable());
+    h.coord.revoke_token(&rev.id, h.now).unwrap();
+    let s = h.register(3, "c", &revoked);
+    assert_eq!(h.refused(s), ErrorCode::TokenRevoked);
+
+    let (_, short) = h.token(TokenSpec {
+        expires_in: Some(Duration::from_secs(60)),
+        ..reusable()
+    });
+    h.advance(Duration::from_secs(61));
+    let s = h.register(4, "d", &short);
+    assert_eq!(h.refused(s), ErrorCode::TokenExpired);
+
+    let s = h.register(5, "e", &TokenSecret([0x77; 32]));
+    assert_eq!(h.refused(s), ErrorCode::TokenInvalid);
+    assert_eq!(h.coord.state().nodes.len(), 1);
+    assert!(matches!(
+        h.coord.revoke_token("nope", h.now),
+        Err(CoordError::NoSuchToken(_))
+    ));
+}
+
+#[test]
+fn expired_nodes_leave_every_map_and_cannot_log_in() {
+    let mut h = Harness::new(Config {
+        node_expiry: Some(Duration::from_secs(3600)),
+        ..Config::default()
+    });
+    let (_, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    h.advance(Duration::from_secs(1800));
+    let b = h.register(2, "b", &secret);
+    let (ia, ib) = (h.info(a), h.info(b));
+    assert_eq!(ia.expires_at, Some(T0 + 3600));
+    assert_eq!(
+        h.coord.poll_timeout(),
+        Some(UNIX_EPOCH + Duration::from_secs(T0 + 3600))
+    );
+    h.take(b);
+    h.advance(Duration::from_secs(1799));
+    assert!(h.take(b).is_empty());
+    h.advance(Duration::from_secs(1));
+    assert_eq!(h.refused(a), ErrorCode::NodeExpired);
+    assert_eq!(h.take(b), [Message::PeerRemoved(ia.node_id)]);
+    assert!(h.peer_ids(b).is_empty());
+    let again = h.login(1);
+    assert_eq!(h.refused(again), ErrorCode::NodeExpired);
+    // An operator expiring a node now has the same effect.
+    let c = h.register(3, "c", &secret);
+    h.take(b);
+    h.coord.expire_node(ib.node_id, h.now).unwrap();
+    h.drive();
+    assert_eq!(h.refused(b), ErrorCode::NodeExpired);
+    assert_eq!(h.take(c).last(), Some(&Message::PeerRemoved(ib.node_id)));
+}
+
+#[test]
+fn ephemeral_nodes_are_removed_after_staying_disconnected() {
+    let mut h = Harness::new(Config {
+        ephemeral_timeout: Duration::from_secs(60),
+        ..Config::default()
+    });
+    let (_, eph) = h.token(TokenSpec {
+        ephemeral: true,
+        ..reusable()
+    });
+    let (_, normal) = h.token(reusable());
+    let a = h.register(1, "fn-1", &eph);
+    let b = h.register(2, "b", &normal);
+    let ia = h.info(a).node_id;
+    h.disconnect(a);
+    h.take(b);
+    h.advance(Duration::from_secs(30));
+    // Reconnecting resets the clock.
+    let a2 = h.login(1);
+    h.advance(Duration::from_secs(45));
+    h.disconnect(a2);
+    h.advance(Duration::from_secs(59));
+    assert!(h.coord.state().nodes.contains_key(&ia));
+    assert!(h.take(b).is_empty());
+    h.advance(Duration::from_secs(1));
+    assert!(!h.coord.state().nodes.contains_key(&ia));
+    assert_eq!(h.take(b), [Message::PeerRemoved(ia)]);
+    assert!(!h.store.lock().unwrap().nodes.contains_key(&ia));
+    // A normal node that disconnects stays.
+    let ib = h.info(b).node_id;
+    h.disconnect(b);
+    h.advance(Duration::from_secs(3600));
+    assert!(h.coord.state().nodes.contains_key(&ib));
+}
+
+#[test]
+fn restart_keeps_nodes_addresses_and_tokens_and_nodes_log_back_in() {
+    let mut h = Harness::new(Config::default());
+    let (tok, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    let b = h.register(2, "b", &secret);
+    let (ia, ib) = (h.info(a), h.info(b));
+    let prefix = ia.mesh_ipv6;
+    h.restart();
+    assert_eq!(h.coord.state().tokens[&tok.id].uses, 2);
+    let a = h.login(1);
+    let b = h.login(2);
+    assert_eq!(h.info(a), ia);
+    assert_eq!(h.info(b).mesh_ipv6, prefix);
+    assert_eq!(h.peer_ids(a), [ib.node_id]);
+    // The token still works, and addresses are not handed out twice.
+    let c = h.register(3, "c", &secret);
+    assert_eq!(h.info(c).ipv4.to_string(), "100.64.0.3");
+}
+
+#[test]
+fn store_failure_refuses_cleanly_and_changes_nothing() {
+    let mut h = Harness::new(Config::default());
+    let (_, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    h.take(a);
+    let before = h.store.lock().unwrap().clone();
+    h.store.lock().unwrap().fail_commits = true;
+    let b = h.register(2, "b", &secret);
+    assert_eq!(h.refused(b), ErrorCode::Unavailable);
+    assert_eq!(h.coord.state().nodes.len(), 1);
+    assert_eq!(h.store.lock().unwrap().nodes, before.nodes);
+    assert_eq!(h.store.lock().unwrap().tokens, before.tokens);
+    assert!(
+        h.take(a).is_empty(),
+        "no one hears of a node that was not saved"
+    );
+    h.store.lock().unwrap().fail_commits = false;
+    let b = h.register(2, "b", &secret);
+    assert_eq!(h.info(b).name, "b");
+}
+
+#[test]
+fn handshake_timeout_and_out_of_order_messages_close_the_session() {
+    let mut h = Harness::new(Config::default());
+    let silent = h.coord.open_session(b"x", h.now);
+    assert!(matches!(
+        h.coord.poll_action(),
+        Some(Action::Send {
+            message: Message::Challenge(_),
+            ..
+        })
+    ));
+    h.now += Duration::from_secs(10);
+    h.coord.handle_timeout(h.now);
+    let actions: Vec<Action> = std::iter::from_fn(|| h.coord.poll_action()).collect();
+    assert!(
+        matches!(&actions[0], Action::Send { session, message: Message::Error(e) }
+        if *session == silent && e.code == ErrorCode::HandshakeTimeout)
+    );
+    assert_eq!(actions[1], Action::Close { session: silent });
+    assert_eq!(h.coord.poll_timeout(), None);
+
+    let check = |h: &mut Harness, msg: Message| {
+        let s = h.coord.open_session(b"x", h.now);
+        h.coord.poll_action();
+        h.coord.handle_message(s, msg.clone(), h.now);
+        let a: Vec<Action> = std::iter::from_fn(|| h.coord.poll_action()).collect();
+        assert!(
+            matches!(&a[..], [Action::Send { message: Message::Error(e), .. }, Action::Close { .. }]
+                if e.code == ErrorCode::UnexpectedMessage),
+            "{}: {a:?}",
+            msg.name()
+        );
+    };
+    check(
+        &mut h,
+        Message::EndpointReport(EndpointReport { endpoints: vec![] }),
+    );
+    check(
+        &mut h,
+        Message::PeerMap(PeerMap {
+            peers: vec![],
+            last: true,
+        }),
+    );
+    check(
+        &mut h,
+        Message::RotateKey(RotateKey {
+            new_key: pubkey(3),
+            proof: [0; 32],
+        }),
+    );
+
+    let mut d = FrameDecoder::new();
+    d.feed(&[0, 0, 0, 3, 9, 0, 1]);
+    let err = d.next_message().unwrap_err();
+    let s = h.coord.open_session(b"x", h.now);
+    h.coord.poll_action();
+    h.coord.handle_decode_error(s, &err, h.now);
+    assert!(matches!(h.coord.poll_action(),
+        Some(Action::Send { message: Message::Error(e), .. }) if e.code == ErrorCode::UnsupportedVersion));
+}
+
+#[test]
+fn names_are_checked_and_made_unique_and_addresses_are_not_reused_soon() {
+    let mut h = Harness::new(Config::default());
+    let (_, secret) = h.token(reusable());
+    let bad = h.register(1, "Not A Label", &secret);
+    assert_eq!(h.refused(bad), ErrorCode::InvalidName);
+    let a = h.register(1, "web", &secret);
+    let b = h.register(2, "web", &secret);
+    let c = h.register(3, "web", &secret);
+    assert_eq!(
+        (h.info(a).name, h.info(b).name, h.info(c).name),
+        ("web".into(), "web-2".into(), "web-3".into())
+    );
+    let ib = h.info(b).node_id;
+    h.coord.delete_node(ib, h.now).unwrap();
+    h.drive();
+    assert_eq!(h.refused(b), ErrorCode::UnknownNode);
+    assert_eq!(h.take(a).last(), Some(&Message::PeerRemoved(ib)));
+    let d = h.register(4, "d", &secret);
+    assert_eq!(h.info(d).ipv4.to_string(), "100.64.0.4");
+    let ia = h.info(a).node_id;
+    assert!(matches!(
+        h.coord.rename_node(ia, "web-3", h.now),
+        Err(CoordError::NameTaken(_))
+    ));
+    h.coord.rename_node(ia, "api", h.now).unwrap();
+    h.drive();
+    assert!(matches!(h.take(c).last(), Some(Message::PeerAdded(p)) if p.name == "api"));
+    assert!(matches!(
+        h.coord.create_token(
+            TokenSpec {
+                tags: vec!["edge".into()],
+                ..TokenSpec::default()
+            },
+            h.now
+        ),
+        Err(CoordError::InvalidTag(_))
+    ));
+}
+
+#[test]
+fn a_second_session_for_a_node_replaces_the_first() {
+    let mut h = Harness::new(Config::default());
+    let (_, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    let b = h.register(2, "b", &secret);
+    let a2 = h.login(1);
+    assert!(h.conn(a).closed);
+    let ia = h.info(a2).node_id;
+    assert!(h.coord.is_connected(ia));
+    // The old session's late close does not mark the node disconnected.
+    h.coord.close_session(a, h.now);
+    assert!(h.coord.is_connected(ia));
+    h.take(b);
+    h.report(a2, &["192.0.2.7:1"]);
+    assert_eq!(h.take(b).len(), 1);
+}

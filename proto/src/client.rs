@@ -1,0 +1,311 @@
+//! The node's side of a control session, sans-IO: fed the coordinator's
+//! messages, it answers the challenge, assembles the peer map and applies
+//! deltas. The caller moves [`Client::poll_transmit`] output to the stream and
+//! reacts to [`Client::poll_event`].
+//!
+//! Calling order: after the transport is up, feed every decoded message to
+//! [`Client::handle_message`], then drain `poll_transmit` and `poll_event`.
+//! Any error ends the session; the caller reconnects with a new `Client`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+
+use x25519_dalek::StaticSecret;
+
+use crate::auth::{self, AuthError, ProofInput, Purpose};
+use crate::message::*;
+
+/// How the session authenticates.
+#[derive(Debug, Clone)]
+pub enum Join {
+    /// A new node with a join token.
+    Register {
+        token_secret: TokenSecret,
+        name: String,
+    },
+    /// A registered node.
+    Login,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// Authenticated; the peer map follows.
+    Joined(NodeInfo),
+    /// The peer set changed (the first time: the complete map arrived).
+    PeersChanged,
+    PolicyChanged,
+    /// The coordinator accepted the new key; use it from now on.
+    KeyRotated(NodeKey),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("coordinator refused: {} ({:?})", .0.message, .0.code)]
+    Rejected(ErrorMessage),
+    #[error("coordinator sent {got} while {state}")]
+    Unexpected {
+        got: &'static str,
+        state: &'static str,
+    },
+    #[error("coordinator sent a change for peer {0}, which is not in the peer map")]
+    UnknownPeer(NodeId),
+    #[error("cannot prove key possession: {0}")]
+    Auth(#[from] AuthError),
+    #[error("a key rotation is already in progress")]
+    RotationPending,
+}
+
+#[derive(Debug)]
+enum State {
+    AwaitChallenge,
+    AwaitWelcome,
+    /// Authenticated; the map is complete once `map_done`.
+    Joined {
+        map_done: bool,
+    },
+}
+
+pub struct Client {
+    secret: StaticSecret,
+    key: NodeKey,
+    join: Join,
+    binding: Vec<u8>,
+    state: State,
+    challenge: Option<Challenge>,
+    info: Option<NodeInfo>,
+    peers: BTreeMap<NodeId, Peer>,
+    policy: Vec<FilterRule>,
+    rotating: Option<StaticSecret>,
+    out: VecDeque<Message>,
+    events: VecDeque<ClientEvent>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("key", &self.key)
+            .field("state", &self.state)
+            .field("peers", &self.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// `channel_binding` is the TLS exporter output of this connection.
+    pub fn new(secret: StaticSecret, join: Join, channel_binding: &[u8]) -> Self {
+        Client {
+            key: auth::public_key(&secret),
+            secret,
+            join,
+            binding: channel_binding.to_vec(),
+            state: State::AwaitChallenge,
+            challenge: None,
+            info: None,
+            peers: BTreeMap::new(),
+            policy: Vec::new(),
+            rotating: None,
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn node_key(&self) -> NodeKey {
+        self.key
+    }
+
+    /// This node's own record, once joined.
+    pub fn info(&self) -> Option<&NodeInfo> {
+        self.info.as_ref()
+    }
+
+    /// The peers, complete once the first [`ClientEvent::PeersChanged`] came.
+    pub fn peers(&self) -> &BTreeMap<NodeId, Peer> {
+        &self.peers
+    }
+
+    pub fn policy(&self) -> &[FilterRule] {
+        &self.policy
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Message> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// Tells the coordinator where this node can be reached now.
+    pub fn report_endpoints(&mut self, endpoints: Vec<SocketAddr>) {
+        self.out
+            .push_back(Message::EndpointReport(EndpointReport { endpoints }));
+    }
+
+    /// Asks to replace the node's key with `new_secret`'s. Keep using the old
+    /// key until [`ClientEvent::KeyRotated`].
+    pub fn rotate_key(&mut self, new_secret: StaticSecret) -> Result<(), ClientError> {
+        if self.rotating.is_some() {
+            return Err(ClientError::RotationPending);
+        }
+        let Some(ch) = &self.challenge else {
+            return Err(ClientError::Unexpected {
+                got: "a key rotation request",
+                state: "not yet authenticated",
+            });
+        };
+        let new_key = auth::public_key(&new_secret);
+        let proof = auth::prove(
+            &ProofInput {
+                purpose: Purpose::RotateKey,
+                coordinator_key: ch.coordinator_key,
+                node_key: new_key,
+                nonce: &ch.nonce,
+                channel_binding: &self.binding,
+                extra: &self.key.0,
+            },
+            &new_secret,
+        )?;
+        self.out
+            .push_back(Message::RotateKey(RotateKey { new_key, proof }));
+        self.rotating = Some(new_secret);
+        Ok(())
+    }
+
+    fn state_name(&self) -> &'static str {
+        match self.state {
+            State::AwaitChallenge => "waiting for the challenge",
+            State::AwaitWelcome => "waiting for RegisterOk/LoginOk",
+            State::Joined { map_done: false } => "the peer map is incomplete",
+            State::Joined { map_done: true } => "joined",
+        }
+    }
+
+    pub fn handle_message(&mut self, msg: Message) -> Result<(), ClientError> {
+        let unexpected = |me: &Self, m: &Message| ClientError::Unexpected {
+            got: m.name(),
+            state: me.state_name(),
+        };
+        match (&self.state, msg) {
+            (_, Message::Error(e)) => Err(ClientError::Rejected(e)),
+            (State::AwaitChallenge, Message::Challenge(ch)) => self.answer(ch),
+            (State::AwaitWelcome, Message::RegisterOk(info))
+                if matches!(self.join, Join::Register { .. }) =>
+            {
+                self.welcome(info)
+            }
+            (State::AwaitWelcome, Message::LoginOk(info)) if matches!(self.join, Join::Login) => {
+                self.welcome(info)
+            }
+            (State::Joined { map_done }, Message::PeerMap(part)) => {
+                // A second full map (a resync) replaces the first.
+                if *map_done {
+                    self.peers.clear();
+                }
+                self.peers
+                    .extend(part.peers.into_iter().map(|p| (p.node_id, p)));
+                self.state = State::Joined {
+                    map_done: part.last,
+                };
+                if part.last {
+                    self.events.push_back(ClientEvent::PeersChanged);
+                }
+                Ok(())
+            }
+            (State::Joined { map_done: true }, msg) => self.delta(msg),
+            (_, msg) => Err(unexpected(self, &msg)),
+        }
+    }
+
+    fn answer(&mut self, ch: Challenge) -> Result<(), ClientError> {
+        let purpose = match self.join {
+            Join::Register { .. } => Purpose::Register,
+            Join::Login => Purpose::Login,
+        };
+        let proof = auth::prove(
+            &ProofInput {
+                purpose,
+                coordinator_key: ch.coordinator_key,
+                node_key: self.key,
+                nonce: &ch.nonce,
+                channel_binding: &self.binding,
+                extra: &[],
+            },
+            &self.secret,
+        )?;
+        let msg = match &self.join {
+            Join::Register { token_secret, name } => Message::Register(Register {
+                token_secret: token_secret.clone(),
+                node_key: self.key,
+                name: name.clone(),
+                proof,
+            }),
+            Join::Login => Message::Login(Login {
+                node_key: self.key,
+                proof,
+            }),
+        };
+        self.out.push_back(msg);
+        self.challenge = Some(ch);
+        self.state = State::AwaitWelcome;
+        Ok(())
+    }
+
+    fn welcome(&mut self, info: NodeInfo) -> Result<(), ClientError> {
+        self.events.push_back(ClientEvent::Joined(info.clone()));
+        self.info = Some(info);
+        self.state = State::Joined { map_done: false };
+        Ok(())
+    }
+
+    fn delta(&mut self, msg: Message) -> Result<(), ClientError> {
+        match msg {
+            // An id already present is replaced whole (a renamed or re-tagged peer).
+            Message::PeerAdded(p) => {
+                self.peers.insert(p.node_id, p);
+            }
+            Message::PeerRemoved(id) => {
+                self.peers.remove(&id).ok_or(ClientError::UnknownPeer(id))?;
+            }
+            Message::EndpointChanged(c) => {
+                let peer = self
+                    .peers
+                    .get_mut(&c.node_id)
+                    .ok_or(ClientError::UnknownPeer(c.node_id))?;
+                peer.endpoints = c.endpoints;
+            }
+            Message::KeyRotated(k) => {
+                let peer = self
+                    .peers
+                    .get_mut(&k.node_id)
+                    .ok_or(ClientError::UnknownPeer(k.node_id))?;
+                peer.node_key = k.node_key;
+            }
+            Message::PolicyChanged(p) => {
+                self.policy = p.rules;
+                self.events.push_back(ClientEvent::PolicyChanged);
+                return Ok(());
+            }
+            Message::RotateKeyOk(key) => {
+                let Some(secret) = self.rotating.take().filter(|s| auth::public_key(s) == key)
+                else {
+                    return Err(ClientError::Unexpected {
+                        got: "RotateKeyOk",
+                        state: "no matching key rotation was requested",
+                    });
+                };
+                self.secret = secret;
+                self.key = key;
+                self.events.push_back(ClientEvent::KeyRotated(key));
+                return Ok(());
+            }
+            other => {
+                return Err(ClientError::Unexpected {
+                    got: other.name(),
+                    state: "joined",
+                })
+            }
+        }
+        self.events.push_back(ClientEvent::PeersChanged);
+        Ok(())
+    }
+}
