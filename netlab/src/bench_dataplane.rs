@@ -37,7 +37,8 @@ impl Peer {
     }
 }
 
-/// The peers issue 4 compares, in table order.
+/// The peers issue 4 compares, in table order. meshd is whichever binary
+/// [`peers::locate_meshd`] finds: measure a release build.
 pub fn default_peers() -> Vec<Peer> {
     vec![
         Peer::Veth,
@@ -45,6 +46,7 @@ pub fn default_peers() -> Vec<Peer> {
         Peer::Tunnel(Impl::BoringtunCli { threads: Some(1) }),
         Peer::Tunnel(Impl::BoringtunCli { threads: None }),
         Peer::Tunnel(Impl::Nebula),
+        Peer::Tunnel(Impl::Meshd),
     ]
 }
 
