@@ -106,23 +106,22 @@ pub enum CoordError {
     AddressesExhausted,
 }
 
-/// A refusal sent to a session before it is closed.
-struct Reject(ErrorCode, String);
+/// A refusal sent to a session before it is closed. The third field: the
+/// store refused a write that raced with another replica's.
+struct Reject(ErrorCode, String, bool);
 
 impl Reject {
     fn new(code: ErrorCode, msg: impl Into<String>) -> Self {
-        Reject(code, msg.into())
+        Reject(code, msg.into(), false)
     }
 }
 
 impl From<StoreError> for Reject {
     fn from(e: StoreError) -> Self {
         tracing::warn!(error = %e, "state store write failed");
-        let code = ErrorCode::Unavailable;
-        Reject(
-            code,
-            "the coordinator cannot save state right now; try again later".into(),
-        )
+        let conflict = matches!(e, StoreError::Conflict(_));
+        let msg = "the coordinator cannot save state right now; try again later";
+        Reject(ErrorCode::Unavailable, msg.into(), conflict)
     }
 }
 
@@ -225,8 +224,10 @@ impl Coordinator {
                 created_at: now,
             };
             store.commit(&[Change::Settings(settings.clone())])?;
-            tracing::info!(ipv6_prefix = %settings.ipv6_prefix, "created a new mesh");
-            snapshot.settings = Some(settings);
+            // Another replica may have created the mesh at the same moment;
+            // the store keeps the first settings, so read back what won.
+            snapshot = store.load()?;
+            tracing::info!(ipv6_prefix = ?snapshot.settings.as_ref().map(|s| s.ipv6_prefix), "created a new mesh");
         }
         let state = MeshState::from_snapshot(snapshot);
         let mut c = Coordinator {
@@ -368,7 +369,17 @@ impl Coordinator {
                 return;
             }
             (SessionState::Handshake { .. }, Message::Register(r)) => {
-                self.on_register(session, r, now)
+                match self.on_register(session, r.clone(), now) {
+                    // Another replica took the address, id or name this one
+                    // chose: learn its writes and try once more.
+                    Err(Reject(_, _, true)) => {
+                        if let Err(e) = self.poll_store(from_ms(now)) {
+                            tracing::warn!(error = %e, "cannot read other replicas' changes");
+                        }
+                        self.on_register(session, r, now)
+                    }
+                    other => other,
+                }
             }
             (SessionState::Handshake { .. }, Message::Login(l)) => self.on_login(session, l, now),
             (SessionState::Active(node), Message::EndpointReport(r)) => {
@@ -554,7 +565,7 @@ impl Coordinator {
 
     /// Sends an error, asks the driver to close, and ends the session now, so
     /// a message still in flight from it is ignored.
-    fn refuse(&mut self, session: SessionId, Reject(code, message): Reject, now: u64) {
+    fn refuse(&mut self, session: SessionId, Reject(code, message, _): Reject, now: u64) {
         if !self.sessions.contains_key(&session) {
             return;
         }

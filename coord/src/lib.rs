@@ -11,4 +11,4 @@ pub mod visibility;
 
 pub use coordinator::{unix_ms, Action, Config, CoordError, Coordinator, SessionId, TokenSpec};
 pub use state::{Change, MeshSettings, MeshState, NodeRecord, Snapshot, TokenRecord, MESH_IPV4};
-pub use store::{MemStore, Store, StoreError};
+pub use store::{MemStore, PgStore, SqliteStore, Store, StoreError};

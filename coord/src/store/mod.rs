@@ -101,3 +101,10 @@ impl<S: Store> Store for std::sync::Arc<std::sync::Mutex<S>> {
             .poll_remote()
     }
 }
+
+mod pg;
+mod rows;
+mod sqlite;
+
+pub use pg::PgStore;
+pub use sqlite::SqliteStore;
