@@ -373,6 +373,7 @@ impl Coordinator {
                     // Another replica took the address, id or name this one
                     // chose: learn its writes and try once more.
                     Err(Reject(_, _, true)) => {
+                        self.store.request_resync();
                         if let Err(e) = self.poll_store(from_ms(now)) {
                             tracing::warn!(error = %e, "cannot read other replicas' changes");
                         }

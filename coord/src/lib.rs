@@ -5,6 +5,7 @@
 //! where its records live.
 
 pub mod coordinator;
+pub mod net;
 pub mod state;
 pub mod store;
 pub mod visibility;

@@ -34,6 +34,10 @@ pub trait Store: Send {
     fn poll_remote(&mut self) -> Result<Vec<Change>, StoreError> {
         Ok(Vec::new())
     }
+    /// Makes the next [`Store::poll_remote`] return everything stored, not
+    /// only what notifications named: after a conflicting write, whose cause
+    /// may not have been announced yet.
+    fn request_resync(&mut self) {}
 }
 
 /// A store in memory, for tests and benchmarks. `fail_commits` makes every
@@ -99,6 +103,11 @@ impl<S: Store> Store for std::sync::Arc<std::sync::Mutex<S>> {
         self.lock()
             .map_err(|_| StoreError::Unavailable("store lock poisoned".into()))?
             .poll_remote()
+    }
+    fn request_resync(&mut self) {
+        if let Ok(mut s) = self.lock() {
+            s.request_resync();
+        }
     }
 }
 

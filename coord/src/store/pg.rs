@@ -582,6 +582,10 @@ impl Store for PgStore {
         Ok(())
     }
 
+    fn request_resync(&mut self) {
+        self.pending.insert(Note::Resync);
+    }
+
     fn poll_remote(&mut self) -> Result<Vec<Change>, StoreError> {
         self.pending.extend(self.notes.try_iter());
         if self.pending.is_empty() {

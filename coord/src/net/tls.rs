@@ -1,0 +1,225 @@
+//! The coordinator's identity and the TLS configurations of both sides. The
+//! certificate is self-signed; nodes accept it by its SHA-256 pin from the
+//! join token, so there is no CA and no name check.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rand::RngCore;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{ring, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use x25519_dalek::StaticSecret;
+
+use meshd_proto::token::{cert_pin, Hex};
+
+/// ALPN protocol id of control protocol version 1, on QUIC and on TLS/TCP.
+pub const ALPN: &[u8] = b"meshd/1";
+/// TLS exporter label of the channel binding (docs/control-protocol.md).
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-meshd-control";
+/// The name in the self-signed certificate; nodes do not check it.
+pub const SERVER_NAME: &str = "meshd-coordinator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create a certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("{}: not a key of the expected form ({what})", path.display())]
+    Malformed { path: PathBuf, what: &'static str },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// What identifies a coordinator: its TLS certificate and key, and the X25519
+/// key the proofs of key possession are made against. `Debug` hides the keys.
+pub struct Identity {
+    pub cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+    pub static_key: StaticSecret,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("pin", &Hex(&self.pin()).to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+const CERT_FILE: &str = "coord-cert.der";
+const KEY_FILE: &str = "coord-key.der";
+const STATIC_FILE: &str = "coord-x25519.key";
+
+fn read(path: &Path) -> Result<Option<Vec<u8>>, IdentityError> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(IdentityError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Writes a new file readable by its owner only; never replaces one.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
+    let io = |source| IdentityError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+impl Identity {
+    /// Loads the identity from `dir`, creating it on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Self, IdentityError> {
+        fs::create_dir_all(dir).map_err(|source| IdentityError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
+        let (cert_der, key_der) = match (read(&cert_path)?, read(&key_path)?) {
+            (Some(c), Some(k)) => (c, k),
+            _ => {
+                let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])?;
+                let (c, k) = (ck.cert.der().to_vec(), ck.signing_key.serialize_der());
+                // Key first: a crash in between leaves no certificate without its key.
+                write_new(&key_path, &k)?;
+                write_new(&cert_path, &c)?;
+                tracing::info!(pin = %Hex(&cert_pin(&c)), "created the coordinator's TLS identity");
+                (c, k)
+            }
+        };
+        let static_path = dir.join(STATIC_FILE);
+        let static_key = match read(&static_path)? {
+            Some(b) => {
+                let bytes: [u8; 32] = b.try_into().map_err(|_| IdentityError::Malformed {
+                    path: static_path.clone(),
+                    what: "32 bytes of X25519 private key",
+                })?;
+                StaticSecret::from(bytes)
+            }
+            None => {
+                let mut bytes = [0u8; 32];
+                rand::rng().fill_bytes(&mut bytes);
+                write_new(&static_path, &bytes)?;
+                StaticSecret::from(bytes)
+            }
+        };
+        Ok(Identity {
+            cert_der,
+            key_der,
+            static_key,
+        })
+    }
+
+    /// The SHA-256 pin that join tokens carry.
+    pub fn pin(&self) -> [u8; 32] {
+        cert_pin(&self.cert_der)
+    }
+
+    /// TLS 1.3 only, ALPN `meshd/1`, no client certificates.
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, IdentityError> {
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(vec![CertificateDer::from(self.cert_der.clone())], key)?;
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(config)
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring::default_provider())
+}
+
+/// The node's TLS configuration: accepts exactly the certificate whose
+/// SHA-256 is `pin`.
+pub fn client_config(pin: [u8; 32]) -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = provider();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// Accepts the server certificate by its hash alone. The handshake signature
+/// is still verified with the certificate's key, so only the holder of the
+/// pinned certificate's private key can complete the handshake.
+#[derive(Debug)]
+struct PinVerifier {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if cert_pin(end_entity.as_ref()) == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "coordinator certificate does not match the join token's pin {} \
+                 (a different coordinator, or a token for another mesh)",
+                Hex(&self.pin)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is offered, so this is never reached by a valid handshake.
+        Err(rustls::Error::General("TLS 1.2 is not supported".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -1,0 +1,182 @@
+#![allow(clippy::unwrap_used)]
+//! A real coordinator on loopback, with nodes over QUIC and over TLS/TCP.
+
+use std::time::Duration;
+
+use meshd_coord::net::tls::Identity;
+use meshd_coord::net::{ClientConn, NetError, Server, Transport};
+use meshd_coord::*;
+use meshd_proto::client::{Client, ClientEvent, Join};
+use meshd_proto::token::JoinToken;
+use meshd_proto::*;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use x25519_dalek::StaticSecret;
+
+struct Setup {
+    server: Server,
+    token: JoinToken,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = Identity::load_or_create(dir.path()).unwrap();
+    let static_key = identity.static_key.clone();
+    let db = dir.path().join("state.db");
+    let config = Config {
+        handshake_timeout: Duration::from_millis(300),
+        ..Config::default()
+    };
+    let server = Server::start(&identity, "127.0.0.1:0".parse().unwrap(), move |_waker| {
+        Coordinator::new(
+            config,
+            static_key,
+            Box::new(SqliteStore::open(&db)?),
+            Box::new(StdRng::from_os_rng()),
+            std::time::SystemTime::now(),
+        )
+    })
+    .await
+    .unwrap();
+    let spec = TokenSpec {
+        reusable: true,
+        ..TokenSpec::default()
+    };
+    let (_, secret) = server
+        .call(move |c, now| c.create_token(spec, now))
+        .await
+        .unwrap()
+        .unwrap();
+    let token = JoinToken {
+        secret,
+        cert_pin: identity.pin(),
+        addresses: vec![server.quic_addr.to_string()],
+    };
+    // The token survives its text form, as an operator would paste it.
+    let token = JoinToken::parse(&token.encode().unwrap()).unwrap();
+    Setup {
+        server,
+        token,
+        _dir: dir,
+    }
+}
+
+/// Moves messages between a connection and a client until `done` holds.
+async fn pump(
+    conn: &mut ClientConn,
+    client: &mut Client,
+    mut done: impl FnMut(&ClientEvent) -> bool,
+) {
+    let run = async {
+        loop {
+            while let Some(m) = client.poll_transmit() {
+                conn.send(&m).await.unwrap();
+            }
+            while let Some(e) = client.poll_event() {
+                if done(&e) {
+                    return;
+                }
+            }
+            let msg = conn
+                .recv()
+                .await
+                .unwrap()
+                .expect("coordinator closed the session");
+            client.handle_message(msg).unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("timed out");
+}
+
+async fn join(s: &Setup, n: u8, name: &str, transport: Transport) -> (ClientConn, Client) {
+    let mut conn = ClientConn::connect(&s.token, transport).await.unwrap();
+    let join = Join::Register {
+        token_secret: s.token.secret.clone(),
+        name: name.into(),
+    };
+    let mut client = Client::new(StaticSecret::from([n; 32]), join, conn.binding());
+    pump(&mut conn, &mut client, |e| *e == ClientEvent::PeersChanged).await;
+    (conn, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_over_quic_and_tcp_and_see_each_other() {
+    let s = start().await;
+    let (mut qa, mut a) = join(&s, 1, "over-quic", Transport::Quic).await;
+    let (_qb, b) = join(&s, 2, "over-tcp", Transport::Tcp).await;
+    let ia = a.info().unwrap().node_id;
+    let ib = b.info().unwrap().node_id;
+    assert_eq!(b.peers().keys().copied().collect::<Vec<_>>(), [ia]);
+    pump(&mut qa, &mut a, |e| *e == ClientEvent::PeersChanged).await;
+    assert_eq!(a.peers().keys().copied().collect::<Vec<_>>(), [ib]);
+    assert_eq!(a.peers()[&ib].name, "over-tcp");
+    let nodes = s.server.call(|c, _| c.state().nodes.len()).await.unwrap();
+    assert_eq!(nodes, 2);
+    s.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_for_another_coordinator_fails_on_the_pin() {
+    let s = start().await;
+    for transport in [Transport::Quic, Transport::Tcp] {
+        let mut wrong = s.token.clone();
+        wrong.cert_pin[0] ^= 1;
+        let err = ClientConn::connect(&wrong, transport).await.unwrap_err();
+        assert!(
+            matches!(&err, NetError::Connect { reason, .. } if reason.contains("pin")),
+            "{transport:?}: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_malformed_clients_get_an_error_and_are_closed() {
+    let s = start().await;
+    for transport in [Transport::Quic, Transport::Tcp] {
+        // Never answers the challenge.
+        let mut conn = ClientConn::connect(&s.token, transport).await.unwrap();
+        assert!(matches!(
+            conn.recv().await.unwrap(),
+            Some(Message::Challenge(_))
+        ));
+        match conn.recv().await.unwrap() {
+            Some(Message::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::HandshakeTimeout, "{transport:?}")
+            }
+            other => panic!("{transport:?}: {other:?}"),
+        }
+        assert_eq!(conn.recv().await.unwrap(), None);
+
+        // Sends a frame of a version nobody speaks.
+        let mut conn = ClientConn::connect(&s.token, transport).await.unwrap();
+        conn.recv().await.unwrap();
+        conn.send_raw(&[0, 0, 0, 3, 7, 0, 2]).await.unwrap();
+        match conn.recv().await.unwrap() {
+            Some(Message::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::UnsupportedVersion, "{transport:?}")
+            }
+            other => panic!("{transport:?}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn identity_is_created_once_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Identity::load_or_create(dir.path()).unwrap();
+    let b = Identity::load_or_create(dir.path()).unwrap();
+    assert_eq!(a.pin(), b.pin());
+    assert_eq!(a.static_key.to_bytes(), b.static_key.to_bytes());
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["coord-key.der", "coord-x25519.key"] {
+        let mode = std::fs::metadata(dir.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    assert!(!format!("{a:?}").contains(&format!("{:?}", a.static_key.to_bytes())));
+}
