@@ -46,6 +46,20 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         secs: u32,
     },
+    /// The data plane against its peers over one veth pair: plain veth (the ceiling),
+    /// wireguard-go, boringtun-cli (1 thread and default), nebula and this meshd binary.
+    /// Build meshd with --release first: the meshd measured is the one running.
+    Dataplane {
+        /// iperf3 runs per peer and case (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        secs: u32,
+        /// Pings for each added-RTT median.
+        #[arg(long, default_value_t = 50)]
+        pings: u32,
+    },
 }
 
 pub fn run(cmd: LabCmd) -> Result<()> {
@@ -79,6 +93,17 @@ pub fn run(cmd: LabCmd) -> Result<()> {
         }
         LabCmd::Exec { lab, node, command } => exec(lab, &node, &command),
         LabCmd::Demo { file } => demo(&file),
+        LabCmd::Bench(BenchCmd::Dataplane { runs, secs, pings }) => {
+            let opts = meshd_netlab::bench_dataplane::Options {
+                runs,
+                secs,
+                pings,
+                ..Default::default()
+            };
+            let report = meshd_netlab::bench_dataplane::run(&opts)?;
+            println!("{}", report.table());
+            Ok(())
+        }
         LabCmd::Bench(BenchCmd::Netlab { runs, secs }) => {
             let report = meshd_netlab::bench::run(runs, secs)?;
             println!("{}", report.table());

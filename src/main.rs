@@ -2,6 +2,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod coord_cmd;
 mod key_cmd;
 mod lab_cmd;
 mod wg_cmd;
@@ -31,6 +32,8 @@ enum Cmd {
     /// A userspace WireGuard interface from a wg-quick file: up, show, down, syncconf.
     #[command(subcommand)]
     Wg(wg_cmd::WgCmd),
+    /// The coordinator: run it, or administer a running one (tokens, nodes).
+    Coord(coord_cmd::CoordArgs),
 }
 
 fn main() -> Result<()> {
@@ -47,5 +50,6 @@ fn main() -> Result<()> {
         Cmd::Pubkey => key_cmd::pubkey(),
         Cmd::Genpsk => key_cmd::genpsk(),
         Cmd::Wg(cmd) => wg_cmd::run(cmd),
+        Cmd::Coord(args) => coord_cmd::run(args),
     }
 }

@@ -14,7 +14,8 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use interop_support::{handshake_age, show, transfer, MESHD};
-use meshd_netlab::peers::{self, Impl, Iperf3Test, Side, TunnelOptions, TunnelPair};
+use meshd_netlab::peers::{self, Impl, Side, TunnelOptions, TunnelPair};
+use meshd_netlab::tools::Iperf3Test;
 use meshd_netlab::Lab;
 use rustix::net::{AddressFamily, RecvFlags, SocketType};
 

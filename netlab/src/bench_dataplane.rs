@@ -12,8 +12,9 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use crate::peers::{self, Impl, Iperf3Server, Iperf3Test, TunnelOptions, TunnelPair, RIGHT_ADDR};
+use crate::peers::{Impl, TunnelOptions, TunnelPair, RIGHT_ADDR};
 use crate::tools::median;
+use crate::tools::{self, Iperf3Server, Iperf3Test};
 use crate::{sys, Lab, LabError};
 
 const LEFT: &str = "left";
@@ -177,7 +178,7 @@ pub fn run(opts: &Options) -> Result<Report, LabError> {
     let load_before = load_average()?;
     let lab = Lab::veth_pair()?;
     let underlay = lab.addr(RIGHT)?;
-    let underlay_rtt_ms = peers::median_rtt(&lab, LEFT, underlay, opts.pings, opts.ping_interval)?;
+    let underlay_rtt_ms = tools::median_rtt(&lab, LEFT, underlay, opts.pings, opts.ping_interval)?;
     let mut results = Vec::new();
     for (peer, version) in opts.peers.iter().zip(versions) {
         tracing::info!(peer = %peer.label(), "measuring");
@@ -195,7 +196,7 @@ pub fn run(opts: &Options) -> Result<Report, LabError> {
             None => (underlay, Vec::new()),
             Some(p) => (RIGHT_ADDR, p.pids().to_vec()),
         };
-        let rtt_ms = peers::median_rtt(&lab, LEFT, target, opts.pings, opts.ping_interval)?;
+        let rtt_ms = tools::median_rtt(&lab, LEFT, target, opts.pings, opts.ping_interval)?;
         let server = Iperf3Server::start(&lab, RIGHT)?;
         let mut samples: BTreeMap<Case, Vec<Sample>> = BTreeMap::new();
         // Run-major order: slow drifts of the machine's load spread over all cases alike.

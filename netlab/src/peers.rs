@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::tools::median;
+use crate::tools::{ping_addr, tail, Iperf3Result, Iperf3Server, Iperf3Test};
 use crate::{sys, Lab, LabError, Proc};
 
 /// The left end's address inside the tunnel.
@@ -32,7 +32,6 @@ pub const TUNNEL_PREFIX: u8 = 24;
 /// path is compiled into all three, and /var/run is shared by every namespace: interface names
 /// must therefore be unique on the machine, not only in a namespace.
 const UAPI_DIR: &str = "/var/run/wireguard";
-const IPERF3_PORT: u16 = 5201;
 
 /// Numbers the tunnels this process makes, so interface names never repeat within a lab.
 static NEXT_TUNNEL: AtomicU32 = AtomicU32::new(0);
@@ -780,14 +779,6 @@ fn bad_output(what: &str, out: &str) -> LabError {
     ))
 }
 
-fn tail(text: &str, max: usize) -> &str {
-    let start = text.len().saturating_sub(max);
-    let start = (start..text.len())
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(text.len());
-    &text[start..]
-}
-
 /// The `field`-th tab-separated value after the key on the first peer line of `wg show`.
 fn parse_wg_peer_field(out: &str, field: usize) -> Option<u64> {
     out.lines()
@@ -857,159 +848,6 @@ fn find_program(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
     dirs.iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-/// Round-trip times (ms) of `count` pings from `from` to `target` (lost ones omitted).
-pub fn ping_addr(
-    lab: &Lab,
-    from: &str,
-    target: Ipv4Addr,
-    count: u32,
-    interval: Duration,
-) -> Result<Vec<f64>, LabError> {
-    let (count_s, target_s) = (count.to_string(), target.to_string());
-    let interval_s = format!("{:.3}", interval.as_secs_f64());
-    let deadline = Duration::from_secs(10) + interval * count * 2;
-    let out = lab.exec_timeout(
-        from,
-        &["ping", "-n", "-c", &count_s, "-i", &interval_s, &target_s],
-        deadline,
-    )?;
-    // A non-zero exit only means some replies were lost; the parsed count tells.
-    Ok(out
-        .stdout
-        .lines()
-        .filter_map(|l| l.split("time=").nth(1))
-        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
-        .collect())
-}
-
-/// The median of `count` pings, or an error if fewer than 90 % came back.
-pub fn median_rtt(
-    lab: &Lab,
-    from: &str,
-    target: Ipv4Addr,
-    count: u32,
-    interval: Duration,
-) -> Result<f64, LabError> {
-    let rtts = ping_addr(lab, from, target, count, interval)?;
-    if (rtts.len() as u32) * 10 < count * 9 {
-        return Err(LabError::Lab(format!(
-            "only {} of {count} pings from {from} to {target} came back",
-            rtts.len()
-        )));
-    }
-    median(&rtts).ok_or_else(|| LabError::Lab(format!("no ping from {from} to {target} came back")))
-}
-
-/// One iperf3 TCP test.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Iperf3Test {
-    pub secs: u32,
-    pub streams: u32,
-    /// The server sends (iperf3 -R).
-    pub reverse: bool,
-}
-
-/// What the receiving side of an iperf3 test counted.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Iperf3Result {
-    pub bits_per_second: f64,
-    pub bytes: u64,
-}
-
-/// A persistent `iperf3 -s` in a lab node, for several tests in a row; stopped on drop.
-pub struct Iperf3Server<'lab> {
-    lab: &'lab Lab,
-    node: String,
-    proc: Proc,
-}
-
-impl<'lab> Iperf3Server<'lab> {
-    /// Starts it and waits until it listens.
-    pub fn start(lab: &'lab Lab, node: &str) -> Result<Self, LabError> {
-        let port = IPERF3_PORT.to_string();
-        let proc = lab.spawn(node, "iperf3-server", &["iperf3", "-s", "-p", &port])?;
-        let mut server = Iperf3Server {
-            lab,
-            node: node.to_owned(),
-            proc,
-        };
-        let filter = format!("sport = :{port}");
-        let mut died = None;
-        lab.wait_until(
-            &format!("iperf3 to listen in {node}"),
-            Duration::from_secs(10),
-            || {
-                if let Some(s) = server.proc.try_wait() {
-                    died = Some(s);
-                    return true;
-                }
-                lab.exec(node, &["ss", "-Hltn", &filter])
-                    .is_ok_and(|o| !o.stdout.trim().is_empty())
-            },
-        )?;
-        if let Some(s) = died {
-            return Err(LabError::Lab(format!(
-                "iperf3 -s in {node} exited ({s}): {}",
-                tail(&server.proc.log(), 1000)
-            )));
-        }
-        Ok(server)
-    }
-
-    /// Runs one test from `client` to `target` (an address of the server's node).
-    pub fn run(
-        &self,
-        client: &str,
-        target: Ipv4Addr,
-        test: Iperf3Test,
-    ) -> Result<Iperf3Result, LabError> {
-        let (target_s, secs, streams) = (
-            target.to_string(),
-            test.secs.to_string(),
-            test.streams.to_string(),
-        );
-        let port = IPERF3_PORT.to_string();
-        let mut argv = vec![
-            "iperf3", "-c", &target_s, "-p", &port, "-t", &secs, "-P", &streams, "-J",
-        ];
-        if test.reverse {
-            argv.push("-R");
-        }
-        let out = self.lab.exec_timeout(
-            client,
-            &argv,
-            Duration::from_secs(u64::from(test.secs) + 30),
-        )?;
-        parse_iperf3_json(&out.stdout).map_err(|why| {
-            LabError::Lab(format!(
-                "iperf3 from {client} to {target} (server in {}): {why}; stderr: {}",
-                self.node,
-                tail(&out.stderr, 500)
-            ))
-        })
-    }
-}
-
-/// The receiver's totals from `iperf3 -J`, or what iperf3 said went wrong.
-fn parse_iperf3_json(text: &str) -> Result<Iperf3Result, String> {
-    let v: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| format!("output is not iperf3 JSON ({e}): {}", tail(text, 300)))?;
-    if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
-        return Err(err.to_owned());
-    }
-    let sum = &v["end"]["sum_received"];
-    match (sum["bits_per_second"].as_f64(), sum["bytes"].as_u64()) {
-        (Some(bits_per_second), Some(bytes)) => Ok(Iperf3Result {
-            bits_per_second,
-            bytes,
-        }),
-        _ => Err(format!(
-            "no end.sum_received in its JSON: {}",
-            tail(text, 300)
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1028,27 +866,6 @@ mod tests {
         );
         assert_eq!(parse_wg_peer_field("", 1), None);
         assert_eq!(parse_wg_peer_field(&format!("{key}\tnever\n"), 1), None);
-    }
-
-    #[test]
-    fn reads_iperf3_json_and_its_errors() {
-        let ok = r#"{"start":{},"end":{"sum_sent":{"bytes":10,"bits_per_second":1.0},
-                    "sum_received":{"bytes":2867658699,"bits_per_second":22940535494.86}}}"#;
-        assert_eq!(
-            parse_iperf3_json(ok),
-            Ok(Iperf3Result {
-                bits_per_second: 22940535494.86,
-                bytes: 2867658699
-            })
-        );
-        let failed =
-            r#"{"start":{},"end":{},"error":"unable to connect to server: Connection refused"}"#;
-        assert_eq!(
-            parse_iperf3_json(failed),
-            Err("unable to connect to server: Connection refused".into())
-        );
-        assert!(parse_iperf3_json("iperf3: error").is_err());
-        assert!(parse_iperf3_json(r#"{"end":{}}"#).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::{sys, LabError};
 
 pub const STATE_DIR: &str = "/run/meshd-lab";
 const NETNS_DIR: &str = "/run/netns";
+const WG_SOCKET_DIR: &str = "/var/run/wireguard";
 pub const ID_LEN: usize = 5;
 
 /// The namespace name of `name` in lab `id`.
@@ -143,6 +144,16 @@ pub fn remove(id: &str, namespaces: &[String]) -> Result<(), LabError> {
         // -force: go on past a namespace that is already gone.
         if let Err(e) = sys::run("ip", &["-force", "-batch", "-"], Some(&batch)) {
             errors.push(e.to_string());
+        }
+    }
+    // wireguard-go and boringtun-cli keep their control sockets in one directory shared by all
+    // namespaces; the lab's tunnels are named wg<id>…, so these are ours.
+    if let Ok(entries) = std::fs::read_dir(WG_SOCKET_DIR) {
+        let prefix = format!("wg{id}");
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
     let dir = Path::new(STATE_DIR).join(id);

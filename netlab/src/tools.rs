@@ -1,12 +1,15 @@
 //! Measurements taken inside a lab with standard tools (ping, iperf3), shared by the tests
 //! and the benchmarks.
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::{Lab, LabError};
+use crate::{Lab, LabError, Proc};
+
+/// The port of every iperf3 server the lab starts.
+const IPERF3_PORT: u16 = 5201;
 
 /// A UDP server that answers every datagram with the source address it saw, as text
 /// ("198.18.3.2:40000"): the mapped address a NAT gave the sender. Runs on a thread of the
@@ -149,7 +152,7 @@ pub fn tcp_connects(
     lab.in_ns(node, || TcpStream::connect_timeout(&to, timeout).is_ok())
 }
 
-/// Round-trip times in milliseconds of `count` pings from `from` to `to` (lost ones omitted).
+/// Round-trip times in milliseconds of `count` pings from `from` to the node `to`.
 pub fn ping_rtts(
     lab: &Lab,
     from: &str,
@@ -157,13 +160,23 @@ pub fn ping_rtts(
     count: u32,
     interval: Duration,
 ) -> Result<Vec<f64>, LabError> {
-    let target = lab.addr(to)?.to_string();
-    let count_s = count.to_string();
+    ping_addr(lab, from, lab.addr(to)?, count, interval)
+}
+
+/// Round-trip times (ms) of `count` pings from `from` to `target` (lost ones omitted).
+pub fn ping_addr(
+    lab: &Lab,
+    from: &str,
+    target: Ipv4Addr,
+    count: u32,
+    interval: Duration,
+) -> Result<Vec<f64>, LabError> {
+    let (count_s, target_s) = (count.to_string(), target.to_string());
     let interval_s = format!("{:.3}", interval.as_secs_f64());
     let deadline = Duration::from_secs(10) + interval * count * 2;
     let out = lab.exec_timeout(
         from,
-        &["ping", "-n", "-c", &count_s, "-i", &interval_s, &target],
+        &["ping", "-n", "-c", &count_s, "-i", &interval_s, &target_s],
         deadline,
     )?;
     // A non-zero exit only means some replies were lost; the parsed count tells.
@@ -173,6 +186,143 @@ pub fn ping_rtts(
         .filter_map(|l| l.split("time=").nth(1))
         .filter_map(|t| t.split_whitespace().next()?.parse().ok())
         .collect())
+}
+
+/// The median of `count` pings, or an error if fewer than 90 % came back.
+pub fn median_rtt(
+    lab: &Lab,
+    from: &str,
+    target: Ipv4Addr,
+    count: u32,
+    interval: Duration,
+) -> Result<f64, LabError> {
+    let rtts = ping_addr(lab, from, target, count, interval)?;
+    if (rtts.len() as u32) * 10 < count * 9 {
+        return Err(LabError::Lab(format!(
+            "only {} of {count} pings from {from} to {target} came back",
+            rtts.len()
+        )));
+    }
+    median(&rtts).ok_or_else(|| LabError::Lab(format!("no ping from {from} to {target} came back")))
+}
+
+/// One iperf3 TCP test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Iperf3Test {
+    pub secs: u32,
+    pub streams: u32,
+    /// The server sends (iperf3 -R).
+    pub reverse: bool,
+}
+
+/// What the receiving side of an iperf3 test counted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Iperf3Result {
+    pub bits_per_second: f64,
+    pub bytes: u64,
+}
+
+/// A persistent `iperf3 -s` in a lab node, for several tests in a row; stopped on drop.
+pub struct Iperf3Server<'lab> {
+    lab: &'lab Lab,
+    node: String,
+    proc: Proc,
+}
+
+impl<'lab> Iperf3Server<'lab> {
+    /// Starts it and waits until it listens.
+    pub fn start(lab: &'lab Lab, node: &str) -> Result<Self, LabError> {
+        let port = IPERF3_PORT.to_string();
+        let proc = lab.spawn(node, "iperf3-server", &["iperf3", "-s", "-p", &port])?;
+        let mut server = Iperf3Server {
+            lab,
+            node: node.to_owned(),
+            proc,
+        };
+        let filter = format!("sport = :{port}");
+        let mut died = None;
+        lab.wait_until(
+            &format!("iperf3 to listen in {node}"),
+            Duration::from_secs(10),
+            || {
+                if let Some(s) = server.proc.try_wait() {
+                    died = Some(s);
+                    return true;
+                }
+                lab.exec(node, &["ss", "-Hltn", &filter])
+                    .is_ok_and(|o| !o.stdout.trim().is_empty())
+            },
+        )?;
+        if let Some(s) = died {
+            return Err(LabError::Lab(format!(
+                "iperf3 -s in {node} exited ({s}): {}",
+                tail(&server.proc.log(), 1000)
+            )));
+        }
+        Ok(server)
+    }
+
+    /// Runs one test from `client` to `target` (an address of the server's node).
+    pub fn run(
+        &self,
+        client: &str,
+        target: Ipv4Addr,
+        test: Iperf3Test,
+    ) -> Result<Iperf3Result, LabError> {
+        let (target_s, secs, streams) = (
+            target.to_string(),
+            test.secs.to_string(),
+            test.streams.to_string(),
+        );
+        let port = IPERF3_PORT.to_string();
+        let mut argv = vec![
+            "iperf3", "-c", &target_s, "-p", &port, "-t", &secs, "-P", &streams, "-J",
+        ];
+        if test.reverse {
+            argv.push("-R");
+        }
+        let out = self.lab.exec_timeout(
+            client,
+            &argv,
+            Duration::from_secs(u64::from(test.secs) + 30),
+        )?;
+        parse_iperf3_json(&out.stdout).map_err(|why| {
+            LabError::Lab(format!(
+                "iperf3 from {client} to {target} (server in {}): {why}; stderr: {}",
+                self.node,
+                tail(&out.stderr, 500)
+            ))
+        })
+    }
+}
+
+/// The receiver's totals from `iperf3 -J`, or what iperf3 said went wrong.
+fn parse_iperf3_json(text: &str) -> Result<Iperf3Result, String> {
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format!("output is not iperf3 JSON ({e}): {}", tail(text, 300)))?;
+    if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(err.to_owned());
+    }
+    let sum = &v["end"]["sum_received"];
+    match (sum["bits_per_second"].as_f64(), sum["bytes"].as_u64()) {
+        (Some(bits_per_second), Some(bytes)) => Ok(Iperf3Result {
+            bits_per_second,
+            bytes,
+        }),
+        _ => Err(format!(
+            "no end.sum_received in its JSON: {}",
+            tail(text, 300)
+        )),
+    }
+}
+
+/// The last `max` bytes of a text (at a character boundary), for error messages.
+pub(crate) fn tail(text: &str, max: usize) -> &str {
+    let start = text.len().saturating_sub(max);
+    let start = (start..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    &text[start..]
 }
 
 /// The median of a non-empty slice.
@@ -190,7 +340,7 @@ pub fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
-/// One iperf3 TCP run from `client` to `server` over the lab; returns received bits per second.
+/// One iperf3 TCP run from `client` to the node `server`; returns received bits per second.
 pub fn iperf3_tcp(
     lab: &Lab,
     server: &str,
@@ -198,64 +348,13 @@ pub fn iperf3_tcp(
     secs: u32,
     streams: u32,
 ) -> Result<f64, LabError> {
-    let mut srv = lab.spawn(
-        server,
-        "iperf3-server",
-        &["iperf3", "-s", "-1", "--forceflush"],
-    )?;
-    let target = lab.addr(server)?.to_string();
-    let (secs_s, streams_s) = (secs.to_string(), streams.to_string());
-    let mut last = String::new();
-    let mut result = None;
-    // The server needs a moment to listen; a refused connection is retried, nothing else.
-    lab.wait_until("iperf3 to connect", Duration::from_secs(10), || {
-        match lab.exec_timeout(
-            client,
-            &[
-                "iperf3", "-c", &target, "-t", &secs_s, "-P", &streams_s, "-f", "m",
-            ],
-            Duration::from_secs(u64::from(secs) + 20),
-        ) {
-            Ok(out) if out.status.success() => {
-                result = parse_iperf3_receiver(&out.stdout);
-                last = out.stdout;
-                true
-            }
-            Ok(out) => {
-                last = format!("{}{}", out.stdout, out.stderr);
-                !last.contains("refused")
-            }
-            Err(e) => {
-                last = e.to_string();
-                true
-            }
-        }
-    })?;
-    let _ = srv.stop(Duration::from_secs(2));
-    result.ok_or_else(|| {
-        LabError::Lab(format!(
-            "iperf3 from {client} to {server} gave no result: {last}"
-        ))
-    })
-}
-
-/// The receiver's total rate from iperf3's text summary, in bits per second.
-fn parse_iperf3_receiver(text: &str) -> Option<f64> {
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.trim_end().ends_with("receiver"))?;
-    let mut words = line.split_whitespace().collect::<Vec<_>>();
-    let unit_at = words.iter().position(|w| w.ends_with("bits/sec"))?;
-    let value: f64 = words.get(unit_at.checked_sub(1)?)?.parse().ok()?;
-    let scale = match words.swap_remove(unit_at) {
-        "Gbits/sec" => 1e9,
-        "Mbits/sec" => 1e6,
-        "Kbits/sec" => 1e3,
-        "bits/sec" => 1.0,
-        _ => return None,
+    let srv = Iperf3Server::start(lab, server)?;
+    let test = Iperf3Test {
+        secs,
+        streams,
+        reverse: false,
     };
-    Some(value * scale)
+    Ok(srv.run(client, lab.addr(server)?, test)?.bits_per_second)
 }
 
 #[cfg(test)]
@@ -263,16 +362,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_iperf3_summaries() {
-        let single =
-            "[  5]   0.00-3.00   sec  3.91 GBytes  11194 Mbits/sec                  receiver\n";
-        assert_eq!(parse_iperf3_receiver(single), Some(11194e6));
-        let multi = "[  5]   0.00-3.00   sec  1 GBytes  500 Mbits/sec  0  sender\n\
-                     [SUM]   0.00-3.00   sec  2.5 GBytes  7.16 Gbits/sec                  receiver\n";
-        assert_eq!(parse_iperf3_receiver(multi), Some(7.16e9));
-        assert_eq!(parse_iperf3_receiver("garbage"), None);
+    fn medians() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(&[]), None);
+    }
+
+    #[test]
+    fn reads_iperf3_json_and_its_errors() {
+        let ok = r#"{"start":{},"end":{"sum_sent":{"bytes":10,"bits_per_second":1.0},
+                    "sum_received":{"bytes":2867658699,"bits_per_second":22940535494.86}}}"#;
+        assert_eq!(
+            parse_iperf3_json(ok),
+            Ok(Iperf3Result {
+                bits_per_second: 22940535494.86,
+                bytes: 2867658699
+            })
+        );
+        let failed =
+            r#"{"start":{},"end":{},"error":"unable to connect to server: Connection refused"}"#;
+        assert_eq!(
+            parse_iperf3_json(failed),
+            Err("unable to connect to server: Connection refused".into())
+        );
+        assert!(parse_iperf3_json("iperf3: error").is_err());
+        assert!(parse_iperf3_json(r#"{"end":{}}"#).is_err());
     }
 }

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use meshd_netlab::peers::{Impl, Iperf3Test, Side, TunnelOptions, TunnelPair};
+use meshd_netlab::peers::{Impl, Side, TunnelOptions, TunnelPair};
+use meshd_netlab::tools::Iperf3Test;
 use meshd_netlab::{Lab, Topology};
 
 const PINGS: u32 = 10;
