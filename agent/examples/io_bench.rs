@@ -269,6 +269,7 @@ fn bench_engine(offload: bool, duration: Duration) -> Result<()> {
                         mtu: 1420,
                         offload,
                         addresses: vec![addr.parse()?],
+                        routes: Vec::new(),
                         listen_port: 51820,
                     })?;
                     engine.set_peers(std::slice::from_ref(peer))?;

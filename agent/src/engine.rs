@@ -46,6 +46,9 @@ pub struct EngineConfig {
     pub offload: bool,
     /// The node's addresses on the TUN, with their prefix.
     pub addresses: Vec<IpNet>,
+    /// Routes into the TUN installed once at start (a mesh's whole range).
+    /// Peers' allowed IPs inside them get no route of their own.
+    pub routes: Vec<IpNet>,
     /// UDP port for WireGuard; 0 picks one.
     pub listen_port: u16,
 }
@@ -112,6 +115,10 @@ enum Command {
     Status {
         reply: mpsc::Sender<EngineStatus>,
     },
+    SetPrivateKey {
+        key: PrivateKey,
+        reply: mpsc::Sender<()>,
+    },
 }
 
 /// A way for other threads to talk to a running [`Engine`]. Each call
@@ -136,6 +143,13 @@ impl EngineHandle {
     pub fn status(&self) -> Result<EngineStatus, ControlError> {
         let (reply, answer) = mpsc::channel();
         self.send(Command::Status { reply })?;
+        Self::wait(&answer)
+    }
+
+    /// Replaces the engine's key pair, as [`Engine::set_private_key`] does.
+    pub fn set_private_key(&self, key: PrivateKey) -> Result<(), ControlError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::SetPrivateKey { key, reply })?;
         Self::wait(&answer)
     }
 
@@ -168,6 +182,8 @@ pub struct Engine {
     udp_out: UdpSendBatch,
     /// Allowed-IP prefixes currently routed into the TUN.
     routed: BTreeSet<IpNet>,
+    /// Routes installed at start; prefixes inside them need none.
+    static_routes: Vec<IpNet>,
     counters: EngineCounters,
     commands: mpsc::Receiver<Command>,
     /// Kept to hand out in [`Engine::handle`].
@@ -197,7 +213,7 @@ impl Engine {
             other => other?,
         };
         tun.set_nonblocking(true)?;
-        tun::configure(tun.name(), &config.addresses, &[])?;
+        tun::configure(tun.name(), &config.addresses, &config.routes)?;
         let udp = UdpSocket::bind_any(config.listen_port)?;
         let waker = rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
             .map_err(|e| EngineError::Waker(e.into()))?;
@@ -218,6 +234,7 @@ impl Engine {
             tun_out: TunBatch::new(),
             udp_out: UdpSendBatch::new(),
             routed: BTreeSet::new(),
+            static_routes: config.routes,
             counters: EngineCounters::default(),
             commands,
             command_sender,
@@ -267,6 +284,12 @@ impl Engine {
         self.node.peer_status(Instant::now())
     }
 
+    /// Replaces the node's key pair; sessions move over to the new key
+    /// without interrupting traffic (see [`node`]'s module docs).
+    pub fn set_private_key(&mut self, key: PrivateKey) {
+        self.node.set_private_key(key, Instant::now());
+    }
+
     /// Makes `peers` the peer set (sessions of unchanged peers continue) and
     /// routes their allowed IPs into the TUN. Default routes (`/0`) are not
     /// installed: sending everything into the tunnel, the tunnel's own
@@ -282,7 +305,7 @@ impl Engine {
                 if default {
                     tracing::warn!(%net, "default route not installed");
                 }
-                !default
+                !default && !self.static_routes.iter().any(|r| r.contains(net))
             })
             .collect();
         let stale: Vec<IpNet> = self.routed.difference(&wanted).copied().collect();
@@ -404,6 +427,10 @@ impl Engine {
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
+            }
+            Command::SetPrivateKey { key, reply } => {
+                self.set_private_key(key);
+                let _ = reply.send(());
             }
         }
     }

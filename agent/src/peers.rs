@@ -22,7 +22,7 @@ pub struct PeerConfig {
 
 impl PeerConfig {
     /// The allowed IPs with host bits cleared, without duplicates.
-    fn prefixes(&self) -> BTreeSet<IpNet> {
+    pub(crate) fn prefixes(&self) -> BTreeSet<IpNet> {
         self.allowed_ips.iter().map(IpNet::trunc).collect()
     }
 

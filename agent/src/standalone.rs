@@ -180,6 +180,7 @@ pub fn run(
         mtu: iface.mtu.unwrap_or(DEFAULT_MTU),
         offload: true,
         addresses: iface.addresses.clone(),
+        routes: Vec::new(),
         listen_port: iface.listen_port.unwrap_or(0),
     })?;
     engine.set_peers(&config.peers)?;

@@ -50,6 +50,7 @@ fn peers_change_and_status_is_read_while_the_engine_runs() {
                 mtu: 1420,
                 offload: true,
                 addresses: vec!["10.88.0.1/24".parse().unwrap()],
+                routes: Vec::new(),
                 listen_port: 0,
             })
             .unwrap();

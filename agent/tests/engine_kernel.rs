@@ -38,6 +38,7 @@ fn engine_thread(
         mtu: 1420,
         offload,
         addresses: vec![format!("{}/24", side.inner).parse().unwrap()],
+        routes: Vec::new(),
         listen_port: 51820,
     })
     .unwrap();

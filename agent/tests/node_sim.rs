@@ -418,3 +418,115 @@ fn ipv6_inner_packets_route() {
     sim.deliver();
     assert_eq!(sim.sb.take_packets(), vec![p]);
 }
+
+/// Sends one packet each way; both must arrive.
+fn exchange(sim: &mut Sim, what: &str) {
+    let p = sim.a_sends(format!("a: {what}").as_bytes());
+    let q = sim.b_sends(format!("b: {what}").as_bytes());
+    sim.deliver();
+    assert_eq!(sim.sb.take_packets(), vec![p], "a→b {what}");
+    assert_eq!(sim.sa.take_packets(), vec![q], "b→a {what}");
+}
+
+/// A connected pair, and A's next key with B's peer entry for it.
+fn rotation_setup() -> (Sim, PrivateKey, PeerConfig) {
+    let mut sim = Sim::new(None);
+    sim.a_sends(b"connect");
+    sim.deliver();
+    sim.sb.take_packets();
+    exchange(&mut sim, "before the rotation");
+    let new_a = PrivateKey::generate();
+    let mut pa = sim.b.peer_configs()[0].clone();
+    pa.public_key = new_a.public_key();
+    (sim, new_a, pa)
+}
+
+/// A rotates its key and B learns the new one (in either order, as the
+/// coordinator's two messages may arrive): no packet is lost at any point,
+/// and both end on a session under the new key.
+fn rotation_loses_nothing(a_first: bool) {
+    let (mut sim, new_a, pa) = rotation_setup();
+    let old_handshakes = sim.a.counters();
+    for step in 0..2 {
+        if (step == 0) == a_first {
+            sim.a.set_private_key(new_a.clone(), sim.now);
+            assert_eq!(sim.a.public_key(), new_a.public_key());
+        } else {
+            sim.b.set_peers(std::slice::from_ref(&pa), sim.now).unwrap();
+            assert_eq!(sim.b.peer_configs()[0].public_key, new_a.public_key());
+        }
+        exchange(&mut sim, &format!("right after step {step}"));
+        // The timer sends the new handshake at once.
+        sim.advance(Duration::from_millis(1));
+        exchange(&mut sim, &format!("after step {step}'s handshake"));
+    }
+    // Past the grace time and a handshake retry: the old sessions are gone
+    // and traffic is on the new ones.
+    for second in 0..8 {
+        for _ in 0..4 {
+            sim.advance(Duration::from_millis(250));
+        }
+        exchange(&mut sim, &format!("{second} s later"));
+    }
+    assert_eq!(sim.lost, 0);
+    let sb = &sim.b.peer_status(sim.now)[0];
+    assert_eq!(sb.public_key, new_a.public_key());
+    assert!(
+        sb.last_handshake.unwrap() < Duration::from_secs(10),
+        "{sb:?}"
+    );
+    assert_eq!(sim.a.counters().spoofed, old_handshakes.spoofed);
+    assert_eq!(sim.b.counters().spoofed, 0);
+}
+
+#[test]
+fn own_key_rotation_then_peer_learns_loses_nothing() {
+    rotation_loses_nothing(true);
+}
+
+#[test]
+fn peer_learns_then_own_key_rotation_loses_nothing() {
+    rotation_loses_nothing(false);
+}
+
+#[test]
+fn old_session_receives_for_a_grace_time_only() {
+    let (mut sim, new_a, pa) = rotation_setup();
+    // Two datagrams on the old session, held back in the network.
+    sim.a_sends(b"late 1");
+    sim.a_sends(b"late 2");
+    let late = sim.sa.take_datagrams();
+    assert_eq!(late.len(), 2);
+    sim.a.set_private_key(new_a, sim.now);
+    sim.b.set_peers(&[pa], sim.now).unwrap();
+    sim.advance(Duration::from_millis(1));
+    // The new session is up: A sends on it.
+    exchange(&mut sim, "on the new session");
+    sim.advance(Duration::from_millis(500));
+    sim.b
+        .handle_datagram(sim.addr_a, &late[0].1, &mut sim.sb, sim.now);
+    assert_eq!(sim.sb.take_packets().len(), 1, "in-flight datagram lost");
+    for _ in 0..(5 * 4) {
+        sim.advance(Duration::from_millis(250));
+    }
+    let unknown = sim.b.counters().unknown_peer;
+    sim.b
+        .handle_datagram(sim.addr_a, &late[1].1, &mut sim.sb, sim.now);
+    assert!(sim.sb.take_packets().is_empty());
+    assert_eq!(sim.b.counters().unknown_peer, unknown + 1);
+    exchange(&mut sim, "after the grace time");
+}
+
+#[test]
+fn a_new_key_with_other_allowed_ips_is_a_new_peer() {
+    let (mut sim, new_a, mut pa) = rotation_setup();
+    pa.allowed_ips = vec![
+        "10.0.0.1/32".parse().unwrap(),
+        "10.7.0.0/16".parse().unwrap(),
+    ];
+    sim.a.set_private_key(new_a, sim.now);
+    sim.b.set_peers(&[pa], sim.now).unwrap();
+    // No handover: B dropped the old peer and has no endpoint for the new one.
+    sim.b_sends(b"no session, no endpoint");
+    assert_eq!(sim.b.counters().no_endpoint, 1);
+}

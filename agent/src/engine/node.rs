@@ -10,6 +10,16 @@
 //! are demultiplexed to a peer by the receiver index boringtun puts in every
 //! session (`peer index << 8 | n`), or, for a handshake initiation, by the
 //! sender's static key, which only decrypting the initiation reveals.
+//!
+//! Key changes are make-before-break. When this node's key changes
+//! ([`Node::set_private_key`]) or a peer's does (a peer set in which a new key
+//! takes over exactly the allowed IPs of a removed one), the peer gets a new
+//! `Tunn` under a new index and the old one stays as its *previous* session:
+//! traffic keeps flowing on the old session while a handshake with the new
+//! key is started at once, and moves to the new session as soon as it is up.
+//! Datagrams for the old index still reach the old session for a short grace
+//! time, so nothing in flight is lost. Both ends of a rotation do this, in
+//! whichever order they learn of it.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -41,6 +51,14 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Handshake initiations per second accepted before cookies are demanded
 /// (boringtun's default per device).
 const HANDSHAKE_RATE_LIMIT: u64 = 10;
+
+/// The longest a previous session is kept after a key change when the new
+/// one never comes up (the other end did not learn the new key).
+const HANDOVER_LIMIT: Duration = Duration::from_secs(60);
+
+/// How long a previous session still receives after the new one is up:
+/// datagrams the other end sent on it before it switched are in flight.
+const HANDOVER_GRACE: Duration = Duration::from_secs(3);
 
 /// Where a [`Node`] puts what it produces. The driver flushes a batch to its
 /// socket or device when it lacks room; tests collect the contents.
@@ -134,6 +152,25 @@ struct Peer {
     keepalive: Option<Duration>,
     /// When we last sent this peer anything, for persistent keepalives.
     last_sent: Instant,
+    /// The session from before a key change, while the new one comes up.
+    previous: Option<Previous>,
+    /// Start a handshake at the next timer tick (after a key change).
+    initiate: bool,
+}
+
+/// A peer's session under its previous key pair (see the module docs).
+struct Previous {
+    tunn: Tunn,
+    /// The index its sessions carry; [`Node::aliases`] maps it to the peer.
+    index: u32,
+    /// Dropped then.
+    until: Instant,
+}
+
+/// Whether `encapsulate` would use an established session rather than queue
+/// the packet behind a handshake.
+fn has_session(tunn: &Tunn) -> bool {
+    tunn.time_since_last_handshake().is_some()
 }
 
 /// The data-plane state of one node: its key, its peers and their sessions,
@@ -147,6 +184,8 @@ pub struct Node {
     /// By boringtun index (the top 24 bits of every session index).
     peers: BTreeMap<u32, Peer>,
     by_key: BTreeMap<PublicKey, u32>,
+    /// The index of a peer's previous session → the peer's index.
+    aliases: BTreeMap<u32, u32>,
     routes: AllowedIps<u32>,
     next_index: u32,
     next_tick: Instant,
@@ -178,6 +217,7 @@ impl Node {
             clock,
             peers: BTreeMap::new(),
             by_key: BTreeMap::new(),
+            aliases: BTreeMap::new(),
             routes: AllowedIps::new(),
             next_index: 1,
             next_tick: now,
@@ -188,6 +228,26 @@ impl Node {
 
     pub fn public_key(&self) -> PublicKey {
         self.private_key.public_key()
+    }
+
+    /// Replaces this node's key pair (a key rotation). Every peer gets a new
+    /// session under the new key, negotiated at once; until it is up, traffic
+    /// continues on the old one (see the module docs).
+    pub fn set_private_key(&mut self, private_key: PrivateKey, now: Instant) {
+        self.clock.enter(now);
+        let secret = private_key.to_static_secret();
+        self.public = boringtun::x25519::PublicKey::from(&secret);
+        self.secret = secret;
+        self.private_key = private_key;
+        // MAC1 of handshakes is keyed by the receiver's public key.
+        self.rate_limiter = Arc::new(RateLimiter::new(&self.public, HANDSHAKE_RATE_LIMIT));
+        let indices: Vec<u32> = self.peers.keys().copied().collect();
+        for index in indices {
+            if let Some(config) = self.peers.get(&index).map(|p| p.config.clone()) {
+                self.hand_over(index, &config, now);
+            }
+        }
+        tracing::info!(public_key = %self.public_key(), "private key replaced");
     }
 
     pub fn counters(&self) -> Counters {
@@ -238,10 +298,41 @@ impl Node {
 
     fn apply(&mut self, diff: &PeerDiff, new: &[PeerConfig], now: Instant) {
         self.clock.enter(now);
+        // A new key that takes over exactly the allowed IPs of a removed one
+        // is that peer after a key rotation: hand its session over instead
+        // of starting from nothing.
+        let mut successors: Vec<&PeerConfig> = Vec::new();
+        for config in &diff.added {
+            let prefixes = config.prefixes();
+            let predecessor = diff.removed.iter().find(|key| {
+                !prefixes.is_empty()
+                    && self
+                        .by_key
+                        .get(key)
+                        .and_then(|i| self.peers.get(i))
+                        .is_some_and(|p| p.config.prefixes() == prefixes)
+            });
+            let Some(&old_key) = predecessor else {
+                continue;
+            };
+            let Some(index) = self.by_key.remove(&old_key) else {
+                continue;
+            };
+            let new_index = self.hand_over(index, config, now);
+            self.by_key.insert(config.public_key, new_index);
+            if let Some(peer) = self.peers.get_mut(&new_index) {
+                if config.endpoint.is_some() {
+                    peer.endpoint = config.endpoint;
+                }
+                peer.keepalive = keepalive(config.persistent_keepalive);
+                peer.config = config.clone();
+            }
+            successors.push(config);
+            tracing::debug!(old = %old_key, new = %config.public_key, "peer key rotated");
+        }
         for key in &diff.removed {
             if let Some(index) = self.by_key.remove(key) {
-                self.peers.remove(&index);
-                self.routes.remove_value(|&i| i == index);
+                self.remove_peer(index);
                 tracing::debug!(peer = %key, "peer removed");
             }
         }
@@ -284,6 +375,9 @@ impl Node {
             tracing::debug!(peer = %change.public_key, "peer changed");
         }
         for config in &diff.added {
+            if successors.iter().any(|s| s.public_key == config.public_key) {
+                continue;
+            }
             let index = self.allocate_index();
             let tunn = self.new_tunn(config, index);
             for net in &config.allowed_ips {
@@ -298,10 +392,69 @@ impl Node {
                     endpoint: config.endpoint,
                     keepalive: keepalive(config.persistent_keepalive),
                     last_sent: now,
+                    previous: None,
+                    initiate: false,
                 },
             );
             tracing::debug!(peer = %config.public_key, index, "peer added");
         }
+    }
+
+    fn remove_peer(&mut self, index: u32) {
+        if let Some(peer) = self.peers.remove(&index) {
+            if let Some(prev) = peer.previous {
+                self.aliases.remove(&prev.index);
+            }
+        }
+        self.routes.remove_value(|&i| i == index);
+    }
+
+    /// Moves the peer at `index` to a new index with a new `Tunn` for
+    /// `config` (under the node's current key), keeping the session that
+    /// works as its previous one; returns the new index. The caller updates
+    /// `by_key` if the peer's key changed.
+    fn hand_over(&mut self, index: u32, config: &PeerConfig, now: Instant) -> u32 {
+        let Some(mut peer) = self.peers.remove(&index) else {
+            return index;
+        };
+        let new_index = self.allocate_index_except(index);
+        let fresh = self.new_tunn(config, new_index);
+        let old = std::mem::replace(&mut peer.tunn, fresh);
+        // Keep whichever older session carries traffic: after two quick
+        // rotations, that is the first one's.
+        let keep_old = has_session(&old) || peer.previous.is_none();
+        if keep_old {
+            if let Some(prev) = peer.previous.take() {
+                self.aliases.remove(&prev.index);
+            }
+            peer.previous = Some(Previous {
+                tunn: old,
+                index,
+                until: now + HANDOVER_LIMIT,
+            });
+            self.aliases.insert(index, new_index);
+        } else if let Some(prev) = &peer.previous {
+            self.aliases.insert(prev.index, new_index);
+        }
+        peer.initiate = true;
+        self.peers.insert(new_index, peer);
+        let owned: Vec<IpNet> = self
+            .routes
+            .iter()
+            .filter(|(_, &owner)| owner == index)
+            .map(|(net, _)| net)
+            .collect();
+        for net in owned {
+            self.routes.insert(net, new_index);
+        }
+        for key_index in self.by_key.values_mut() {
+            if *key_index == index {
+                *key_index = new_index;
+            }
+        }
+        // The handshake goes out at the next timer call, not a tick later.
+        self.next_tick = self.next_tick.min(now);
+        new_index
     }
 
     fn new_tunn(&self, config: &PeerConfig, index: u32) -> Tunn {
@@ -320,10 +473,18 @@ impl Node {
     /// Session indices carry the peer index in 24 bits; a fresh one for each
     /// peer keeps stale datagrams of a removed peer from reaching its successor.
     fn allocate_index(&mut self) -> u32 {
+        self.allocate_index_except(0)
+    }
+
+    fn allocate_index_except(&mut self, taken: u32) -> u32 {
         loop {
             let index = self.next_index;
             self.next_index = (self.next_index + 1) & 0x00ff_ffff;
-            if index != 0 && !self.peers.contains_key(&index) {
+            if index != 0
+                && index != taken
+                && !self.peers.contains_key(&index)
+                && !self.aliases.contains_key(&index)
+            {
                 return index;
             }
         }
@@ -356,9 +517,15 @@ impl Node {
             self.counters.no_endpoint += 1;
             return;
         };
+        // During a key change, the old session carries traffic until the
+        // new one is up.
+        let tunn = match &mut peer.previous {
+            Some(prev) if !has_session(&peer.tunn) && has_session(&prev.tunn) => &mut prev.tunn,
+            _ => &mut peer.tunn,
+        };
         let mut data = false;
         sink.udp(len).push_with(endpoint, len, |buf| {
-            match peer.tunn.encapsulate(packet, buf) {
+            match tunn.encapsulate(packet, buf) {
                 TunnResult::WriteToNetwork(out) => {
                     // A handshake initiation instead means the packet was queued.
                     data = out.first() == Some(&4);
@@ -401,18 +568,28 @@ impl Node {
                 return;
             }
         };
+        // A session of a peer's previous key pair (during a key change).
+        let (index, previous) = match self.aliases.get(&index) {
+            Some(&current) => (current, true),
+            None => (index, false),
+        };
         let Some(peer) = self.peers.get_mut(&index) else {
             self.counters.unknown_peer += 1;
             return;
         };
         if datagram.first() == Some(&4) {
-            self.decrypt_data(index, from, datagram, sink);
+            self.decrypt_data(index, previous, from, datagram, sink);
             return;
         }
-        match peer
-            .tunn
-            .decapsulate(Some(from.ip()), datagram, &mut self.scratch)
-        {
+        let tunn = match (&mut peer.previous, previous) {
+            (Some(prev), true) => &mut prev.tunn,
+            (None, true) => {
+                self.counters.unknown_peer += 1;
+                return;
+            }
+            (_, false) => &mut peer.tunn,
+        };
+        match tunn.decapsulate(Some(from.ip()), datagram, &mut self.scratch) {
             TunnResult::WriteToNetwork(reply) => {
                 peer.endpoint = Some(from);
                 peer.last_sent = now;
@@ -420,7 +597,7 @@ impl Node {
                 sink.udp(len).push(from, reply);
                 // A completed handshake releases what boringtun queued.
                 while let TunnResult::WriteToNetwork(queued) =
-                    peer.tunn.decapsulate(None, &[], &mut self.scratch)
+                    tunn.decapsulate(None, &[], &mut self.scratch)
                 {
                     sink.udp(queued.len()).push(from, queued);
                     self.counters.tx_packets += 1;
@@ -480,9 +657,12 @@ impl Node {
         }
     }
 
+    /// Decrypts a data datagram of peer `index`, with its previous session's
+    /// `Tunn` if `previous`.
     fn decrypt_data(
         &mut self,
         index: u32,
+        previous: bool,
         from: SocketAddr,
         datagram: &[u8],
         sink: &mut impl Sink,
@@ -496,9 +676,18 @@ impl Node {
         let Some(peer) = peers.get_mut(&index) else {
             return;
         };
+        let tunn = match (&mut peer.previous, previous) {
+            (Some(prev), true) => &mut prev.tunn,
+            (None, true) => {
+                counters.unknown_peer += 1;
+                return;
+            }
+            (_, false) => &mut peer.tunn,
+        };
+        let public_key = peer.config.public_key;
         let mut authenticated = false;
         sink.tun().push_with(|buf| {
-            let (packet, src) = match peer.tunn.decapsulate(Some(from.ip()), datagram, buf) {
+            let (packet, src) = match tunn.decapsulate(Some(from.ip()), datagram, buf) {
                 TunnResult::WriteToTunnelV4(p, src) => (p, IpAddr::V4(src)),
                 TunnResult::WriteToTunnelV6(p, src) => (p, IpAddr::V6(src)),
                 // A keepalive.
@@ -515,7 +704,7 @@ impl Node {
             };
             authenticated = true;
             if routes.longest_match(src) != Some(&index) {
-                tracing::trace!(%src, peer = %peer.config.public_key, "spoofed source");
+                tracing::trace!(%src, peer = %public_key, "spoofed source");
                 counters.spoofed += 1;
                 return 0;
             }
@@ -544,8 +733,29 @@ impl Node {
         // Tunns given a shared limiter leave its reset to us; it keeps its own
         // one-second period.
         self.rate_limiter.reset_count();
+        let mut retired = Vec::new();
         for peer in self.peers.values_mut() {
             let endpoint = peer.endpoint;
+            if let Some(prev) = &mut peer.previous {
+                if has_session(&peer.tunn) {
+                    prev.until = prev.until.min(now + HANDOVER_GRACE);
+                }
+                if now >= prev.until {
+                    retired.push(prev.index);
+                    peer.previous = None;
+                }
+            }
+            if std::mem::take(&mut peer.initiate) {
+                if let Some(e) = endpoint {
+                    if let TunnResult::WriteToNetwork(p) = peer
+                        .tunn
+                        .format_handshake_initiation(&mut self.scratch, false)
+                    {
+                        sink.udp(p.len()).push(e, p);
+                        peer.last_sent = now;
+                    }
+                }
+            }
             match peer.tunn.update_timers(&mut self.scratch) {
                 TunnResult::WriteToNetwork(p) => {
                     if let Some(e) = endpoint {
@@ -566,6 +776,9 @@ impl Node {
                 }
                 peer.last_sent = now;
             }
+        }
+        for index in retired {
+            self.aliases.remove(&index);
         }
     }
 }
