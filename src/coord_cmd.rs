@@ -21,8 +21,9 @@ const DEFAULT_STATE: &str = "/var/lib/meshd-coord";
 pub struct CoordArgs {
     #[command(subcommand)]
     admin: Option<AdminCmd>,
+    // Boxed: the server's flags would make every `meshd` command this large.
     #[command(flatten)]
-    serve: ServeArgs,
+    serve: Box<ServeArgs>,
 }
 
 /// Without a subcommand, `meshd coord` runs the coordinator.
@@ -163,7 +164,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub fn run(args: CoordArgs) -> Result<()> {
     match args.admin {
-        None => serve(args.serve),
+        None => serve(*args.serve),
         Some(cmd) => admin(cmd),
     }
 }

@@ -4,8 +4,10 @@
 //! [`Coordinator`] is the sans-IO core (no sockets, no clock); [`Store`] is
 //! where its records live.
 
+pub mod admin;
 pub mod coordinator;
 pub mod net;
+pub mod service;
 pub mod state;
 pub mod store;
 pub mod visibility;

@@ -47,7 +47,7 @@ pub enum NetError {
     },
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    #[error("state store: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
@@ -185,14 +185,16 @@ impl Server {
         &self,
         f: impl FnOnce(&mut Coordinator, SystemTime) -> R + Send + 'static,
     ) -> Result<R, NetError> {
-        let (tx, rx) = oneshot::channel();
-        let call: Call = Box::new(move |c, now| {
-            let _ = tx.send(f(c, now));
-        });
-        self.events
-            .send(Event::Call(call))
-            .map_err(|_| NetError::Stopped)?;
-        rx.await.map_err(|_| NetError::Stopped)
+        self.caller().call(f).await
+    }
+
+    /// A handle for [`Server::call`] that other tasks can keep (the admin
+    /// API); it does not keep the coordinator running after
+    /// [`Server::shutdown`].
+    pub fn caller(&self) -> Caller {
+        Caller {
+            events: self.events.clone(),
+        }
     }
 
     /// Stops listening, closes every connection and stops the coordinator.
@@ -215,6 +217,36 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Runs functions on the coordinator's thread; see [`Server::caller`].
+#[derive(Clone)]
+pub struct Caller {
+    events: mpsc::Sender<Event>,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller").finish_non_exhaustive()
+    }
+}
+
+impl Caller {
+    /// Runs `f` on the coordinator's thread, between two events, with the
+    /// current time. [`NetError::Stopped`] once the coordinator has stopped.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Coordinator, SystemTime) -> R + Send + 'static,
+    ) -> Result<R, NetError> {
+        let (tx, rx) = oneshot::channel();
+        let call: Call = Box::new(move |c, now| {
+            let _ = tx.send(f(c, now));
+        });
+        self.events
+            .send(Event::Call(call))
+            .map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
     }
 }
 

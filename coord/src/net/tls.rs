@@ -11,6 +11,7 @@ use std::sync::Arc;
 use rand::RngCore;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{ring, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use x25519_dalek::StaticSecret;
@@ -38,13 +39,19 @@ pub enum IdentityError {
     Malformed { path: PathBuf, what: &'static str },
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("{}: {what}", path.display())]
+    Pem { path: PathBuf, what: String },
 }
 
 /// What identifies a coordinator: its TLS certificate and key, and the X25519
 /// key the proofs of key possession are made against. `Debug` hides the keys.
 pub struct Identity {
+    /// The certificate the server presents (its SHA-256 is the pin).
     pub cert_der: Vec<u8>,
-    key_der: Vec<u8>,
+    /// Intermediate certificates sent after it (an operator's certificate
+    /// chain); empty for the self-signed one.
+    chain: Vec<Vec<u8>>,
+    key: PrivateKeyDer<'static>,
     pub static_key: StaticSecret,
 }
 
@@ -97,7 +104,15 @@ impl Identity {
         let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
         let (cert_der, key_der) = match (read(&cert_path)?, read(&key_path)?) {
             (Some(c), Some(k)) => (c, k),
-            _ => {
+            (c, k) => {
+                if c.is_none() && k.is_some() {
+                    // A crash between the two writes below: the key alone is
+                    // useless (nothing was ever pinned to it), start over.
+                    fs::remove_file(&key_path).map_err(|source| IdentityError::Io {
+                        path: key_path.clone(),
+                        source,
+                    })?;
+                }
                 let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])?;
                 let (c, k) = (ck.cert.der().to_vec(), ck.signing_key.serialize_der());
                 // Key first: a crash in between leaves no certificate without its key.
@@ -107,27 +122,65 @@ impl Identity {
                 (c, k)
             }
         };
-        let static_path = dir.join(STATIC_FILE);
-        let static_key = match read(&static_path)? {
-            Some(b) => {
-                let bytes: [u8; 32] = b.try_into().map_err(|_| IdentityError::Malformed {
-                    path: static_path.clone(),
-                    what: "32 bytes of X25519 private key",
-                })?;
-                StaticSecret::from(bytes)
-            }
-            None => {
-                let mut bytes = [0u8; 32];
-                rand::rng().fill_bytes(&mut bytes);
-                write_new(&static_path, &bytes)?;
-                StaticSecret::from(bytes)
-            }
-        };
         Ok(Identity {
             cert_der,
-            key_der,
-            static_key,
+            chain: Vec::new(),
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
+            static_key: load_static_key(dir)?,
         })
+    }
+
+    /// An operator-supplied certificate (PEM, the server's certificate first,
+    /// then any intermediates) and its private key (PEM: PKCS#8, SEC1 or
+    /// PKCS#1) instead of the self-signed one. The pin is then that
+    /// certificate's. The X25519 key for proofs still lives in `dir`. The key
+    /// must belong to the certificate, which is checked here.
+    pub fn with_certificate(
+        dir: &Path,
+        cert_pem: &Path,
+        key_pem: &Path,
+    ) -> Result<Self, IdentityError> {
+        let pem_error = |path: &Path, e: rustls::pki_types::pem::Error| IdentityError::Pem {
+            path: path.to_owned(),
+            what: match e {
+                rustls::pki_types::pem::Error::Io(e) => e.to_string(),
+                other => format!("not valid PEM ({other:?})"),
+            },
+        };
+        let mut certs = Vec::new();
+        for c in CertificateDer::pem_file_iter(cert_pem).map_err(|e| pem_error(cert_pem, e))? {
+            certs.push(c.map_err(|e| pem_error(cert_pem, e))?.to_vec());
+        }
+        if certs.is_empty() {
+            return Err(IdentityError::Pem {
+                path: cert_pem.to_owned(),
+                what: "contains no CERTIFICATE block".into(),
+            });
+        }
+        let key = PrivateKeyDer::from_pem_file(key_pem).map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => IdentityError::Pem {
+                path: key_pem.to_owned(),
+                what: "contains no PRIVATE KEY block".into(),
+            },
+            e => pem_error(key_pem, e),
+        })?;
+        fs::create_dir_all(dir).map_err(|source| IdentityError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let cert_der = certs.remove(0);
+        let identity = Identity {
+            cert_der,
+            chain: certs,
+            key,
+            static_key: load_static_key(dir)?,
+        };
+        // Refuses a key that does not match the certificate, or a key type
+        // the TLS library cannot sign with, now rather than at the first
+        // connection.
+        identity.server_config()?;
+        tracing::info!(pin = %Hex(&identity.pin()), certificate = %cert_pem.display(), "using the operator's certificate");
+        Ok(identity)
     }
 
     /// The SHA-256 pin that join tokens carry.
@@ -137,13 +190,36 @@ impl Identity {
 
     /// TLS 1.3 only, ALPN `meshd/1`, no client certificates.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, IdentityError> {
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
+        let chain = std::iter::once(&self.cert_der)
+            .chain(&self.chain)
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
-            .with_single_cert(vec![CertificateDer::from(self.cert_der.clone())], key)?;
+            .with_single_cert(chain, self.key.clone_key())?;
         config.alpn_protocols = vec![ALPN.to_vec()];
         Ok(config)
+    }
+}
+
+/// The coordinator's X25519 key for proofs, created on first start.
+fn load_static_key(dir: &Path) -> Result<StaticSecret, IdentityError> {
+    let static_path = dir.join(STATIC_FILE);
+    match read(&static_path)? {
+        Some(b) => {
+            let bytes: [u8; 32] = b.try_into().map_err(|_| IdentityError::Malformed {
+                path: static_path.clone(),
+                what: "32 bytes of X25519 private key",
+            })?;
+            Ok(StaticSecret::from(bytes))
+        }
+        None => {
+            let mut bytes = [0u8; 32];
+            rand::rng().fill_bytes(&mut bytes);
+            write_new(&static_path, &bytes)?;
+            Ok(StaticSecret::from(bytes))
+        }
     }
 }
 

@@ -110,9 +110,42 @@ fn map_err(e: postgres::Error) -> StoreError {
     }
 }
 
+/// How long a connection attempt may take when the connection string sets no
+/// `connect_timeout`: a server behind a firewall that drops packets would
+/// otherwise hold the coordinator for the kernel's TCP timeout (minutes).
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn connect(config: &str) -> Result<Client, StoreError> {
-    Client::connect(config, NoTls)
-        .map_err(|e| StoreError::Unavailable(format!("cannot connect to PostgreSQL: {e}")))
+    // The connection string may hold a password, so it is never quoted in
+    // an error; the parser's message does not quote it either.
+    let mut parsed: postgres::Config = config.parse().map_err(|e| {
+        StoreError::Unavailable(format!("invalid PostgreSQL connection string: {e}"))
+    })?;
+    if parsed.get_connect_timeout().is_none() {
+        parsed.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+    }
+    let ports = parsed.get_ports();
+    let servers: Vec<String> = parsed
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match h {
+                postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                postgres::config::Host::Unix(p) => format!("{}", p.display()),
+            }
+        })
+        .collect();
+    parsed.connect(NoTls).map_err(|e| {
+        // postgres' own message ("error connecting to server") leaves the
+        // cause (refused, timed out, bad password) to its source.
+        let cause = std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
+        StoreError::Unavailable(format!(
+            "cannot connect to PostgreSQL at {}: {e}{cause}",
+            servers.join(", ")
+        ))
+    })
 }
 
 impl PgStore {
