@@ -192,9 +192,10 @@ fn serve(a: ServeArgs) -> Result<()> {
     })
     .context("cannot install the SIGINT/SIGTERM handler")?;
     runtime.block_on(async {
+        // One line: each error's message already includes its cause.
         let service = Service::start(config)
             .await
-            .context("cannot start the coordinator")?;
+            .map_err(|e| anyhow::anyhow!("cannot start the coordinator: {e}"))?;
         stop_rx.recv().await;
         tracing::info!("stopping on signal");
         service.shutdown().await;

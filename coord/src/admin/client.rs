@@ -31,11 +31,10 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{}: {source}{hint}", path.display())]
+    #[error("{}: {error}{hint}", path.display())]
     File {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
         hint: &'static str,
     },
     #[error("invalid admin URL {0:?}: expected http://HOST:PORT")]
@@ -73,9 +72,9 @@ impl std::fmt::Debug for AdminClient {
 }
 
 fn read_file(path: &Path, hint: &'static str) -> Result<String, ClientError> {
-    fs::read_to_string(path).map_err(|source| ClientError::File {
+    fs::read_to_string(path).map_err(|error| ClientError::File {
         path: path.to_owned(),
-        source,
+        error,
         hint,
     })
 }

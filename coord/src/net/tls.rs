@@ -178,7 +178,13 @@ impl Identity {
         // Refuses a key that does not match the certificate, or a key type
         // the TLS library cannot sign with, now rather than at the first
         // connection.
-        identity.server_config()?;
+        identity.server_config().map_err(|e| match e {
+            IdentityError::Tls(rustls::Error::InconsistentKeys(_)) => IdentityError::Pem {
+                path: key_pem.to_owned(),
+                what: format!("is not the private key of {}", cert_pem.display()),
+            },
+            e => e,
+        })?;
         tracing::info!(pin = %Hex(&identity.pin()), certificate = %cert_pem.display(), "using the operator's certificate");
         Ok(identity)
     }
