@@ -3,14 +3,17 @@
 //! the self-signed one, a public admin listener, and the admin API driven
 //! through its client (what `meshd coord token|nodes …` use).
 
+mod support;
+
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use meshd_coord::admin::client::{AdminClient, ClientError};
 use meshd_coord::admin::{CreateToken, Expires};
 use meshd_coord::net::{ClientConn, Transport};
 use meshd_coord::service::{Service, ServiceConfig, ServiceError};
 use meshd_proto::token::{cert_pin, JoinToken};
+use support::pg::TestPostgres;
 
 fn config(dir: &Path) -> ServiceConfig {
     ServiceConfig {
@@ -140,4 +143,54 @@ async fn admin_calls_fail_cleanly_once_the_coordinator_is_gone() {
     service.shutdown().await;
     let err = client.list_tokens().await.unwrap_err();
     assert!(matches!(err, ClientError::Connect { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_postgres_share_what_each_admin_api_changes() {
+    let pg = tokio::task::spawn_blocking(TestPostgres::start)
+        .await
+        .unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut ca = config(da.path());
+    ca.database = Some(pg.url());
+    let a = Service::start(ca).await.unwrap();
+    // A replica serves the same identity: its files copied from the first.
+    std::fs::create_dir(db.path().join("state")).unwrap();
+    for f in ["coord-cert.der", "coord-key.der", "coord-x25519.key"] {
+        std::fs::copy(
+            da.path().join("state").join(f),
+            db.path().join("state").join(f),
+        )
+        .unwrap();
+    }
+    let mut cb = config(db.path());
+    cb.database = Some(pg.url());
+    let b = Service::start(cb).await.unwrap();
+    assert_eq!(a.cert_pin, b.cert_pin);
+    let (admin_a, admin_b) = (admin(&a, da.path()), admin(&b, db.path()));
+
+    let created = admin_a.create_token(&CreateToken::default()).await.unwrap();
+    let id = created.info.id.clone();
+    seen_by(&admin_b, &id, "valid").await;
+    admin_b.revoke_token(&id).await.unwrap();
+    seen_by(&admin_a, &id, "revoked").await;
+    a.shutdown().await;
+    b.shutdown().await;
+    drop(pg);
+}
+
+/// Waits until `client` lists token `id` in `state`.
+async fn seen_by(client: &AdminClient, id: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tokens = client.list_tokens().await.unwrap();
+        if tokens.iter().any(|t| t.id == id && t.state == state) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{state} token {id} not seen: {tokens:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
