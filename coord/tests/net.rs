@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use meshd_coord::net::tls::Identity;
-use meshd_coord::net::{ClientConn, NetError, Server, Transport};
+use meshd_coord::net::{ClientConn, ConnError, Server, Transport};
 use meshd_coord::*;
 use meshd_proto::client::{Client, ClientEvent, Join};
 use meshd_proto::token::JoinToken;
@@ -126,7 +126,7 @@ async fn a_token_for_another_coordinator_fails_on_the_pin() {
         wrong.cert_pin[0] ^= 1;
         let err = ClientConn::connect(&wrong, transport).await.unwrap_err();
         assert!(
-            matches!(&err, NetError::Connect { reason, .. } if reason.contains("pin")),
+            matches!(&err, ConnError::Connect { reason, .. } if reason.contains("pin")),
             "{transport:?}: {err}"
         );
     }

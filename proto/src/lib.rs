@@ -21,3 +21,11 @@ pub const VERSION: u8 = 1;
 
 /// Largest frame, counted after its 4-byte length: 1 MiB.
 pub const MAX_FRAME_LEN: usize = 1 << 20;
+
+/// ALPN protocol id of control protocol version 1, on QUIC and on TLS/TCP.
+pub const ALPN: &[u8] = b"meshd/1";
+/// TLS exporter label of the channel binding (docs/control-protocol.md).
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-meshd-control";
+/// The name in the coordinator's self-signed certificate; nodes do not check
+/// it (they check the certificate's pin).
+pub const SERVER_NAME: &str = "meshd-coordinator";

@@ -9,6 +9,10 @@
 
 pub mod tls;
 
+// The node's end lives in `meshd_control` (a node must not link the
+// coordinator's databases); re-exported for tests and tools that play a node.
+pub use meshd_control::{ClientConn, ConnError, Transport};
+
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
@@ -16,26 +20,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
-use meshd_proto::token::JoinToken;
 use meshd_proto::{encode, DecodeError, FrameDecoder, Message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::coordinator::{Action, Coordinator, SessionId};
 use crate::store::StoreError;
-use tls::{Identity, IdentityError, EXPORTER_LABEL, SERVER_NAME};
+use meshd_proto::EXPORTER_LABEL;
+use tls::{Identity, IdentityError};
 
 /// How long a connection may take to finish its TLS or QUIC handshake. The
 /// control protocol's own handshake timeout is the core's.
 const TRANSPORT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Quic,
-    Tcp,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -51,14 +49,10 @@ pub enum NetError {
     Store(#[from] StoreError),
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
-    #[error("cannot reach the coordinator at {addr}: {reason}")]
-    Connect { addr: String, reason: String },
     #[error("the coordinator thread has stopped")]
     Stopped,
     #[error("connection: {0}")]
     Io(#[from] io::Error),
-    #[error("coordinator sent a malformed frame: {0}")]
-    Decode(#[from] DecodeError),
 }
 
 /// Wakes the coordinator thread when the store has remote changes.
@@ -463,161 +457,4 @@ async fn run_stream<R, W>(
         }
     }
     let _ = events.send(Event::Closed { conn });
-}
-
-/// The node's end of a control connection.
-pub struct ClientConn {
-    binding: [u8; 32],
-    reader: Box<dyn AsyncRead + Unpin + Send>,
-    writer: Box<dyn AsyncWrite + Unpin + Send>,
-    decoder: FrameDecoder,
-    buf: Vec<u8>,
-    // Keeps a QUIC connection (and its endpoint) alive as long as the streams.
-    _quic: Option<(quinn::Endpoint, quinn::Connection)>,
-}
-
-impl std::fmt::Debug for ClientConn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientConn").finish_non_exhaustive()
-    }
-}
-
-impl ClientConn {
-    /// Connects to the first of the token's coordinator addresses that
-    /// answers, accepting only the certificate the token pins.
-    pub async fn connect(token: &JoinToken, transport: Transport) -> Result<Self, NetError> {
-        let mut last = None;
-        for addr in &token.addresses {
-            match Self::connect_one(addr, token.cert_pin, transport).await {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    tracing::debug!(%addr, error = %e, "coordinator address failed");
-                    last = Some(e);
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| NetError::Connect {
-            addr: String::new(),
-            reason: "the token names no address".into(),
-        }))
-    }
-
-    async fn connect_one(
-        addr: &str,
-        pin: [u8; 32],
-        transport: Transport,
-    ) -> Result<Self, NetError> {
-        let failed = |reason: String| NetError::Connect {
-            addr: addr.to_owned(),
-            reason,
-        };
-        let target = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|e| failed(e.to_string()))?
-            .next()
-            .ok_or_else(|| failed("name has no address".into()))?;
-        let config = tls::client_config(pin)?;
-        let connect = async {
-            match transport {
-                Transport::Quic => {
-                    let local: SocketAddr = if target.is_ipv4() {
-                        ([0, 0, 0, 0], 0).into()
-                    } else {
-                        ([0u16; 8], 0).into()
-                    };
-                    let mut endpoint = quinn::Endpoint::client(local)?;
-                    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config)
-                        .map_err(|e| failed(e.to_string()))?;
-                    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-                    let connection = endpoint
-                        .connect(target, SERVER_NAME)
-                        .map_err(|e| failed(e.to_string()))?
-                        .await
-                        .map_err(|e| failed(e.to_string()))?;
-                    let mut binding = [0u8; 32];
-                    connection
-                        .export_keying_material(&mut binding, EXPORTER_LABEL, b"")
-                        .map_err(|_| failed("TLS exporter unavailable".into()))?;
-                    let (send, recv) = connection
-                        .accept_bi()
-                        .await
-                        .map_err(|e| failed(e.to_string()))?;
-                    Ok(ClientConn::new(
-                        binding,
-                        Box::new(recv),
-                        Box::new(send),
-                        Some((endpoint, connection)),
-                    ))
-                }
-                Transport::Tcp => {
-                    let tcp = TcpStream::connect(target).await?;
-                    let _ = tcp.set_nodelay(true);
-                    let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)
-                        .map_err(|e| failed(e.to_string()))?;
-                    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                        .connect(name, tcp)
-                        .await
-                        .map_err(|e| failed(e.to_string()))?;
-                    let binding = tls.get_ref().1.export_keying_material(
-                        [0u8; 32],
-                        EXPORTER_LABEL,
-                        Some(b""),
-                    )?;
-                    let (r, w) = tokio::io::split(tls);
-                    Ok(ClientConn::new(binding, Box::new(r), Box::new(w), None))
-                }
-            }
-        };
-        tokio::time::timeout(TRANSPORT_HANDSHAKE_TIMEOUT, connect)
-            .await
-            .map_err(|_| failed("handshake timed out".into()))?
-    }
-
-    fn new(
-        binding: [u8; 32],
-        reader: Box<dyn AsyncRead + Unpin + Send>,
-        writer: Box<dyn AsyncWrite + Unpin + Send>,
-        quic: Option<(quinn::Endpoint, quinn::Connection)>,
-    ) -> Self {
-        ClientConn {
-            binding,
-            reader,
-            writer,
-            decoder: FrameDecoder::new(),
-            buf: vec![0; 16 * 1024],
-            _quic: quic,
-        }
-    }
-
-    /// The channel binding for [`meshd_proto::client::Client::new`].
-    pub fn binding(&self) -> &[u8; 32] {
-        &self.binding
-    }
-
-    pub async fn send(&mut self, msg: &Message) -> Result<(), NetError> {
-        let bytes = encode(msg).map_err(|e| io::Error::other(e.to_string()))?;
-        self.send_raw(&bytes).await
-    }
-
-    /// Writes bytes as they are (tests use it to send malformed frames).
-    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), NetError> {
-        self.writer.write_all(bytes).await?;
-        self.writer.flush().await?;
-        Ok(())
-    }
-
-    /// The next message; `None` when the coordinator closed the stream cleanly.
-    pub async fn recv(&mut self) -> Result<Option<Message>, NetError> {
-        loop {
-            if let Some(m) = self.decoder.next_message()? {
-                return Ok(Some(m));
-            }
-            let n = self.reader.read(&mut self.buf).await?;
-            if n == 0 {
-                self.decoder.finish()?;
-                return Ok(None);
-            }
-            self.decoder.feed(&self.buf[..n]);
-        }
-    }
 }

@@ -1,6 +1,6 @@
-//! The coordinator's identity and the TLS configurations of both sides. The
-//! certificate is self-signed; nodes accept it by its SHA-256 pin from the
-//! join token, so there is no CA and no name check.
+//! The coordinator's identity and its TLS configuration. The certificate is
+//! self-signed; nodes accept it by its SHA-256 pin from the join token
+//! (`meshd_control`), so there is no CA and no name check.
 
 use std::fs;
 use std::io::Write;
@@ -9,21 +9,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rand::RngCore;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{ring, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use x25519_dalek::StaticSecret;
 
 use meshd_proto::token::{cert_pin, Hex};
 
-/// ALPN protocol id of control protocol version 1, on QUIC and on TLS/TCP.
-pub const ALPN: &[u8] = b"meshd/1";
-/// TLS exporter label of the channel binding (docs/control-protocol.md).
-pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-meshd-control";
-/// The name in the self-signed certificate; nodes do not check it.
-pub const SERVER_NAME: &str = "meshd-coordinator";
+pub use meshd_proto::{ALPN, EXPORTER_LABEL, SERVER_NAME};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -231,77 +224,4 @@ fn load_static_key(dir: &Path) -> Result<StaticSecret, IdentityError> {
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
-}
-
-/// The node's TLS configuration: accepts exactly the certificate whose
-/// SHA-256 is `pin`.
-pub fn client_config(pin: [u8; 32]) -> Result<rustls::ClientConfig, rustls::Error> {
-    let provider = provider();
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN.to_vec()];
-    Ok(config)
-}
-
-/// Accepts the server certificate by its hash alone. The handshake signature
-/// is still verified with the certificate's key, so only the holder of the
-/// pinned certificate's private key can complete the handshake.
-#[derive(Debug)]
-struct PinVerifier {
-    pin: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if cert_pin(end_entity.as_ref()) == self.pin {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
-                "coordinator certificate does not match the join token's pin {} \
-                 (a different coordinator, or a token for another mesh)",
-                Hex(&self.pin)
-            )))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // Only TLS 1.3 is offered, so this is never reached by a valid handshake.
-        Err(rustls::Error::General("TLS 1.2 is not supported".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

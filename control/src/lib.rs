@@ -1,0 +1,385 @@
+//! The node's end of a control connection (docs/control-protocol.md,
+//! "Transport"): the framed protocol over QUIC, or over TLS on TCP for
+//! networks that drop UDP, accepting only the coordinator certificate whose
+//! SHA-256 the join token pins.
+//!
+//! This is transport only: what to send and what a message means is
+//! [`meshd_proto::client::Client`]'s business. It lives apart from the
+//! coordinator so that a node does not link the coordinator's databases.
+
+mod pin;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshd_proto::token::JoinToken;
+use meshd_proto::{encode, DecodeError, EncodeError, FrameDecoder, Message};
+use meshd_proto::{EXPORTER_LABEL, SERVER_NAME};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub use pin::client_config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Quic,
+    Tcp,
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Quic => "QUIC",
+            Transport::Tcp => "TLS/TCP",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("cannot reach the coordinator at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("control connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("coordinator sent a malformed frame: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("cannot encode {0}")]
+    Encode(#[from] EncodeError),
+}
+
+/// Timing of connection attempts and of liveness checks.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// How long one transport's handshake (TCP + TLS, or QUIC) may take.
+    pub handshake_timeout: Duration,
+    /// How long QUIC has on its own before TLS/TCP is tried alongside it
+    /// (sooner if QUIC fails first). The first transport up is used.
+    pub quic_head_start: Duration,
+    /// QUIC keep-alive interval: an idle session still shows that the
+    /// coordinator is there.
+    pub quic_keep_alive: Duration,
+    /// A QUIC connection that hears nothing this long is dead (a killed
+    /// coordinator sends no close).
+    pub quic_idle_timeout: Duration,
+    /// TCP keep-alive: first probe after this much silence, then every
+    /// `tcp_keepalive / 2`, three probes.
+    pub tcp_keepalive: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            handshake_timeout: Duration::from_secs(10),
+            quic_head_start: Duration::from_secs(1),
+            quic_keep_alive: Duration::from_secs(5),
+            quic_idle_timeout: Duration::from_secs(15),
+            tcp_keepalive: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The node's end of a control connection.
+pub struct ClientConn {
+    binding: [u8; 32],
+    transport: Transport,
+    remote: SocketAddr,
+    reader: Box<dyn AsyncRead + Unpin + Send>,
+    writer: Box<dyn AsyncWrite + Unpin + Send>,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+    // Keeps a QUIC connection (and its endpoint) alive as long as the streams.
+    quic: Option<(quinn::Endpoint, quinn::Connection)>,
+}
+
+impl fmt::Debug for ClientConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConn")
+            .field("transport", &self.transport)
+            .field("remote", &self.remote)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves `host:port` to its first address.
+async fn resolve(addr: &str) -> Result<SocketAddr, ConnError> {
+    let failed = |reason: String| ConnError::Connect {
+        addr: addr.to_owned(),
+        reason,
+    };
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .next()
+        .ok_or_else(|| failed("name has no address".into()))
+}
+
+impl ClientConn {
+    /// Connects to the first of the token's coordinator addresses that
+    /// answers over `transport`, accepting only the certificate the token
+    /// pins.
+    pub async fn connect(token: &JoinToken, transport: Transport) -> Result<Self, ConnError> {
+        let mut last = None;
+        for addr in &token.addresses {
+            match Self::connect_to(addr, token.cert_pin, transport, &ConnectOptions::default())
+                .await
+            {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "coordinator address failed");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ConnError::Connect {
+            addr: String::new(),
+            reason: "the token names no address".into(),
+        }))
+    }
+
+    /// Connects to `addr` over QUIC, and over TLS/TCP too if QUIC is not up
+    /// within the head start; the first to complete wins. Both failing is
+    /// one error naming both reasons.
+    pub async fn connect_any(
+        addr: &str,
+        pin: [u8; 32],
+        opts: &ConnectOptions,
+    ) -> Result<Self, ConnError> {
+        let target = resolve(addr).await?;
+        let (quic_failed, quic_failed_rx) = tokio::sync::oneshot::channel::<()>();
+        let quic = async {
+            let r = Self::connect_target(addr, target, pin, Transport::Quic, opts).await;
+            if r.is_err() {
+                let _ = quic_failed.send(());
+            }
+            r
+        };
+        let tcp = async {
+            // Either the head start passes or QUIC has already failed.
+            let _ = tokio::time::timeout(opts.quic_head_start, quic_failed_rx).await;
+            Self::connect_target(addr, target, pin, Transport::Tcp, opts).await
+        };
+        tokio::pin!(quic, tcp);
+        let (mut quic_err, mut tcp_err) = (None, None);
+        loop {
+            tokio::select! {
+                r = &mut quic, if quic_err.is_none() => match r {
+                    Ok(c) => return Ok(c),
+                    Err(e) => quic_err = Some(e),
+                },
+                r = &mut tcp, if tcp_err.is_none() => match r {
+                    Ok(c) => return Ok(c),
+                    Err(e) => tcp_err = Some(e),
+                },
+            }
+            if let (Some(q), Some(t)) = (&quic_err, &tcp_err) {
+                return Err(ConnError::Connect {
+                    addr: addr.to_owned(),
+                    reason: format!("QUIC: {}; TLS/TCP: {}", reason(q), reason(t)),
+                });
+            }
+        }
+    }
+
+    /// Connects to `addr` over one transport.
+    pub async fn connect_to(
+        addr: &str,
+        pin: [u8; 32],
+        transport: Transport,
+        opts: &ConnectOptions,
+    ) -> Result<Self, ConnError> {
+        let target = resolve(addr).await?;
+        Self::connect_target(addr, target, pin, transport, opts).await
+    }
+
+    async fn connect_target(
+        addr: &str,
+        target: SocketAddr,
+        pin: [u8; 32],
+        transport: Transport,
+        opts: &ConnectOptions,
+    ) -> Result<Self, ConnError> {
+        let failed = |reason: String| ConnError::Connect {
+            addr: addr.to_owned(),
+            reason,
+        };
+        let config = client_config(pin)?;
+        let connect = async {
+            match transport {
+                Transport::Quic => {
+                    let local: SocketAddr = if target.is_ipv4() {
+                        ([0, 0, 0, 0], 0).into()
+                    } else {
+                        ([0u16; 8], 0).into()
+                    };
+                    let mut endpoint = quinn::Endpoint::client(local)?;
+                    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config)
+                        .map_err(|e| failed(e.to_string()))?;
+                    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+                    let mut transport_config = quinn::TransportConfig::default();
+                    transport_config
+                        .keep_alive_interval(Some(opts.quic_keep_alive))
+                        .max_idle_timeout(Some(
+                            opts.quic_idle_timeout
+                                .try_into()
+                                .map_err(|_| failed("idle timeout out of range".into()))?,
+                        ));
+                    client.transport_config(Arc::new(transport_config));
+                    endpoint.set_default_client_config(client);
+                    let connection = endpoint
+                        .connect(target, SERVER_NAME)
+                        .map_err(|e| failed(e.to_string()))?
+                        .await
+                        .map_err(|e| failed(e.to_string()))?;
+                    let mut binding = [0u8; 32];
+                    connection
+                        .export_keying_material(&mut binding, EXPORTER_LABEL, b"")
+                        .map_err(|_| failed("TLS exporter unavailable".into()))?;
+                    // The coordinator speaks first, so it opens the stream.
+                    let (send, recv) = connection
+                        .accept_bi()
+                        .await
+                        .map_err(|e| failed(e.to_string()))?;
+                    Ok(ClientConn::new(
+                        binding,
+                        transport,
+                        target,
+                        Box::new(recv),
+                        Box::new(send),
+                        Some((endpoint, connection)),
+                    ))
+                }
+                Transport::Tcp => {
+                    let tcp = TcpStream::connect(target)
+                        .await
+                        .map_err(|e| failed(e.to_string()))?;
+                    let _ = tcp.set_nodelay(true);
+                    set_keepalive(&tcp, opts.tcp_keepalive);
+                    let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)
+                        .map_err(|e| failed(e.to_string()))?;
+                    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| failed(e.to_string()))?;
+                    let binding = tls.get_ref().1.export_keying_material(
+                        [0u8; 32],
+                        EXPORTER_LABEL,
+                        Some(b""),
+                    )?;
+                    let (r, w) = tokio::io::split(tls);
+                    Ok(ClientConn::new(
+                        binding,
+                        transport,
+                        target,
+                        Box::new(r),
+                        Box::new(w),
+                        None,
+                    ))
+                }
+            }
+        };
+        tokio::time::timeout(opts.handshake_timeout, connect)
+            .await
+            .map_err(|_| failed(format!("{transport} handshake timed out")))?
+    }
+
+    fn new(
+        binding: [u8; 32],
+        transport: Transport,
+        remote: SocketAddr,
+        reader: Box<dyn AsyncRead + Unpin + Send>,
+        writer: Box<dyn AsyncWrite + Unpin + Send>,
+        quic: Option<(quinn::Endpoint, quinn::Connection)>,
+    ) -> Self {
+        ClientConn {
+            binding,
+            transport,
+            remote,
+            reader,
+            writer,
+            decoder: FrameDecoder::new(),
+            buf: vec![0; 16 * 1024],
+            quic,
+        }
+    }
+
+    /// The channel binding for [`meshd_proto::client::Client::new`].
+    pub fn binding(&self) -> &[u8; 32] {
+        &self.binding
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// The coordinator's address.
+    pub fn remote(&self) -> SocketAddr {
+        self.remote
+    }
+
+    pub async fn send(&mut self, msg: &Message) -> Result<(), ConnError> {
+        let bytes = encode(msg)?;
+        self.send_raw(&bytes).await
+    }
+
+    /// Writes bytes as they are (tests use it to send malformed frames).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        self.writer.write_all(bytes).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    /// The next message; `None` when the coordinator closed the stream
+    /// cleanly. Cancel-safe: a `recv` dropped before it completes loses no
+    /// bytes, so it can wait in a `select!` beside other work.
+    pub async fn recv(&mut self) -> Result<Option<Message>, ConnError> {
+        loop {
+            if let Some(m) = self.decoder.next_message()? {
+                return Ok(Some(m));
+            }
+            let n = self.reader.read(&mut self.buf).await?;
+            if n == 0 {
+                self.decoder.finish()?;
+                return Ok(None);
+            }
+            self.decoder.feed(&self.buf[..n]);
+        }
+    }
+
+    /// Ends the session politely: the stream is shut down and, for QUIC, the
+    /// connection closed, so the coordinator notices at once.
+    pub async fn close(mut self) {
+        let _ = self.writer.shutdown().await;
+        if let Some((endpoint, connection)) = self.quic.take() {
+            connection.close(0u32.into(), b"node leaving");
+            // Lets the close frame leave before the socket goes.
+            let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
+        }
+    }
+}
+
+fn reason(e: &ConnError) -> String {
+    match e {
+        ConnError::Connect { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Makes a dead coordinator host show up as an error on an idle TCP
+/// session, not only on the next write. Best effort: without it, the
+/// session still ends on the next failed write.
+fn set_keepalive(tcp: &TcpStream, idle: Duration) {
+    use rustix::net::sockopt;
+    let interval = (idle / 2).max(Duration::from_secs(1));
+    let result = sockopt::set_socket_keepalive(tcp, true)
+        .and_then(|()| sockopt::set_tcp_keepidle(tcp, idle))
+        .and_then(|()| sockopt::set_tcp_keepintvl(tcp, interval))
+        .and_then(|()| sockopt::set_tcp_keepcnt(tcp, 3));
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "TCP keep-alive not set");
+    }
+}
