@@ -505,7 +505,6 @@ fn failed_start(args: &[&str], state: &Path, uid: Option<(u32, &Path)>) -> Strin
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    assert!(!state.join("admin.url").exists());
     err
 }
 
@@ -524,6 +523,7 @@ fn an_unreachable_database_fails_clearly() {
     );
     assert!(err.contains("refused"), "{err}");
     assert!(!err.contains("hunter2"), "password shown: {err}");
+    assert!(!dir.path().join("state/admin.url").exists());
 }
 
 /// The meshd binary at a path every user may run: itself if all its parent
@@ -611,4 +611,21 @@ fn bad_flags_fail_clearly() {
         !out.status.success() && err.contains("is `meshd coord` running"),
         "{err}"
     );
+}
+
+#[test]
+fn a_second_coordinator_on_the_same_state_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let coord = Coord::start(&state, &[]);
+    let url = std::fs::read_to_string(state.join("admin.url")).unwrap();
+    let err = failed_start(&[], &state, None);
+    assert!(err.contains("another `meshd coord` is using it"), "{err}");
+    // The first one's admin URL is left alone and it still answers.
+    assert_eq!(
+        std::fs::read_to_string(state.join("admin.url")).unwrap(),
+        url
+    );
+    coord.ok(&["tokens", "list"]);
+    coord.stop();
 }

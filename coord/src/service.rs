@@ -4,8 +4,9 @@
 //!
 //! State directory layout: `coord-cert.der`, `coord-key.der`,
 //! `coord-x25519.key` (the identity, docs/control-protocol.md), `state.db`
-//! (SQLite, unless `--database`), `admin.key` (the admin API key, 0600) and,
-//! while the coordinator runs, `admin.url` (where its admin API listens).
+//! (SQLite, unless `--database`), `admin.key` (the admin API key, 0600),
+//! `coord.lock` (held while a coordinator runs) and, while it runs,
+//! `admin.url` (where its admin API listens).
 
 use std::fs;
 use std::io::Write;
@@ -62,6 +63,8 @@ pub enum ServiceError {
     },
     #[error("{}: {what}", path.display())]
     AdminKey { path: PathBuf, what: String },
+    #[error("state directory {}: another `meshd coord` is using it", path.display())]
+    InUse { path: PathBuf },
     #[error("TLS identity: {0}")]
     Identity(#[from] IdentityError),
     #[error(transparent)]
@@ -71,6 +74,9 @@ pub enum ServiceError {
 /// A running coordinator with its admin API.
 #[derive(Debug)]
 pub struct Service {
+    /// Held while running: a second coordinator on the same directory would
+    /// share its SQLite file and overwrite its `admin.url`.
+    _lock: fs::File,
     server: Server,
     admin: AdminServer,
     url_file: PathBuf,
@@ -99,6 +105,7 @@ impl Service {
         }
         let dir = &config.state_dir;
         prepare_dir(dir)?;
+        let lock = lock_dir(dir)?;
         let url_file = dir.join(URL_FILE);
         // A URL left by a coordinator that was killed would send admin
         // commands to whatever listens there now.
@@ -172,6 +179,7 @@ impl Service {
             "coordinator ready"
         );
         Ok(Service {
+            _lock: lock,
             server,
             admin_addr: admin.addr,
             admin,
@@ -247,6 +255,29 @@ fn prepare_dir(dir: &Path) -> Result<(), ServiceError> {
     fs::write(&probe, b"").map_err(|e| err(dir, e))?;
     fs::remove_file(&probe).map_err(|e| err(dir, e))?;
     Ok(())
+}
+
+/// Locks `coord.lock` in the state directory for as long as the returned
+/// file is open (the kernel releases it when the process ends, however).
+fn lock_dir(dir: &Path) -> Result<fs::File, ServiceError> {
+    let path = dir.join("coord.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| ServiceError::StateDir {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(ServiceError::InUse {
+            path: dir.to_owned(),
+        }),
+        Err(fs::TryLockError::Error(source)) => Err(ServiceError::StateDir { path, source }),
+    }
 }
 
 /// The admin key: 32 random bytes as 64 hex digits, created on first start

@@ -24,6 +24,9 @@ use crate::net::{Caller, NetError};
 
 /// How long a client may take to send its request headers, and its body.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections at most; more are closed at once. An admin API has a
+/// handful of clients, so this only bounds what a misbehaving one can hold.
+const MAX_CONNECTIONS: usize = 64;
 
 /// The admin key, kept as its SHA-256 so that comparing takes the same time
 /// whatever the length or content of what a client presents.
@@ -103,6 +106,10 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
                         continue;
                     }
                 };
+                if conns.len() >= MAX_CONNECTIONS {
+                    tracing::warn!(%peer, "admin API: too many open connections; closing the new one");
+                    continue;
+                }
                 let shared = shared.clone();
                 conns.spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
