@@ -28,8 +28,9 @@ use crate::net::tls::{Identity, IdentityError};
 use crate::net::{NetError, Server};
 use crate::store::{PgStore, SqliteStore, Store};
 
-/// Everything `meshd coord` is started with.
-#[derive(Debug, Clone)]
+/// Everything `meshd coord` is started with. `Debug` hides the database
+/// connection string, which may hold a password.
+#[derive(Clone)]
 pub struct ServiceConfig {
     /// UDP (QUIC) and TCP (TLS) address of the control protocol.
     pub listen: SocketAddr,
@@ -45,6 +46,25 @@ pub struct ServiceConfig {
     pub ephemeral_timeout: Duration,
     /// An operator's certificate and key (PEM) instead of the self-signed one.
     pub certificate: Option<(PathBuf, PathBuf)>,
+}
+
+impl std::fmt::Debug for ServiceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceConfig")
+            .field("listen", &self.listen)
+            .field("state_dir", &self.state_dir)
+            .field(
+                "database",
+                &self.database.as_ref().map(|_| "postgres (hidden)"),
+            )
+            .field("advertise", &self.advertise)
+            .field("admin_listen", &self.admin_listen)
+            .field("admin_public", &self.admin_public)
+            .field("node_expiry", &self.node_expiry)
+            .field("ephemeral_timeout", &self.ephemeral_timeout)
+            .field("certificate", &self.certificate)
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
