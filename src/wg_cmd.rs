@@ -100,6 +100,7 @@ fn up(path: &Path, interface: Option<String>, foreground: bool, daemon_child: bo
         if daemon_child {
             println!("{READY}");
             let _ = std::io::stdout().flush();
+            detach_stdio();
         } else {
             eprintln!(
                 "meshd: {} is up, listening on UDP port {}; SIGINT, SIGTERM or `meshd wg down {}` stops it",
@@ -108,6 +109,19 @@ fn up(path: &Path, interface: Option<String>, foreground: bool, daemon_child: bo
         }
     })?;
     Ok(())
+}
+
+/// Points a ready daemon's stdout and stderr at /dev/null. They are pipes to the `up` that
+/// started it, which exits now; a later log line would meet a broken pipe, and the log
+/// writer's own error report (to stderr, again) would panic the daemon.
+pub(crate) fn detach_stdio() {
+    match std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        Ok(null) => {
+            let _ = rustix::stdio::dup2_stdout(&null);
+            let _ = rustix::stdio::dup2_stderr(&null);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot open /dev/null; later log lines may be lost"),
+    }
 }
 
 /// Starts this program again as a detached daemon (`--daemon-child`) and
