@@ -92,8 +92,8 @@ impl Lab {
     /// the baseline that throughput through the lab is compared with.
     pub fn veth_pair() -> Result<Lab, LabError> {
         let mut lab = Lab::reserve(LabOptions::default())?;
-        let left = lab.add_member("left", Role::Host, Ipv4Addr::new(198, 18, 0, 1))?;
-        let right = lab.add_member("right", Role::Host, Ipv4Addr::new(198, 18, 0, 2))?;
+        let left = lab.add_member("left", Role::Host, Ipv4Addr::new(198, 18, 0, 1));
+        let right = lab.add_member("right", Role::Host, Ipv4Addr::new(198, 18, 0, 2));
         let mut b = String::new();
         let _ = writeln!(b, "netns add {left}\nnetns add {right}");
         sys::run("ip", &["-batch", "-"], Some(&b))?;
@@ -137,7 +137,7 @@ impl Lab {
 
     /// Records a namespace as part of this lab before it is created, so that teardown removes
     /// it even if building fails half-way.
-    fn add_member(&mut self, name: &str, role: Role, addr: Ipv4Addr) -> Result<String, LabError> {
+    fn add_member(&mut self, name: &str, role: Role, addr: Ipv4Addr) -> String {
         let ns = ns_name(&self.id, name);
         self.members.insert(
             name.to_owned(),
@@ -151,7 +151,7 @@ impl Lab {
             .entry(self.id.clone())
             .or_default()
             .push(ns.clone());
-        Ok(ns)
+        ns
     }
 
     fn ip_batch(&self, ns: &str, batch: &str) -> Result<(), LabError> {
@@ -180,15 +180,15 @@ impl Lab {
         }
 
         // 1. Every namespace, in one `ip` run.
-        let core = self.add_member(CORE, Role::Core, RESOLVER_ADDR)?;
+        let core = self.add_member(CORE, Role::Core, RESOLVER_ADDR);
         for (k, h) in topo.hosts.iter().enumerate() {
-            self.add_member(&h.name, Role::Host, Ipv4Addr::new(198, 18, k as u8 + 1, 2))?;
+            self.add_member(&h.name, Role::Host, Ipv4Addr::new(198, 18, k as u8 + 1, 2));
         }
         for (j, s) in topo.sites.iter().enumerate() {
             let k = (topo.hosts.len() + j + 1) as u8;
-            self.add_member(&s.name, Role::Router, Ipv4Addr::new(198, 18, k, 2))?;
+            self.add_member(&s.name, Role::Router, Ipv4Addr::new(198, 18, k, 2));
             for (i, n) in s.nodes.iter().enumerate() {
-                self.add_member(n, Role::Node, Ipv4Addr::new(198, 19, k, 10 + i as u8))?;
+                self.add_member(n, Role::Node, Ipv4Addr::new(198, 19, k, 10 + i as u8));
             }
         }
         let all: String = self
