@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod coord_cmd;
 mod key_cmd;
 mod lab_cmd;
+mod up_cmd;
 mod wg_cmd;
 
 #[derive(Parser)]
@@ -34,6 +35,14 @@ enum Cmd {
     Wg(wg_cmd::WgCmd),
     /// The coordinator: run it, or administer a running one (tokens, nodes).
     Coord(coord_cmd::CoordArgs),
+    /// Join the mesh (first time with --token) and keep this node in it, as a daemon.
+    Up(up_cmd::UpArgs),
+    /// This node: its mesh addresses, the coordinator connection, its peers.
+    Status(up_cmd::StateArg),
+    /// Stop the node daemon and remove its interface.
+    Down(up_cmd::StateArg),
+    /// Give this node a new key pair; peers learn it within seconds.
+    RotateKey(up_cmd::StateArg),
 }
 
 fn main() -> Result<()> {
@@ -51,5 +60,9 @@ fn main() -> Result<()> {
         Cmd::Genpsk => key_cmd::genpsk(),
         Cmd::Wg(cmd) => wg_cmd::run(cmd),
         Cmd::Coord(args) => coord_cmd::run(args),
+        Cmd::Up(args) => up_cmd::up(args),
+        Cmd::Status(state) => up_cmd::status(state),
+        Cmd::Down(state) => up_cmd::down(state),
+        Cmd::RotateKey(state) => up_cmd::rotate_key(state),
     }
 }

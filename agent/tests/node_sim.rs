@@ -63,6 +63,7 @@ const B_IP: [u8; 4] = [10, 0, 0, 2];
 struct Sim {
     a: Node,
     b: Node,
+    kb: PrivateKey,
     sa: Collect,
     sb: Collect,
     /// Where each node's datagrams come from, as the other sees it.
@@ -100,6 +101,7 @@ impl Sim {
         Sim {
             a,
             b,
+            kb,
             sa: Collect::default(),
             sb: Collect::default(),
             addr_a,
@@ -529,4 +531,30 @@ fn a_new_key_with_other_allowed_ips_is_a_new_peer() {
     // No handover: B dropped the old peer and has no endpoint for the new one.
     sim.b_sends(b"no session, no endpoint");
     assert_eq!(sim.b.counters().no_endpoint, 1);
+}
+
+#[test]
+fn a_restarted_node_moves_a_peer_off_the_session_it_lost() {
+    let (mut sim, _, _) = rotation_setup();
+    // B restarts: same key, no sessions; it knows A's endpoint (from the
+    // coordinator, say). A still holds the old session.
+    let mut pa = sim.b.peer_configs()[0].clone();
+    pa.endpoint = Some(sim.addr_a);
+    sim.b = Node::new(sim.kb.clone(), sim.now);
+    sim.b.set_peers(&[pa], sim.now).unwrap();
+    // A's first packet is for a session B no longer has: lost, but B starts
+    // a handshake at once, and A moves to the new session.
+    sim.a_sends(b"into the void");
+    sim.deliver();
+    assert!(sim.sb.take_packets().is_empty());
+    assert_eq!(sim.b.counters().unknown_peer, 1);
+    exchange(&mut sim, "right after the restart");
+    // Junk for unknown sessions from A's address gets no handshake storm.
+    let mut junk = vec![4u8, 0, 0, 0];
+    junk.extend_from_slice(&[0x5a; 60]);
+    for _ in 0..50 {
+        sim.b
+            .handle_datagram(sim.addr_a, &junk, &mut sim.sb, sim.now);
+    }
+    assert!(sim.sb.take_datagrams().is_empty());
 }

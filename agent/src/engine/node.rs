@@ -31,6 +31,8 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use ipnet::IpNet;
 
+use rand_core::{OsRng, RngCore};
+
 use crate::allowed_ips::AllowedIps;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::peers::{self, Change, PeerConfig, PeerDiff, PeerError};
@@ -55,6 +57,14 @@ const HANDSHAKE_RATE_LIMIT: u64 = 10;
 /// The longest a previous session is kept after a key change when the new
 /// one never comes up (the other end did not learn the new key).
 const HANDOVER_LIMIT: Duration = Duration::from_secs(60);
+
+/// A peer that keeps sending on a session this node does not have (it
+/// restarted) gets a new handshake at most this often.
+const STALE_HANDSHAKE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Datagrams for unknown sessions looked up by sender address per timer tick
+/// (each lookup walks the peers), so a flood of junk costs little.
+const STALE_LOOKUPS_PER_TICK: u32 = 8;
 
 /// How long a previous session still receives after the new one is up:
 /// datagrams the other end sent on it before it switched are in flight.
@@ -156,6 +166,8 @@ struct Peer {
     previous: Option<Previous>,
     /// Start a handshake at the next timer tick (after a key change).
     initiate: bool,
+    /// When a datagram for a session we lost last made us start one.
+    stale_handshake: Option<Instant>,
 }
 
 /// A peer's session under its previous key pair (see the module docs).
@@ -191,6 +203,8 @@ pub struct Node {
     next_tick: Instant,
     /// Where handshake messages are written before they are sent.
     scratch: Box<[u8]>,
+    /// Lookups left this tick for [`Node::stale_session`].
+    stale_lookups: u32,
     counters: Counters,
 }
 
@@ -219,9 +233,14 @@ impl Node {
             by_key: BTreeMap::new(),
             aliases: BTreeMap::new(),
             routes: AllowedIps::new(),
-            next_index: 1,
+            // A random start: after a restart, a peer's datagrams for the
+            // sessions of the previous run then name unknown indices (and
+            // get it a new handshake, see `stale_session`) rather than
+            // indices of other peers.
+            next_index: 1 + OsRng.next_u32() % 0x00ff_fffe,
             next_tick: now,
             scratch: vec![0; MAX_GSO_BYTES].into_boxed_slice(),
+            stale_lookups: STALE_LOOKUPS_PER_TICK,
             counters: Counters::default(),
         }
     }
@@ -394,6 +413,7 @@ impl Node {
                     last_sent: now,
                     previous: None,
                     initiate: false,
+                    stale_handshake: None,
                 },
             );
             tracing::debug!(peer = %config.public_key, index, "peer added");
@@ -575,6 +595,9 @@ impl Node {
         };
         let Some(peer) = self.peers.get_mut(&index) else {
             self.counters.unknown_peer += 1;
+            if datagram.first() == Some(&4) {
+                self.stale_session(from, sink, now);
+            }
             return;
         };
         if datagram.first() == Some(&4) {
@@ -610,6 +633,36 @@ impl Node {
                 self.counters.bad_datagram += 1;
             }
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+        }
+    }
+
+    /// Data for a session this node does not know, from a peer's endpoint:
+    /// the peer still uses a session from before this node restarted, and
+    /// would wait for its own timeout (15 s) to notice. A handshake now
+    /// moves it to a new session. The datagram is not authenticated, so
+    /// this only ever sends the peer a handshake initiation, rarely.
+    fn stale_session(&mut self, from: SocketAddr, sink: &mut impl Sink, now: Instant) {
+        if self.stale_lookups == 0 {
+            return;
+        }
+        self.stale_lookups -= 1;
+        let Some(peer) = self.peers.values_mut().find(|p| p.endpoint == Some(from)) else {
+            return;
+        };
+        if peer
+            .stale_handshake
+            .is_some_and(|t| now.saturating_duration_since(t) < STALE_HANDSHAKE_INTERVAL)
+        {
+            return;
+        }
+        peer.stale_handshake = Some(now);
+        if let TunnResult::WriteToNetwork(p) = peer
+            .tunn
+            .format_handshake_initiation(&mut self.scratch, false)
+        {
+            tracing::debug!(peer = %peer.config.public_key, "peer uses a session this node lost: new handshake");
+            sink.udp(p.len()).push(from, p);
+            peer.last_sent = now;
         }
     }
 
@@ -733,6 +786,7 @@ impl Node {
         // Tunns given a shared limiter leave its reset to us; it keeps its own
         // one-second period.
         self.rate_limiter.reset_count();
+        self.stale_lookups = STALE_LOOKUPS_PER_TICK;
         let mut retired = Vec::new();
         for peer in self.peers.values_mut() {
             let endpoint = peer.endpoint;

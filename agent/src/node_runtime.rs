@@ -1,0 +1,1128 @@
+//! `meshd up`: the node daemon. It joins the mesh through the coordinator and
+//! keeps the data-plane engine's peers in step with the coordinator's map.
+//! docs/agent.md describes it for operators.
+//!
+//! Three threads: the engine's ([`Engine::run`]), untouched by anything the
+//! control connection does; this module's driver, a single-threaded tokio
+//! loop that carries out what the [`Supervisor`] and the protocol
+//! [`Client`] decide (both sans-IO) and serves the control socket; and
+//! quinn's, inside that runtime. The driver reaches the engine only through
+//! its [`EngineHandle`], whose calls return within one engine turn.
+//!
+//! Losing the control session never touches the engine: tunnels keep their
+//! sessions and peers while the driver reconnects, and a new session's full
+//! map is applied as a diff, which leaves unchanged peers alone.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshd_control::{ClientConn, ConnError, ConnectOptions};
+use meshd_proto::client::{Client, ClientError, ClientEvent, Join};
+use meshd_proto::token::JoinToken;
+use meshd_proto::{NodeId, NodeInfo, Peer, MAX_ENDPOINTS};
+use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::control::ipc::{self, ControlStatus, NodeStatus, PeerLine, Reply, Request};
+use crate::control::netmap::{self, TunPlan};
+use crate::control::state_dir::{CoordinatorFile, NodeFile, NodeRecordFile, StateDir, StateError};
+use crate::control::supervisor::{
+    Command, ControlState, Identity, Input, JoinKind, KeyChoice, Supervisor, SupervisorConfig,
+};
+use crate::engine::{ControlError, Engine, EngineConfig, EngineError, EngineHandle, EngineStatus};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::standalone::{protocol::message_end, protocol::MAX_MESSAGE, DEFAULT_MTU};
+
+/// How often the driver looks at the stop flag and the engine thread.
+const TICK: Duration = Duration::from_millis(200);
+/// How often the node's own addresses are looked up for endpoint reports.
+const ENDPOINT_SCAN: Duration = Duration::from_secs(10);
+/// How long `meshd rotate-key` waits for the coordinator's confirmation.
+const ROTATE_WAIT: Duration = Duration::from_secs(20);
+/// How long a control-socket client and the daemon wait for each other.
+const IPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `meshd down` waits for the daemon to remove its interface.
+const DOWN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What `meshd up` was asked to do.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub state_dir: PathBuf,
+    /// Needed to register; a registered node logs in without one.
+    pub token: Option<JoinToken>,
+    /// The name to register with (the coordinator may add a suffix to make
+    /// it unique); the host name by default.
+    pub name: Option<String>,
+    pub interface: String,
+    /// UDP port of the data plane; by default the one used last, or any.
+    pub listen_port: Option<u16>,
+    pub rotate_every: Option<Duration>,
+    pub mtu: u16,
+    pub connect: ConnectOptions,
+    pub supervisor: SupervisorConfig,
+}
+
+impl UpOptions {
+    pub fn new(state_dir: PathBuf, interface: String) -> Self {
+        UpOptions {
+            state_dir,
+            token: None,
+            name: None,
+            interface,
+            listen_port: None,
+            rotate_every: None,
+            mtu: DEFAULT_MTU,
+            connect: ConnectOptions::default(),
+            supervisor: SupervisorConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("this node has not joined a mesh yet (no {}): run `meshd up --token TOKEN` once", .0.display())]
+    NotJoined(PathBuf),
+    #[error("{}: damaged coordinator pin; run `meshd up --token TOKEN` again", .0.display())]
+    BadPin(PathBuf),
+    #[error("meshd is already running for {}: its control socket {} answers", state.display(), socket.display())]
+    AlreadyRunning { state: PathBuf, socket: PathBuf },
+    #[error("no meshd is running for {}: nothing answers on {}", state.display(), socket.display())]
+    NotRunning { state: PathBuf, socket: PathBuf },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("the data plane: {0}")]
+    EngineControl(#[from] ControlError),
+    #[error("the data-plane thread ended unexpectedly")]
+    EngineGone,
+    #[error("{0}")]
+    Fatal(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the daemon answered: {0}")]
+    Daemon(String),
+    #[error("the daemon's reply: {0}")]
+    Ipc(#[from] ipc::IpcError),
+    #[error("meshd for {} did not stop within {} s", .0.display(), DOWN_TIMEOUT.as_secs())]
+    StillUp(PathBuf),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NodeError {
+    let what = what.into();
+    move |source| NodeError::Io { what, source }
+}
+
+/// The host name as a node name: lower case, other characters as `-`.
+pub fn default_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut name: String = host
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    name = name.trim_matches('-').to_owned();
+    if name.is_empty() {
+        "node".into()
+    } else {
+        name
+    }
+}
+
+// ---- the daemon ----
+
+/// Runs the node until `stop` is set (by a signal handler or `meshd down`).
+/// `ready` is called once traffic can flow: after the first peer map, or at
+/// once when a registered node starts from its cached state. An error before
+/// then (a refused token, an unreachable coordinator on the first join) ends
+/// `run` with that error; later ones are logged and shown by `meshd status`
+/// while the tunnels stay up.
+pub fn run(
+    opts: UpOptions,
+    stop: &Arc<AtomicBool>,
+    ready: impl FnOnce(&NodeStatus),
+) -> Result<(), NodeError> {
+    let state = StateDir::open(&opts.state_dir)?;
+    let listener = claim_socket(&state)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err("starting the runtime"))?;
+    let result = rt.block_on(async {
+        let listener = tokio::net::UnixListener::from_std(
+            listener
+                .0
+                .try_clone()
+                .map_err(io_err(format!("control socket {}", listener.1.display())))?,
+        )
+        .map_err(io_err("control socket"))?;
+        let mut runtime = Runtime::new(opts, state, stop.clone(), Box::new(ready))?;
+        runtime.run(listener).await
+    });
+    drop(rt);
+    drop(listener);
+    result
+}
+
+/// The bound control socket; the file is removed on drop.
+struct Socket(std::os::unix::net::UnixListener, PathBuf);
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+fn claim_socket(state: &StateDir) -> Result<Socket, NodeError> {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let path = state.socket_path();
+    let running = || NodeError::AlreadyRunning {
+        state: state.path().to_owned(),
+        socket: path.clone(),
+    };
+    match UnixStream::connect(&path) {
+        Ok(_) => return Err(running()),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            tracing::info!(path = %path.display(), "removing a stale control socket");
+            std::fs::remove_file(&path)
+                .map_err(io_err(format!("removing stale {}", path.display())))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(format!("checking {}", path.display()))(e)),
+    }
+    let listener = match UnixListener::bind(&path) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(running()),
+        other => other.map_err(io_err(format!("binding {}", path.display())))?,
+    };
+    let socket = Socket(listener, path.clone());
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(format!("chmod 600 {}", path.display())))?;
+    socket
+        .0
+        .set_nonblocking(true)
+        .map_err(io_err("control socket"))?;
+    Ok(socket)
+}
+
+/// The data-plane engine on its own thread.
+struct EngineRunner {
+    handle: EngineHandle,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(), EngineError>>>,
+    plan: TunPlan,
+    listen_port: u16,
+}
+
+impl EngineRunner {
+    fn start(
+        config: EngineConfig,
+        peers: Vec<crate::peers::PeerConfig>,
+    ) -> Result<Self, NodeError> {
+        let plan = TunPlan {
+            addresses: config.addresses.clone(),
+            routes: config.routes.clone(),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("meshd-engine".into())
+            .spawn(move || {
+                let mut engine = match Engine::new(config) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return Ok(());
+                    }
+                };
+                if let Err(e) = engine.set_peers(&peers) {
+                    tracing::warn!(error = %e, "cached peers not applied");
+                }
+                let _ = tx.send(Ok((engine.handle(), engine.status().listen_port)));
+                engine.run(&flag)
+            })
+            .map_err(io_err("starting the engine thread"))?;
+        match rx.recv() {
+            Ok(Ok((handle, listen_port))) => Ok(EngineRunner {
+                handle,
+                stop,
+                thread: Some(thread),
+                plan,
+                listen_port,
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e.into())
+            }
+            Err(_) => Err(NodeError::EngineGone),
+        }
+    }
+
+    /// The engine's error if its thread has ended.
+    fn check(&mut self) -> Result<(), NodeError> {
+        if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            return match self.thread.take().map(|t| t.join()) {
+                Some(Ok(Err(e))) => Err(e.into()),
+                _ => Err(NodeError::EngineGone),
+            };
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EngineRunner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            if let Ok(Err(e)) = t.join() {
+                tracing::warn!(error = %e, "the engine ended with an error");
+            }
+        }
+    }
+}
+
+/// One control session: the transport and the protocol state over it.
+struct Session {
+    conn: ClientConn,
+    client: Client,
+    /// The full peer map has arrived in this session.
+    synced: bool,
+}
+
+type Connecting = Pin<Box<dyn Future<Output = Result<ClientConn, ConnError>>>>;
+
+/// Called once when the node is up (see [`run`]).
+type ReadyFn<'r> = Box<dyn FnOnce(&NodeStatus) + 'r>;
+
+enum Event {
+    ConnectDone(Result<ClientConn, ConnError>),
+    Received(Result<Option<meshd_proto::Message>, ConnError>),
+    Timer,
+    Ipc(Request, oneshot::Sender<Reply>),
+    Tick,
+}
+
+struct Runtime<'r> {
+    opts: UpOptions,
+    state: StateDir,
+    node_file: NodeFile,
+    pin: [u8; 32],
+    key: PrivateKey,
+    pending: Option<PrivateKey>,
+    name: String,
+    sup: Supervisor,
+    info: Option<NodeInfo>,
+    /// The peer map last applied (names and addresses for `status`).
+    peers: BTreeMap<NodeId, Peer>,
+    engine: Option<EngineRunner>,
+    session: Option<Session>,
+    connecting: Option<Connecting>,
+    rotate_waiters: Vec<(Instant, oneshot::Sender<Reply>)>,
+    sessions: u64,
+    stop: Arc<AtomicBool>,
+    ready: Option<ReadyFn<'r>>,
+    last_scan: Option<Instant>,
+}
+
+impl<'r> Runtime<'r> {
+    fn new(
+        opts: UpOptions,
+        state: StateDir,
+        stop: Arc<AtomicBool>,
+        ready: ReadyFn<'r>,
+    ) -> Result<Self, NodeError> {
+        let saved = state.load_node()?;
+        let node_file = match (&opts.token, saved) {
+            (Some(token), saved) => {
+                let coordinator = CoordinatorFile::from_token(token);
+                // A token for the same coordinator keeps the registration
+                // (the node logs in, and registers only if it is unknown);
+                // one for another mesh starts afresh with the same key.
+                let same = saved
+                    .as_ref()
+                    .is_some_and(|s| s.coordinator.pin == coordinator.pin);
+                NodeFile {
+                    listen_port: saved.as_ref().and_then(|s| s.listen_port),
+                    node: saved.filter(|_| same).and_then(|s| s.node),
+                    coordinator,
+                }
+            }
+            (None, Some(saved)) => saved,
+            (None, None) => return Err(NodeError::NotJoined(state.path().join("node.toml"))),
+        };
+        let pin = node_file
+            .coordinator
+            .pin_bytes()
+            .ok_or_else(|| NodeError::BadPin(state.path().join("node.toml")))?;
+        if node_file.coordinator.addresses.is_empty() {
+            return Err(NodeError::NotJoined(state.path().join("node.toml")));
+        }
+        let (key, _) = state.load_or_create_key()?;
+        let pending = state.load_pending_key()?;
+        state.save_node(&node_file)?;
+        let info = node_file.node.as_ref().and_then(NodeRecordFile::to_info);
+        let identity = Identity {
+            registered: info.is_some(),
+            can_register: opts.token.is_some(),
+            pending_key: pending.is_some(),
+        };
+        let config = SupervisorConfig {
+            addresses: node_file.coordinator.addresses.len(),
+            rotate_every: opts.rotate_every,
+            ..opts.supervisor.clone()
+        };
+        let sup = Supervisor::new(config, identity, rand::rng().next_u64(), Instant::now());
+        let name = opts.name.clone().unwrap_or_else(default_name);
+        Ok(Runtime {
+            opts,
+            node_file,
+            pin,
+            key,
+            pending,
+            name,
+            sup,
+            peers: if info.is_some() {
+                state.load_peers()
+            } else {
+                BTreeMap::new()
+            },
+            info,
+            state,
+            engine: None,
+            session: None,
+            connecting: None,
+            rotate_waiters: Vec::new(),
+            sessions: 0,
+            stop,
+            ready: None,
+            last_scan: None,
+        }
+        .with_ready(ready))
+    }
+
+    fn with_ready(mut self, ready: ReadyFn<'r>) -> Self {
+        self.ready = Some(ready);
+        self
+    }
+
+    async fn run(&mut self, listener: tokio::net::UnixListener) -> Result<(), NodeError> {
+        // A registered node brings its tunnels up from the cached state at
+        // once; the coordinator's map follows when it answers.
+        if let Some(info) = self.info.clone() {
+            self.ensure_engine(&info)?;
+            self.signal_ready();
+        }
+        let (ipc_tx, mut ipc_rx) = mpsc::channel::<(Request, oneshot::Sender<Reply>)>(16);
+        let accept = tokio::spawn(serve_socket(listener, ipc_tx));
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            if let Err(e) = self.run_commands().await {
+                break Err(e);
+            }
+            if self.stop.load(Ordering::Relaxed) {
+                break Ok(());
+            }
+            let event = self.next_event(&mut ipc_rx, &mut tick).await;
+            if let Err(e) = self.handle_event(event).await {
+                break Err(e);
+            }
+        };
+        accept.abort();
+        if let Some(s) = self.session.take() {
+            s.conn.close().await;
+        }
+        for (_, w) in self.rotate_waiters.drain(..) {
+            let _ = w.send(Reply::Error("meshd is stopping".into()));
+        }
+        // Dropping the engine removes the TUN device.
+        self.engine = None;
+        result
+    }
+
+    async fn next_event(
+        &mut self,
+        ipc_rx: &mut mpsc::Receiver<(Request, oneshot::Sender<Reply>)>,
+        tick: &mut tokio::time::Interval,
+    ) -> Event {
+        let timer = self.sup.poll_timeout();
+        let connecting = self.connecting.as_mut();
+        let session = self.session.as_mut();
+        tokio::select! {
+            r = async { match connecting { Some(f) => f.await, None => std::future::pending().await } } => {
+                Event::ConnectDone(r)
+            }
+            r = async { match session { Some(s) => s.conn.recv().await, None => std::future::pending().await } } => {
+                Event::Received(r)
+            }
+            () = async { match timer {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            } } => Event::Timer,
+            Some((req, reply)) = ipc_rx.recv() => Event::Ipc(req, reply),
+            _ = tick.tick() => Event::Tick,
+        }
+    }
+
+    async fn handle_event(&mut self, event: Event) -> Result<(), NodeError> {
+        let now = Instant::now();
+        match event {
+            Event::ConnectDone(result) => {
+                self.connecting = None;
+                match result {
+                    Ok(conn) => self.session_up(conn, now),
+                    Err(e) => {
+                        tracing::info!(error = %e, "coordinator not reachable");
+                        self.sup.handle(
+                            Input::ConnectFailed {
+                                error: e.to_string(),
+                            },
+                            now,
+                        );
+                    }
+                }
+            }
+            Event::Received(Ok(Some(msg))) => self.on_message(msg).await?,
+            Event::Received(Ok(None)) => {
+                self.session_lost("the coordinator closed the session".into(), now)
+            }
+            Event::Received(Err(e)) => self.session_lost(e.to_string(), now),
+            Event::Timer => self.sup.handle_timeout(now),
+            Event::Ipc(req, reply) => self.on_ipc(req, reply, now),
+            Event::Tick => self.on_tick(now)?,
+        }
+        Ok(())
+    }
+
+    fn session_up(&mut self, conn: ClientConn, now: Instant) {
+        if !matches!(self.sup.state(), ControlState::Connecting { .. }) {
+            return;
+        }
+        let (secret, join) = match self.sup.join() {
+            JoinKind::Register => {
+                let Some(token) = &self.opts.token else {
+                    // The supervisor registers only when it may.
+                    return;
+                };
+                (
+                    self.key.to_static_secret(),
+                    Join::Register {
+                        token_secret: token.secret.clone(),
+                        name: self.name.clone(),
+                    },
+                )
+            }
+            JoinKind::Login(KeyChoice::Pending) => match &self.pending {
+                Some(k) => (k.to_static_secret(), Join::Login),
+                None => (self.key.to_static_secret(), Join::Login),
+            },
+            JoinKind::Login(KeyChoice::Current) => (self.key.to_static_secret(), Join::Login),
+        };
+        tracing::info!(
+            coordinator = %conn.remote(),
+            transport = %conn.transport(),
+            join = ?self.sup.join(),
+            "control connection up"
+        );
+        let client = Client::new(secret, join, conn.binding());
+        self.session = Some(Session {
+            conn,
+            client,
+            synced: false,
+        });
+        self.sup.handle(Input::Connected, now);
+    }
+
+    fn session_lost(&mut self, error: String, now: Instant) {
+        if self.session.take().is_some() {
+            tracing::warn!(%error, "control session lost; the tunnels stay up");
+        }
+        self.sup.handle(Input::Lost { error }, now);
+    }
+
+    async fn on_message(&mut self, msg: meshd_proto::Message) -> Result<(), NodeError> {
+        let now = Instant::now();
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
+        match session.client.handle_message(msg) {
+            Ok(()) => {}
+            Err(ClientError::Rejected(e)) => {
+                tracing::warn!(code = ?e.code, message = %e.message, "the coordinator refused");
+                self.session = None;
+                self.sup.handle(
+                    Input::Rejected {
+                        code: e.code,
+                        message: e.message,
+                    },
+                    now,
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                self.session_lost(format!("control protocol: {e}"), now);
+                return Ok(());
+            }
+        }
+        if let Err(e) = self.flush().await {
+            self.session_lost(e.to_string(), now);
+            return Ok(());
+        }
+        while let Some(event) = self.session.as_mut().and_then(|s| s.client.poll_event()) {
+            match event {
+                ClientEvent::Joined(info) => self.on_joined(info, now)?,
+                ClientEvent::PeersChanged => self.on_peers(now)?,
+                ClientEvent::PolicyChanged => {
+                    tracing::debug!("inbound filter received (enforced from the ACL issue on)")
+                }
+                ClientEvent::KeyRotated(key) => {
+                    tracing::info!(public_key = %key, "the coordinator confirmed the new key");
+                    self.sup.handle(Input::RotationDone, now);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ConnError> {
+        if let Some(s) = self.session.as_mut() {
+            while let Some(m) = s.client.poll_transmit() {
+                s.conn.send(&m).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_joined(&mut self, info: NodeInfo, now: Instant) -> Result<(), NodeError> {
+        tracing::info!(node = %info.node_id, name = %info.name, ipv4 = %info.ipv4, ipv6 = %info.ipv6, "joined the mesh");
+        self.sup.handle(Input::Joined, now);
+        self.node_file.node = Some(NodeRecordFile::from_info(&info));
+        self.state.save_node(&self.node_file)?;
+        self.info = Some(info.clone());
+        self.ensure_engine(&info)
+    }
+
+    /// Starts the engine for `info`'s addresses, or restarts it if they
+    /// changed (a node registered anew).
+    fn ensure_engine(&mut self, info: &NodeInfo) -> Result<(), NodeError> {
+        let plan = netmap::tun_plan(info);
+        if self.engine.as_ref().is_some_and(|e| e.plan == plan) {
+            return Ok(());
+        }
+        if self.engine.take().is_some() {
+            tracing::info!("mesh addresses changed: restarting the data plane");
+        }
+        let peers = netmap::peer_configs(&self.peers, &self.key.public_key());
+        let config = |port| EngineConfig {
+            private_key: self.key.clone(),
+            tun_name: self.opts.interface.clone(),
+            mtu: self.opts.mtu,
+            offload: true,
+            addresses: plan.addresses.clone(),
+            routes: plan.routes.clone(),
+            listen_port: port,
+        };
+        let runner = match (self.opts.listen_port, self.node_file.listen_port) {
+            (Some(port), _) => EngineRunner::start(config(port), peers)?,
+            (None, Some(last)) => match EngineRunner::start(config(last), peers.clone()) {
+                Err(NodeError::Engine(EngineError::Udp(e))) => {
+                    tracing::info!(port = last, error = %e, "last UDP port unavailable, taking another");
+                    EngineRunner::start(config(0), peers)?
+                }
+                other => other?,
+            },
+            (None, None) => EngineRunner::start(config(0), peers)?,
+        };
+        if self.node_file.listen_port != Some(runner.listen_port) {
+            self.node_file.listen_port = Some(runner.listen_port);
+            self.state.save_node(&self.node_file)?;
+        }
+        self.engine = Some(runner);
+        // Report the endpoints of the new port at once.
+        self.last_scan = None;
+        Ok(())
+    }
+
+    fn on_peers(&mut self, now: Instant) -> Result<(), NodeError> {
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
+        self.peers = session.client.peers().clone();
+        let first = !session.synced;
+        session.synced = true;
+        let configs = netmap::peer_configs(&self.peers, &self.key.public_key());
+        if let Some(engine) = &self.engine {
+            match engine.handle.set_peers(configs) {
+                Ok(()) => {}
+                Err(ControlError::Engine(e)) => {
+                    tracing::warn!(error = %e, "peer map not applied")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Err(e) = self.state.save_peers(&self.peers) {
+            tracing::warn!(error = %e, "peer cache not written");
+        }
+        tracing::debug!(peers = self.peers.len(), "peer map applied");
+        if first {
+            self.sessions += 1;
+            self.sup.handle(Input::Synced, now);
+            self.signal_ready();
+        }
+        Ok(())
+    }
+
+    fn signal_ready(&mut self) {
+        if let Some(ready) = self.ready.take() {
+            let status = self.status(Instant::now());
+            ready(&status);
+        }
+    }
+
+    async fn run_commands(&mut self) -> Result<(), NodeError> {
+        while let Some(cmd) = self.sup.poll_command() {
+            match cmd {
+                Command::Connect { address, join } => {
+                    self.session = None;
+                    let addr = self
+                        .node_file
+                        .coordinator
+                        .addresses
+                        .get(address)
+                        .cloned()
+                        .unwrap_or_default();
+                    tracing::debug!(%addr, ?join, "connecting to the coordinator");
+                    let (pin, opts) = (self.pin, self.opts.connect.clone());
+                    self.connecting = Some(Box::pin(async move {
+                        ClientConn::connect_any(&addr, pin, &opts).await
+                    }));
+                }
+                Command::Disconnect => {
+                    self.connecting = None;
+                    if let Some(s) = self.session.take() {
+                        s.conn.close().await;
+                    }
+                }
+                Command::ReportEndpoints(list) => {
+                    if let Some(s) = self.session.as_mut() {
+                        tracing::debug!(endpoints = ?list, "reporting endpoints");
+                        s.client.report_endpoints(list);
+                    }
+                    self.flush_or_lose().await;
+                }
+                Command::RotateKey => self.start_rotation().await?,
+                Command::PromotePendingKey => {
+                    let key = self.state.promote_pending_key()?;
+                    let public = key.public_key();
+                    self.key = key.clone();
+                    self.pending = None;
+                    if let Some(engine) = &self.engine {
+                        engine.handle.set_private_key(key)?;
+                    }
+                    tracing::info!(public_key = %public, "key rotated");
+                    for (_, w) in self.rotate_waiters.drain(..) {
+                        let _ = w.send(Reply::Ok(vec![("public_key".into(), public.to_string())]));
+                    }
+                }
+                Command::DiscardPendingKey => {
+                    self.state.discard_pending_key()?;
+                    self.pending = None;
+                }
+                Command::Fatal(reason) => {
+                    self.session = None;
+                    self.connecting = None;
+                    for (_, w) in self.rotate_waiters.drain(..) {
+                        let _ = w.send(Reply::Error(reason.clone()));
+                    }
+                    if self.ready.is_some() {
+                        return Err(NodeError::Fatal(reason));
+                    }
+                    tracing::error!(%reason, "control connection stopped; the tunnels stay up");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_or_lose(&mut self) {
+        if let Err(e) = self.flush().await {
+            self.session_lost(e.to_string(), Instant::now());
+        }
+    }
+
+    async fn start_rotation(&mut self) -> Result<(), NodeError> {
+        let now = Instant::now();
+        let Some(s) = self.session.as_mut() else {
+            return Ok(());
+        };
+        let next = PrivateKey::generate();
+        // On disk before the coordinator hears of it: whatever happens next,
+        // the node holds the key the coordinator may switch to.
+        self.state.save_pending_key(&next)?;
+        if let Err(e) = s.client.rotate_key(next.to_static_secret()) {
+            tracing::warn!(error = %e, "key rotation not sent");
+            self.session_lost(e.to_string(), now);
+            return Ok(());
+        }
+        tracing::info!(new_key = %next.public_key(), "asking the coordinator to rotate the key");
+        self.pending = Some(next);
+        self.flush_or_lose().await;
+        Ok(())
+    }
+
+    fn on_ipc(&mut self, req: Request, reply: oneshot::Sender<Reply>, now: Instant) {
+        match req {
+            Request::Status => {
+                let _ = reply.send(Reply::Ok(self.status(now).to_fields()));
+            }
+            Request::Stop => {
+                tracing::info!("stop requested");
+                self.stop.store(true, Ordering::Relaxed);
+                let _ = reply.send(Reply::Ok(Vec::new()));
+            }
+            Request::RotateKey => {
+                if let ControlState::Stopped { reason } = self.sup.state() {
+                    let _ = reply.send(Reply::Error(format!(
+                        "the control connection has stopped: {reason}"
+                    )));
+                    return;
+                }
+                self.rotate_waiters.push((now + ROTATE_WAIT, reply));
+                self.sup.handle(Input::RotateRequested, now);
+            }
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant) -> Result<(), NodeError> {
+        if let Some(engine) = self.engine.as_mut() {
+            engine.check()?;
+        }
+        let waiters = std::mem::take(&mut self.rotate_waiters);
+        for (deadline, w) in waiters {
+            if deadline <= now {
+                let _ = w.send(Reply::Error(format!(
+                    "the coordinator did not confirm the new key within {} s ({}); the rotation completes when it is reachable",
+                    ROTATE_WAIT.as_secs(),
+                    self.sup.last_error().unwrap_or("not connected"),
+                )));
+            } else {
+                self.rotate_waiters.push((deadline, w));
+            }
+        }
+        let due = self
+            .last_scan
+            .is_none_or(|t| now.duration_since(t) >= ENDPOINT_SCAN);
+        if let (true, Some(engine)) = (due, &self.engine) {
+            self.last_scan = Some(now);
+            let list = local_endpoints(engine.listen_port, &self.opts.interface);
+            self.sup.handle(Input::Endpoints(list), now);
+        }
+        Ok(())
+    }
+
+    fn status(&self, now: Instant) -> NodeStatus {
+        let engine: Option<EngineStatus> =
+            self.engine.as_ref().and_then(|e| match e.handle.status() {
+                Ok(s) => Some(s),
+                Err(err) => {
+                    tracing::warn!(error = %err, "no engine status");
+                    None
+                }
+            });
+        let addresses = &self.node_file.coordinator.addresses;
+        let addr = |i: usize| addresses.get(i).cloned();
+        let mut control = ControlStatus {
+            last_error: self.sup.last_error().map(str::to_owned),
+            sessions: self.sessions,
+            ..ControlStatus::default()
+        };
+        match self.sup.state() {
+            ControlState::Connecting { address } => {
+                control.state = "connecting".into();
+                control.coordinator = addr(*address);
+            }
+            ControlState::Joining { address } => {
+                control.state = "joining".into();
+                control.coordinator = addr(*address);
+            }
+            ControlState::Connected { address, since } => {
+                control.state = "connected".into();
+                control.coordinator = addr(*address);
+                control.connected_for = Some(now.saturating_duration_since(*since).as_secs());
+                control.transport = self
+                    .session
+                    .as_ref()
+                    .map(|s| s.conn.transport().to_string());
+            }
+            ControlState::Backoff { until } => {
+                control.state = "waiting".into();
+                control.retry_in_ms = Some(until.saturating_duration_since(now).as_millis() as u64);
+            }
+            ControlState::Stopped { .. } => control.state = "stopped".into(),
+        }
+        let by_key: BTreeMap<PublicKey, &Peer> = self
+            .peers
+            .values()
+            .map(|p| (PublicKey::from_bytes(p.node_key.0), p))
+            .collect();
+        let peers = engine
+            .as_ref()
+            .map(|e| {
+                e.peers
+                    .iter()
+                    .filter_map(|ps| {
+                        let p = by_key.get(&ps.public_key)?;
+                        Some(PeerLine {
+                            node_id: p.node_id.0,
+                            name: p.name.clone(),
+                            public_key: ps.public_key,
+                            ipv4: p.ipv4,
+                            ipv6: p.ipv6,
+                            endpoint: ps.endpoint,
+                            handshake_age: ps.last_handshake.map(|d| d.as_secs()),
+                            rx_bytes: ps.rx_bytes,
+                            tx_bytes: ps.tx_bytes,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        NodeStatus {
+            name: self
+                .info
+                .as_ref()
+                .map(|i| i.name.clone())
+                .unwrap_or_default(),
+            node_id: self.info.as_ref().map(|i| i.node_id.0),
+            public_key: Some(self.key.public_key()),
+            ipv4: self.info.as_ref().map(|i| i.ipv4),
+            ipv6: self.info.as_ref().map(|i| i.ipv6),
+            interface: self.opts.interface.clone(),
+            listen_port: engine.as_ref().map(|e| e.listen_port),
+            control,
+            peers,
+        }
+    }
+}
+
+/// The node's own addresses with the data plane's port, as endpoints for
+/// its peers: every address of an interface that is up, except loopback,
+/// IPv6 link-local, and the mesh interface itself; IPv4 first.
+pub fn local_endpoints(port: u16, mesh_interface: &str) -> Vec<SocketAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for ifa in addrs {
+        if ifa.interface_name == mesh_interface
+            || !ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
+        {
+            continue;
+        }
+        let Some(addr) = ifa.address else { continue };
+        let ip: IpAddr = if let Some(v4) = addr.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let skip = ip.is_loopback()
+            || ip.is_unspecified()
+            || ip.is_multicast()
+            || matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+        let ep = SocketAddr::new(ip, port);
+        if !skip && !out.contains(&ep) {
+            out.push(ep);
+        }
+    }
+    out.sort_by_key(|e| e.is_ipv6());
+    out.truncate(MAX_ENDPOINTS);
+    out
+}
+
+// ---- the control socket ----
+
+async fn serve_socket(
+    listener: tokio::net::UnixListener,
+    calls: mpsc::Sender<(Request, oneshot::Sender<Reply>)>,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tokio::time::timeout(IPC_TIMEOUT, serve_one(stream, calls)).await {
+                tracing::debug!(error = %e, "control connection timed out");
+            }
+        });
+    }
+}
+
+async fn serve_one(
+    mut stream: tokio::net::UnixStream,
+    calls: mpsc::Sender<(Request, oneshot::Sender<Reply>)>,
+) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let text = loop {
+        if let Some(end) = message_end(&buf) {
+            buf.truncate(end);
+            break String::from_utf8(buf).unwrap_or_default();
+        }
+        if buf.len() > MAX_MESSAGE {
+            return;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) => break String::from_utf8(buf).unwrap_or_default(),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => return,
+        }
+    };
+    let reply = match Request::parse(&text) {
+        Err(e) => Reply::Error(e.to_string()),
+        // Answered before the daemon starts stopping, which ends this task.
+        Ok(Request::Stop) => {
+            let _ = stream
+                .write_all(Reply::Ok(Vec::new()).encode().as_bytes())
+                .await;
+            let _ = stream.shutdown().await;
+            let (tx, _) = oneshot::channel();
+            let _ = calls.send((Request::Stop, tx)).await;
+            return;
+        }
+        Ok(req) => {
+            let (tx, rx) = oneshot::channel();
+            if calls.send((req, tx)).await.is_err() {
+                Reply::Error("meshd is stopping".into())
+            } else {
+                rx.await
+                    .unwrap_or_else(|_| Reply::Error("meshd is stopping".into()))
+            }
+        }
+    };
+    let _ = stream.write_all(reply.encode().as_bytes()).await;
+}
+
+// ---- clients of a running daemon ----
+
+fn request(state_dir: &Path, req: Request) -> Result<Vec<(String, String)>, NodeError> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let path = StateDir::at(state_dir).socket_path();
+    let mut stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(NodeError::NotRunning {
+                state: state_dir.to_owned(),
+                socket: path,
+            })
+        }
+        Err(e) => return Err(io_err(format!("connecting to {}", path.display()))(e)),
+    };
+    let talk = |s: &mut UnixStream| -> io::Result<String> {
+        s.set_read_timeout(Some(IPC_TIMEOUT))?;
+        s.set_write_timeout(Some(IPC_TIMEOUT))?;
+        s.write_all(req.encode().as_bytes())?;
+        let mut text = String::new();
+        s.take(MAX_MESSAGE as u64).read_to_string(&mut text)?;
+        Ok(text)
+    };
+    let text = talk(&mut stream).map_err(io_err(format!("talking to {}", path.display())))?;
+    match Reply::parse(&text)? {
+        Reply::Ok(fields) => Ok(fields),
+        Reply::Error(message) => Err(NodeError::Daemon(message)),
+    }
+}
+
+/// The status of the node daemon of `state_dir`.
+pub fn status(state_dir: &Path) -> Result<NodeStatus, NodeError> {
+    Ok(NodeStatus::from_fields(&request(
+        state_dir,
+        Request::Status,
+    )?)?)
+}
+
+/// Rotates the node's key and waits for the coordinator to confirm it;
+/// returns the new public key.
+pub fn rotate_key(state_dir: &Path) -> Result<PublicKey, NodeError> {
+    let fields = request(state_dir, Request::RotateKey)?;
+    fields
+        .iter()
+        .find(|(k, _)| k == "public_key")
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or_else(|| NodeError::Daemon("no public key in the reply".into()))
+}
+
+/// Stops the node daemon and waits until it has removed its interface.
+pub fn down(state_dir: &Path) -> Result<(), NodeError> {
+    request(state_dir, Request::Stop)?;
+    let path = StateDir::at(state_dir).socket_path();
+    let deadline = Instant::now() + DOWN_TIMEOUT;
+    while path.exists() {
+        if Instant::now() >= deadline {
+            return Err(NodeError::StillUp(state_dir.to_owned()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_name_is_a_dns_label() {
+        let n = default_name();
+        assert!(!n.is_empty() && n.len() <= 63, "{n:?}");
+        assert!(n
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+        assert!(!n.starts_with('-') && !n.ends_with('-'));
+    }
+
+    #[test]
+    fn loopback_is_never_an_endpoint() {
+        let eps = local_endpoints(41641, "meshd-none");
+        assert!(eps
+            .iter()
+            .all(|e| !e.ip().is_loopback() && e.port() == 41641));
+        assert!(eps.windows(2).all(|w| w[0].is_ipv4() || w[1].is_ipv6()));
+    }
+}

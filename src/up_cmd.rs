@@ -1,0 +1,368 @@
+//! `meshd up`, `status`, `down`, `rotate-key`: the node agent, run by
+//! `meshd_agent::node_runtime`. See docs/agent.md.
+#![allow(clippy::print_stdout)] // a CLI talks to its user on stdout
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use meshd_agent::control::ipc::NodeStatus;
+use meshd_agent::control::state_dir::{StateDir, DEFAULT_STATE_DIR};
+use meshd_agent::node_runtime::{self, UpOptions};
+use meshd_agent::standalone;
+use meshd_proto::token::JoinToken;
+use zeroize::Zeroizing;
+
+/// What a background daemon prints on its stdout once the node is up.
+const READY: &str = "ready";
+
+/// The background daemon's log, in the state directory.
+const DAEMON_LOG: &str = "meshd.log";
+
+/// How long `up` waits for the background daemon: a first join may try
+/// several coordinator addresses, each for up to 10 s per transport.
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// The join token from `meshd coord token create`. Needed the first time
+    /// only: afterwards the node logs in with its key.
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+    /// Read the join token from this file instead (keeps it out of `ps`).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// The node's name in the mesh (default: the host name). Used when
+    /// registering.
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    state: StateArg,
+    /// The mesh interface (TUN device).
+    #[arg(long, default_value = "meshd0", value_name = "NAME")]
+    interface: String,
+    /// UDP port of the data plane (default: the one used last, else any).
+    #[arg(long, value_name = "PORT")]
+    listen_port: Option<u16>,
+    /// Rotate the node's key this often (e.g. 24h, 30m); peers follow
+    /// within seconds and traffic continues.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    rotate_key_every: Option<Duration>,
+    /// Stay in the foreground, logging to stderr, until SIGINT or SIGTERM.
+    #[arg(long)]
+    foreground: bool,
+    /// Internal: this process is the background daemon that `up` started;
+    /// the token, if any, comes on stdin.
+    #[arg(long, hide = true)]
+    daemon_child: bool,
+}
+
+#[derive(Args, Clone)]
+pub struct StateArg {
+    /// The node's state directory (keys, coordinator, control socket).
+    #[arg(long = "state", default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+/// A duration as `meshd coord` takes them: `24h`, `30m`, `7d`, `1h 30m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{s:?}: {e} (e.g. 24h, 30m, 7d)")),
+    }
+}
+
+fn read_token(args: &UpArgs) -> Result<Option<Zeroizing<String>>> {
+    if args.daemon_child {
+        let mut text = Zeroizing::new(String::new());
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the join token from the parent")?;
+        return Ok((!text.trim().is_empty()).then_some(text));
+    }
+    if let Some(path) = &args.token_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the join token", path.display()))?;
+        return Ok(Some(Zeroizing::new(text)));
+    }
+    Ok(args.token.clone().map(Zeroizing::new))
+}
+
+pub fn up(args: UpArgs) -> Result<()> {
+    standalone::validate_name(&args.interface)?;
+    let token_text = read_token(&args)?;
+    let token = token_text
+        .as_ref()
+        .map(|t| JoinToken::parse(t))
+        .transpose()
+        .map_err(|e| anyhow!("--token: {e}"))?;
+    if !(args.foreground || args.daemon_child) {
+        return start_daemon(&args, token_text.as_deref().map(String::as_str));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
+        .context("installing the SIGINT/SIGTERM handler")?;
+    if args.daemon_child {
+        // Leave the terminal's session, so its hangup does not reach us.
+        rustix::process::setsid().context("setsid")?;
+        std::env::set_current_dir("/").context("chdir /")?;
+    }
+    let mut opts = UpOptions::new(absolute(&args.state.dir)?, args.interface.clone());
+    opts.token = token;
+    opts.name = args.name.clone();
+    opts.listen_port = args.listen_port;
+    opts.rotate_every = args.rotate_key_every;
+    let daemon_child = args.daemon_child;
+    node_runtime::run(opts, &stop, |status| {
+        if daemon_child {
+            println!("{READY}");
+            let _ = std::io::stdout().flush();
+        } else {
+            eprintln!("{}", ready_line(status));
+        }
+    })?;
+    Ok(())
+}
+
+fn ready_line(s: &NodeStatus) -> String {
+    let addrs = [s.ipv4.map(|a| a.to_string()), s.ipv6.map(|a| a.to_string())]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "meshd: {} is up on {} ({addrs}); `meshd status` shows the mesh, `meshd down` stops it",
+        if s.name.is_empty() {
+            "this node"
+        } else {
+            &s.name
+        },
+        s.interface
+    )
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_owned());
+    }
+    Ok(std::env::current_dir()
+        .context("the current directory")?
+        .join(p))
+}
+
+/// Starts this program again as a detached daemon (`--daemon-child`, the
+/// token on its stdin, its log appended to `meshd.log` in the state
+/// directory), waits until it reports the node up, or passes on its error.
+fn start_daemon(args: &UpArgs, token: Option<&str>) -> Result<()> {
+    let exe = std::env::current_exe().context("locating the meshd executable")?;
+    let state = absolute(&args.state.dir)?;
+    StateDir::open(&state)?;
+    // A file, not a pipe: the daemon outlives this process, and a log line
+    // written to a pipe nobody reads any more would be its end.
+    let log_path = state.join(DAEMON_LOG);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log_path)
+        .with_context(|| format!("{}: cannot open the daemon's log", log_path.display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut cmd = Command::new(exe);
+    cmd.arg("up").arg("--state").arg(&state).args([
+        "--interface",
+        &args.interface,
+        "--daemon-child",
+    ]);
+    if let Some(name) = &args.name {
+        cmd.args(["--name", name]);
+    }
+    if let Some(port) = args.listen_port {
+        cmd.args(["--listen-port", &port.to_string()]);
+    }
+    if let Some(d) = args.rotate_key_every {
+        cmd.args(["--rotate-key-every", &format!("{}ms", d.as_millis())]);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("starting the meshd daemon")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // The token goes through a pipe, not the daemon's command line.
+        stdin
+            .write_all(token.unwrap_or_default().as_bytes())
+            .context("passing the join token to the daemon")?;
+    }
+    let stdout = child.stdout.take();
+    let (ready_tx, ready) = mpsc::channel();
+    std::thread::spawn(move || {
+        let ok = stdout.is_some_and(|out| {
+            BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .any(|line| line == READY)
+        });
+        let _ = ready_tx.send(ok);
+    });
+    match ready.recv_timeout(READY_TIMEOUT) {
+        Ok(true) => {
+            match node_runtime::status(&state) {
+                Ok(s) => eprintln!("{}", ready_line(&s)),
+                Err(_) => eprintln!("meshd: up"),
+            }
+            Ok(())
+        }
+        Ok(false) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+            let status = child.wait().context("waiting for the meshd daemon")?;
+            let errors = read_from(&log_path, log_start);
+            if errors.trim().is_empty() {
+                bail!("the meshd daemon exited ({status}) before the node was up");
+            }
+            // The daemon said why; its words and exit code are ours.
+            eprint!("{errors}");
+            std::process::exit(status.code().unwrap_or(1))
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the meshd daemon was not up within {} s and was killed",
+                READY_TIMEOUT.as_secs()
+            )
+        }
+    }
+}
+
+/// What the daemon wrote to its log since `offset`.
+fn read_from(path: &Path, offset: u64) -> String {
+    use std::io::{Seek, SeekFrom};
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        if f.seek(SeekFrom::Start(offset)).is_ok() {
+            let _ = f.read_to_string(&mut text);
+        }
+    }
+    text
+}
+
+pub fn status(state: StateArg) -> Result<()> {
+    let s = node_runtime::status(&absolute(&state.dir)?)?;
+    print!("{}", format_status(&s));
+    Ok(())
+}
+
+pub fn down(state: StateArg) -> Result<()> {
+    Ok(node_runtime::down(&absolute(&state.dir)?)?)
+}
+
+pub fn rotate_key(state: StateArg) -> Result<()> {
+    let key = node_runtime::rotate_key(&absolute(&state.dir)?)?;
+    println!("{key}");
+    Ok(())
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[unit])
+    }
+}
+
+/// `meshd status`: the node, its control connection, then each peer, in
+/// `label: value` lines like `wg show`.
+pub fn format_status(s: &NodeStatus) -> String {
+    let mut out = String::new();
+    let id = s.node_id.map(|i| format!(" (id {i})")).unwrap_or_default();
+    let name = if s.name.is_empty() {
+        "(not joined yet)"
+    } else {
+        &s.name
+    };
+    out.push_str(&format!("node: {name}{id}\n"));
+    if let Some(k) = s.public_key {
+        out.push_str(&format!("  public key: {k}\n"));
+    }
+    let addrs: Vec<String> = [s.ipv4.map(|a| a.to_string()), s.ipv6.map(|a| a.to_string())]
+        .into_iter()
+        .flatten()
+        .collect();
+    if !addrs.is_empty() {
+        out.push_str(&format!("  addresses: {}\n", addrs.join(", ")));
+    }
+    match s.listen_port {
+        Some(p) => out.push_str(&format!("  interface: {}, UDP port {p}\n", s.interface)),
+        None => out.push_str(&format!("  interface: {} (not up yet)\n", s.interface)),
+    }
+    let c = &s.control;
+    let at = c.coordinator.as_deref().unwrap_or("?");
+    let line = match c.state.as_str() {
+        "connected" => format!(
+            "connected to {at} over {} for {} s",
+            c.transport.as_deref().unwrap_or("?"),
+            c.connected_for.unwrap_or(0)
+        ),
+        "connecting" => format!("connecting to {at}"),
+        "joining" => format!("joining at {at}"),
+        "waiting" => format!(
+            "disconnected, next attempt in {:.1} s",
+            c.retry_in_ms.unwrap_or(0) as f64 / 1000.0
+        ),
+        other => other.to_owned(),
+    };
+    out.push_str(&format!("  coordinator: {line}\n"));
+    out.push_str(&format!("  control sessions: {}\n", c.sessions));
+    if let Some(e) = &c.last_error {
+        out.push_str(&format!("  last error: {e}\n"));
+    }
+    for p in &s.peers {
+        out.push_str(&format!("\npeer: {} (id {})\n", p.name, p.node_id));
+        out.push_str(&format!("  addresses: {}, {}\n", p.ipv4, p.ipv6));
+        out.push_str(&format!("  public key: {}\n", p.public_key));
+        if let Some(e) = p.endpoint {
+            out.push_str(&format!("  endpoint: {e}\n"));
+        }
+        match p.handshake_age {
+            Some(a) => out.push_str(&format!("  latest handshake: {a} s ago\n")),
+            None => out.push_str("  latest handshake: none\n"),
+        }
+        out.push_str(&format!(
+            "  transfer: {} received, {} sent\n",
+            bytes(p.rx_bytes),
+            bytes(p.tx_bytes)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_a_unit() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604800)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

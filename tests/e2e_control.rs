@@ -1,0 +1,562 @@
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+//! The control plane end to end, with the real `meshd` binary in a netlab
+//! federation: `meshd coord` on a public host; nodes in an open site (public
+//! addresses), behind an endpoint-independent NAT, and behind a firewall
+//! that drops UDP.
+//!
+//! Without NAT traversal (a later issue) only direct paths carry data, so the
+//! pings are between pairs that have one: the two open nodes both ways; a
+//! NATed node to the open nodes (and back once its own traffic opened the
+//! mapping); the two NATed nodes over their shared LAN. The node behind the
+//! UDP-blocking firewall reaches the coordinator over TLS/TCP but has no
+//! data path yet (that needs the relay).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use meshd_netlab::{Firewall, Lab, Nat, Proc, Site, Topology};
+
+const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
+
+fn topology() -> Topology {
+    Topology::new()
+        .host("coord")
+        .site(Site::new("open", ["open1", "open2", "open3"]))
+        .site(Site::new("home", ["nat1", "nat2"]).nat(Nat::EndpointIndependent))
+        .site(
+            Site::new("corp", ["tcp1"])
+                .nat(Nat::EndpointIndependent)
+                .firewall(Firewall::UdpBlocked),
+        )
+}
+
+struct Coordinator {
+    proc: Option<Proc>,
+    state: PathBuf,
+    addr: String,
+}
+
+impl Coordinator {
+    fn start(lab: &Lab, state: &Path) -> Coordinator {
+        let addr = format!("{}:443", lab.addr("coord").unwrap());
+        let _ = std::fs::remove_file(state.join("admin.url"));
+        let proc = lab
+            .spawn(
+                "coord",
+                "coord",
+                &[
+                    "env",
+                    "RUST_LOG=info",
+                    MESHD,
+                    "coord",
+                    "--listen",
+                    &addr,
+                    "--state",
+                    state.to_str().unwrap(),
+                ],
+            )
+            .unwrap();
+        lab.wait_until("meshd coord to be ready", Duration::from_secs(30), || {
+            state.join("admin.url").exists()
+        })
+        .unwrap();
+        Coordinator {
+            proc: Some(proc),
+            state: state.to_owned(),
+            addr,
+        }
+    }
+
+    /// `meshd coord ARGS --state DIR` on the coordinator's host.
+    fn admin(&self, lab: &Lab, args: &[&str]) -> String {
+        let mut argv = vec![MESHD, "coord"];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--state", self.state.to_str().unwrap()]);
+        lab.exec("coord", &argv).unwrap().ok().unwrap()
+    }
+
+    /// Killed at once (SIGKILL): no goodbye to anyone.
+    fn kill(&mut self) {
+        drop(self.proc.take());
+    }
+}
+
+/// A node's `meshd up --foreground`, with its state directory.
+struct Node {
+    name: &'static str,
+    state: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Node {
+    fn up(lab: &Lab, name: &'static str, root: &Path, token: Option<&str>) -> Node {
+        let state = root.join(name);
+        let mut node = Node {
+            name,
+            state,
+            proc: None,
+        };
+        node.start(lab, token);
+        node
+    }
+
+    fn start(&mut self, lab: &Lab, token: Option<&str>) {
+        let state = self.state.to_str().unwrap().to_owned();
+        let mut argv = vec![
+            "env",
+            "RUST_LOG=info",
+            MESHD,
+            "up",
+            "--foreground",
+            "--name",
+            self.name,
+            "--state",
+            &state,
+        ];
+        if let Some(t) = token {
+            argv.extend_from_slice(&["--token", t]);
+        }
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let label = format!("up{}", STARTS.fetch_add(1, Ordering::Relaxed));
+        self.proc = Some(lab.spawn(self.name, &label, &argv).unwrap());
+    }
+
+    fn status(&self, lab: &Lab) -> Status {
+        let out = lab
+            .exec(
+                self.name,
+                &[MESHD, "status", "--state", self.state.to_str().unwrap()],
+            )
+            .unwrap();
+        Status(if out.status.success() {
+            out.stdout
+        } else {
+            String::new()
+        })
+    }
+
+    fn private_key(&self) -> String {
+        std::fs::read_to_string(self.state.join("node.key"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    fn log(&self) -> String {
+        self.proc.as_ref().map(Proc::log).unwrap_or_default()
+    }
+}
+
+/// `meshd status` output.
+#[derive(Debug, Clone)]
+struct Status(String);
+
+impl Status {
+    fn node_field(&self, label: &str) -> Option<String> {
+        let block = self.0.split("\npeer: ").next()?;
+        field(block, label)
+    }
+
+    fn connected(&self) -> bool {
+        self.node_field("coordinator")
+            .is_some_and(|c| c.starts_with("connected"))
+    }
+
+    fn sessions(&self) -> u64 {
+        self.node_field("control sessions")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn ipv4(&self) -> Ipv4Addr {
+        let a = self.node_field("addresses").unwrap();
+        a.split(", ").next().unwrap().parse().unwrap()
+    }
+
+    fn ipv6(&self) -> String {
+        let a = self.node_field("addresses").unwrap();
+        a.split(", ").nth(1).unwrap().to_owned()
+    }
+
+    fn public_key(&self) -> String {
+        self.node_field("public key").unwrap()
+    }
+
+    fn node_id(&self) -> String {
+        let line = self.0.lines().next().unwrap();
+        line.split("(id ")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches(')')
+            .to_owned()
+    }
+
+    /// Each peer's block by name.
+    fn peers(&self) -> std::collections::BTreeMap<String, String> {
+        self.0
+            .split("\npeer: ")
+            .skip(1)
+            .map(|b| {
+                let (head, rest) = b.split_once('\n').unwrap_or((b, ""));
+                let name = head.split(" (id").next().unwrap().to_owned();
+                (name, rest.to_owned())
+            })
+            .collect()
+    }
+}
+
+fn field(block: &str, label: &str) -> Option<String> {
+    block
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{label}: ")))
+        .map(str::to_owned)
+}
+
+/// Pings `to` from `from`: how many of `count` came back.
+fn pings(lab: &Lab, from: &str, to: &str, count: u32) -> u32 {
+    let c = count.to_string();
+    let out = lab
+        .exec(from, &["ping", "-n", "-c", &c, "-i", "0.2", "-W", "2", to])
+        .unwrap();
+    received(&out.stdout)
+}
+
+/// `M received` from ping's summary line.
+fn received(ping_output: &str) -> u32 {
+    ping_output
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn transmitted(ping_output: &str) -> u32 {
+    ping_output
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A ping that runs in the background for `count` × 100 ms.
+fn background_ping(lab: &Lab, from: &str, to: Ipv4Addr, count: u32, label: &str) -> Proc {
+    let (c, t) = (count.to_string(), to.to_string());
+    lab.spawn(
+        from,
+        label,
+        &["ping", "-n", "-c", &c, "-i", "0.1", "-W", "2", &t],
+    )
+    .unwrap()
+}
+
+/// Waits for a background ping to finish; its (transmitted, received).
+fn ping_result(mut p: Proc, timeout: Duration) -> (u32, u32, String) {
+    p.wait_timeout(timeout).unwrap();
+    let log = p.log();
+    (transmitted(&log), received(&log), log)
+}
+
+fn wait_all_connected(lab: &Lab, nodes: &[&Node], sessions: u64, peers: usize) {
+    for n in nodes {
+        lab.wait_until(
+            &format!(
+                "{} connected (session {sessions}) with {peers} peers",
+                n.name
+            ),
+            Duration::from_secs(60),
+            || {
+                let s = n.status(lab);
+                s.connected() && s.sessions() >= sessions && s.peers().len() == peers
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", n.status(lab).0, n.log()));
+    }
+}
+
+#[test]
+fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked() {
+    let lab = Lab::up(&topology()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut coord = Coordinator::start(&lab, &dir.path().join("coord"));
+    let token = coord.admin(&lab, &["token", "create", "--reusable"]);
+    let token = token.trim().to_owned();
+    assert!(token.starts_with("meshd1_"), "{token}");
+
+    // ---- everyone joins with the one reusable token ----
+    let root = dir.path();
+    let open1 = Node::up(&lab, "open1", root, Some(&token));
+    let mut open2 = Node::up(&lab, "open2", root, Some(&token));
+    let nat1 = Node::up(&lab, "nat1", root, Some(&token));
+    let tcp1 = Node::up(&lab, "tcp1", root, Some(&token));
+    // nat2 runs as a daemon: `meshd up` returns once the node is in the mesh.
+    let nat2_state = root.join("nat2");
+    let out = lab
+        .exec(
+            "nat2",
+            &[
+                MESHD,
+                "up",
+                "--name",
+                "nat2",
+                "--token",
+                &token,
+                "--state",
+                nat2_state.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("nat2 is up on meshd0"),
+        "{}",
+        out.stderr
+    );
+    let nat2 = Node {
+        name: "nat2",
+        state: nat2_state,
+        proc: None,
+    };
+    let all = [&open1, &open2, &nat1, &tcp1, &nat2];
+    wait_all_connected(&lab, &all, 1, 4);
+
+    let status: Vec<Status> = all.iter().map(|n| n.status(&lab)).collect();
+    let ip = |i: usize| status[i].ipv4();
+    for s in &status {
+        assert!(
+            Ipv4Addr::new(100, 64, 0, 0) <= s.ipv4()
+                && s.ipv4() <= Ipv4Addr::new(100, 127, 255, 255),
+            "{}",
+            s.0
+        );
+    }
+    // The control session behind the UDP-blocking firewall fell back to TLS/TCP.
+    assert!(
+        status[3]
+            .node_field("coordinator")
+            .unwrap()
+            .contains("over TLS/TCP"),
+        "{}",
+        status[3].0
+    );
+    assert!(
+        status[0]
+            .node_field("coordinator")
+            .unwrap()
+            .contains("over QUIC"),
+        "{}",
+        status[0].0
+    );
+    // The private key never left its node: not in any output or log.
+    for (n, s) in all.iter().zip(&status) {
+        let key = n.private_key();
+        assert!(!s.0.contains(&key));
+        assert!(!n.log().contains(&key));
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(n.state.join("node.key"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        let saved = std::fs::read_to_string(n.state.join("node.toml")).unwrap();
+        assert!(!saved.contains(&token[7..20]), "token secret stored");
+    }
+    let coord_log = std::fs::read_to_string(lab.log_dir().join("coord.coord.log")).unwrap();
+    for n in &all {
+        assert!(!coord_log.contains(&n.private_key()));
+    }
+
+    // ---- pings over every pair with a direct path ----
+    assert_eq!(pings(&lab, "open1", &ip(1).to_string(), 3), 3);
+    assert_eq!(pings(&lab, "open2", &ip(0).to_string(), 3), 3);
+    assert_eq!(
+        lab.exec(
+            "open1",
+            &["ping", "-6", "-n", "-c", "2", "-W", "2", &status[1].ipv6()]
+        )
+        .unwrap()
+        .status
+        .code(),
+        Some(0),
+        "IPv6 mesh address"
+    );
+    assert_eq!(pings(&lab, "nat1", &ip(0).to_string(), 3), 3);
+    assert_eq!(pings(&lab, "nat1", &ip(1).to_string(), 3), 3);
+    // Back through the mapping nat1's own traffic opened.
+    assert_eq!(pings(&lab, "open1", &ip(2).to_string(), 3), 3);
+    assert_eq!(pings(&lab, "nat1", &ip(4).to_string(), 3), 3);
+    assert_eq!(pings(&lab, "nat2", &ip(2).to_string(), 3), 3);
+
+    // ---- kill the coordinator: tunnels carry on, nodes come back ----
+    let during_restart = [
+        background_ping(&lab, "open1", ip(1), 600, "ping-restart-a"),
+        background_ping(&lab, "nat1", ip(0), 600, "ping-restart-b"),
+    ];
+    coord.kill();
+    for n in &all {
+        lab.wait_until(
+            &format!("{} to notice the coordinator is gone", n.name),
+            Duration::from_secs(40),
+            || !n.status(&lab).connected(),
+        )
+        .unwrap();
+    }
+    let coord_state = coord.state.clone();
+    let addr_before = coord.addr.clone();
+    coord = Coordinator::start(&lab, &coord_state);
+    assert_eq!(coord.addr, addr_before);
+    wait_all_connected(&lab, &all, 2, 4);
+    for p in during_restart {
+        let (sent, got, log) = ping_result(p, Duration::from_secs(90));
+        assert!(sent >= 590, "{log}");
+        assert_eq!(
+            got, sent,
+            "pings lost while the coordinator was away:\n{log}"
+        );
+    }
+    // Same identities and addresses after the resync.
+    for (n, before) in all.iter().zip(&status) {
+        let after = n.status(&lab);
+        assert_eq!(after.ipv4(), before.ipv4(), "{}", n.name);
+        assert_eq!(after.node_id(), before.node_id(), "{}", n.name);
+    }
+
+    // ---- rotate open1's key while two peers talk to it ----
+    let old_key = status[0].public_key();
+    let during_rotation = [
+        background_ping(&lab, "open2", ip(0), 100, "ping-rotate-a"),
+        background_ping(&lab, "nat1", ip(0), 100, "ping-rotate-b"),
+    ];
+    // Both pings are under way before the rotation.
+    lab.wait_until("pings to start", Duration::from_secs(10), || {
+        during_rotation
+            .iter()
+            .all(|p| p.log().contains("bytes from"))
+    })
+    .unwrap();
+    let out = lab
+        .exec(
+            "open1",
+            &[
+                MESHD,
+                "rotate-key",
+                "--state",
+                open1.state.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let new_key = out.stdout.trim().to_owned();
+    assert_ne!(new_key, old_key);
+    assert_eq!(open1.status(&lab).public_key(), new_key);
+    for n in [&open2, &nat1, &tcp1, &nat2] {
+        lab.wait_until(
+            &format!("{} to learn open1's new key", n.name),
+            Duration::from_secs(10),
+            || {
+                n.status(&lab)
+                    .peers()
+                    .get("open1")
+                    .is_some_and(|b| field(b, "public key").as_deref() == Some(&new_key))
+            },
+        )
+        .unwrap();
+    }
+    for p in during_rotation {
+        let (sent, got, log) = ping_result(p, Duration::from_secs(60));
+        assert_eq!(sent, 100, "{log}");
+        assert_eq!(got, sent, "pings lost across the key rotation:\n{log}");
+    }
+    // New sessions under the new key carry traffic.
+    assert_eq!(pings(&lab, "open2", &ip(0).to_string(), 3), 3);
+    assert!(
+        open1.private_key().len() == 44
+            && !std::path::Path::new(&open1.state.join("node.key.next")).exists()
+    );
+
+    // ---- a revoked token admits nobody ----
+    let tokens: serde_json::Value =
+        serde_json::from_str(&coord.admin(&lab, &["tokens", "list", "--json"])).unwrap();
+    let id = tokens["tokens"][0]["id"].as_str().unwrap().to_owned();
+    coord.admin(&lab, &["tokens", "revoke", &id]);
+    let late_state = root.join("open3");
+    let out = lab
+        .exec(
+            "open3",
+            &[
+                MESHD,
+                "up",
+                "--name",
+                "open3",
+                "--token",
+                &token,
+                "--state",
+                late_state.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("cannot join") && out.stderr.contains("revoked"),
+        "{}",
+        out.stderr
+    );
+    assert!(!late_state.join("control.sock").exists());
+    // ... while the nodes that joined with it stay.
+    assert!(open1.status(&lab).connected());
+
+    // ---- a restarted node logs in with its key, no token ----
+    let before = open2.status(&lab);
+    let key_before = open2.private_key();
+    let out = lab
+        .exec(
+            "open2",
+            &[MESHD, "down", "--state", open2.state.to_str().unwrap()],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let status_code = open2
+        .proc
+        .as_mut()
+        .unwrap()
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap();
+    assert!(status_code.success(), "{}", open2.log());
+    assert!(!open2.state.join("control.sock").exists());
+    open2.start(&lab, None);
+    wait_all_connected(&lab, &[&open2], 1, 4);
+    let after = open2.status(&lab);
+    assert_eq!(after.node_id(), before.node_id());
+    assert_eq!(after.ipv4(), before.ipv4());
+    assert_eq!(after.public_key(), before.public_key());
+    assert_eq!(open2.private_key(), key_before);
+    // open1 still holds a session open2 lost in its restart: its first
+    // packet makes open2 start a handshake (instead of open1 noticing after
+    // its 15 s timeout), so at most that one is lost.
+    let first = pings(&lab, "open1", &ip(1).to_string(), 1);
+    assert_eq!(
+        pings(&lab, "open1", &ip(1).to_string(), 1),
+        1,
+        "first: {first}"
+    );
+    assert_eq!(pings(&lab, "open1", &ip(1).to_string(), 3), 3);
+    let nodes: serde_json::Value =
+        serde_json::from_str(&coord.admin(&lab, &["nodes", "list", "--json"])).unwrap();
+    assert_eq!(nodes["nodes"].as_array().unwrap().len(), 5, "{nodes}");
+
+    // The daemon started in the background stops on request.
+    let out = lab
+        .exec(
+            "nat2",
+            &[MESHD, "down", "--state", nat2.state.to_str().unwrap()],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!nat2.state.join("control.sock").exists());
+    let gone = lab.exec("nat2", &["ip", "link", "show", "meshd0"]).unwrap();
+    assert!(!gone.status.success(), "meshd0 left behind");
+}
