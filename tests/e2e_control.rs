@@ -33,6 +33,7 @@ fn topology() -> Topology {
 }
 
 struct Coordinator {
+    host: &'static str,
     proc: Option<Proc>,
     state: PathBuf,
     addr: String,
@@ -40,29 +41,32 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(lab: &Lab, state: &Path) -> Coordinator {
-        let addr = format!("{}:443", lab.addr("coord").unwrap());
+        Self::start_on(lab, "coord", state, &[])
+    }
+
+    /// `meshd coord` on `host`, port 443, with `extra` flags.
+    fn start_on(lab: &Lab, host: &'static str, state: &Path, extra: &[&str]) -> Coordinator {
+        let addr = format!("{}:443", lab.addr(host).unwrap());
         let _ = std::fs::remove_file(state.join("admin.url"));
-        let proc = lab
-            .spawn(
-                "coord",
-                "coord",
-                &[
-                    "env",
-                    "RUST_LOG=info",
-                    MESHD,
-                    "coord",
-                    "--listen",
-                    &addr,
-                    "--state",
-                    state.to_str().unwrap(),
-                ],
-            )
-            .unwrap();
+        let state_s = state.to_str().unwrap();
+        let mut argv = vec![
+            "env",
+            "RUST_LOG=info",
+            MESHD,
+            "coord",
+            "--listen",
+            &addr,
+            "--state",
+            state_s,
+        ];
+        argv.extend_from_slice(extra);
+        let proc = lab.spawn(host, "coord", &argv).unwrap();
         lab.wait_until("meshd coord to be ready", Duration::from_secs(30), || {
             state.join("admin.url").exists()
         })
         .unwrap();
         Coordinator {
+            host,
             proc: Some(proc),
             state: state.to_owned(),
             addr,
@@ -74,7 +78,7 @@ impl Coordinator {
         let mut argv = vec![MESHD, "coord"];
         argv.extend_from_slice(args);
         argv.extend_from_slice(&["--state", self.state.to_str().unwrap()]);
-        lab.exec("coord", &argv).unwrap().ok().unwrap()
+        lab.exec(self.host, &argv).unwrap().ok().unwrap()
     }
 
     /// Killed at once (SIGKILL): no goodbye to anyone.
@@ -261,6 +265,8 @@ fn ping_result(mut p: Proc, timeout: Duration) -> (u32, u32, String) {
     (transmitted(&log), received(&log), log)
 }
 
+/// Waits until each node is connected (in its `sessions`-th session or a
+/// later one) and knows `peers` peers, each with an endpoint.
 fn wait_all_connected(lab: &Lab, nodes: &[&Node], sessions: u64, peers: usize) {
     for n in nodes {
         lab.wait_until(
@@ -271,7 +277,11 @@ fn wait_all_connected(lab: &Lab, nodes: &[&Node], sessions: u64, peers: usize) {
             Duration::from_secs(60),
             || {
                 let s = n.status(lab);
-                s.connected() && s.sessions() >= sessions && s.peers().len() == peers
+                let ps = s.peers();
+                s.connected()
+                    && s.sessions() >= sessions
+                    && ps.len() == peers
+                    && ps.values().all(|p| field(p, "endpoint").is_some())
             },
         )
         .unwrap_or_else(|e| panic!("{e}\n{}\n{}", n.status(lab).0, n.log()));
@@ -280,8 +290,9 @@ fn wait_all_connected(lab: &Lab, nodes: &[&Node], sessions: u64, peers: usize) {
 
 #[test]
 fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked() {
-    let lab = Lab::up(&topology()).unwrap();
+    // The state outlives the lab: its processes are gone before it is removed.
     let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::up(&topology()).unwrap();
     let mut coord = Coordinator::start(&lab, &dir.path().join("coord"));
     let token = coord.admin(&lab, &["token", "create", "--reusable"]);
     let token = token.trim().to_owned();
@@ -365,7 +376,7 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
         let saved = std::fs::read_to_string(n.state.join("node.toml")).unwrap();
         assert!(!saved.contains(&token[7..20]), "token secret stored");
     }
-    let coord_log = std::fs::read_to_string(lab.log_dir().join("coord.coord.log")).unwrap();
+    let coord_log = coord.proc.as_ref().unwrap().log();
     for n in &all {
         assert!(!coord_log.contains(&n.private_key()));
     }
@@ -559,4 +570,220 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
     assert!(!nat2.state.join("control.sock").exists());
     let gone = lab.exec("nat2", &["ip", "link", "show", "meshd0"]).unwrap();
     assert!(!gone.status.success(), "meshd0 left behind");
+}
+
+/// A PostgreSQL server on a lab host, listening on its lab address.
+struct Postgres {
+    _proc: Proc,
+    url: String,
+}
+
+fn postgres(lab: &Lab, host: &str, dir: &Path) -> Postgres {
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .expect(
+            "PostgreSQL server binaries (Debian `postgresql`, scripts/install-deps installs it)",
+        )
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("postgres").exists())
+        .max()
+        .expect("no /usr/lib/postgresql/*/bin/postgres");
+    let id = |args: &[&str]| -> u32 {
+        let out = std::process::Command::new("id")
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (uid, gid) = (id(&["-u", "postgres"]), id(&["-g", "postgres"]));
+    std::fs::create_dir_all(dir).unwrap();
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid)).unwrap();
+    let data = dir.join("data");
+    let as_postgres = |tool: &Path| {
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid",
+            "postgres",
+            "--regid",
+            "postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg(tool);
+        c
+    };
+    let out = as_postgres(&bin.join("initdb"))
+        .args([
+            "-U",
+            "meshd",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "-D",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "initdb: {out:?}");
+    // Replicas connect over the lab's network, not loopback.
+    let mut hba = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("pg_hba.conf"))
+        .unwrap();
+    std::io::Write::write_all(&mut hba, b"host all all 198.18.0.0/15 trust\n").unwrap();
+    let addr = lab.addr(host).unwrap();
+    let listen = format!("listen_addresses={addr}");
+    let postgres = bin.join("postgres");
+    let (data_s, dir_s) = (data.to_str().unwrap(), dir.to_str().unwrap());
+    let proc = lab
+        .spawn(
+            host,
+            "postgres",
+            &[
+                "setpriv",
+                "--reuid",
+                "postgres",
+                "--regid",
+                "postgres",
+                "--init-groups",
+                "--",
+                postgres.to_str().unwrap(),
+                "-D",
+                data_s,
+                "-p",
+                "5432",
+                "-k",
+                dir_s,
+                "-c",
+                &listen,
+                "-c",
+                "fsync=off",
+            ],
+        )
+        .unwrap();
+    let target = std::net::SocketAddr::from((addr, 5432));
+    lab.wait_until("PostgreSQL to listen", Duration::from_secs(60), || {
+        meshd_netlab::tools::tcp_connects(lab, host, target, Duration::from_secs(1)).unwrap()
+    })
+    .unwrap();
+    Postgres {
+        _proc: proc,
+        url: format!("host={addr} port=5432 user=meshd dbname=postgres"),
+    }
+}
+
+/// `token` with its coordinator addresses in reverse order.
+fn reversed(token: &str) -> String {
+    let mut t = meshd_proto::token::JoinToken::parse(token).unwrap();
+    t.addresses.reverse();
+    t.encode().unwrap()
+}
+
+#[test]
+fn replicas_on_postgres_serve_one_mesh_and_nodes_fail_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::up(
+        &Topology::new()
+            .host("db")
+            .host("coorda")
+            .host("coordb")
+            .site(Site::new("open", ["n1", "n2"])),
+    )
+    .unwrap();
+    let pg = postgres(&lab, "db", &dir.path().join("pg"));
+    let (a_addr, b_addr) = (
+        format!("{}:443", lab.addr("coorda").unwrap()),
+        format!("{}:443", lab.addr("coordb").unwrap()),
+    );
+    let flags = [
+        "--database",
+        &pg.url,
+        "--advertise",
+        &a_addr,
+        "--advertise",
+        &b_addr,
+    ];
+    let (state_a, state_b) = (dir.path().join("coorda"), dir.path().join("coordb"));
+    let mut a = Coordinator::start_on(&lab, "coorda", &state_a, &flags);
+    // One certificate for both, as a token pins one (docs/admin-api.md).
+    std::fs::create_dir_all(&state_b).unwrap();
+    for f in ["coord-cert.der", "coord-key.der", "coord-x25519.key"] {
+        std::fs::copy(state_a.join(f), state_b.join(f)).unwrap();
+    }
+    let b = Coordinator::start_on(&lab, "coordb", &state_b, &flags);
+
+    let token = a.admin(&lab, &["token", "create", "--reusable"]);
+    let token = token.trim();
+    let n1 = Node::up(&lab, "n1", dir.path(), Some(token));
+    // n2 tries replica B first.
+    let n2 = Node::up(&lab, "n2", dir.path(), Some(&reversed(token)));
+    wait_all_connected(&lab, &[&n1, &n2], 1, 1);
+    let (s1, s2) = (n1.status(&lab), n2.status(&lab));
+    assert!(
+        s1.node_field("coordinator").unwrap().contains(&a_addr),
+        "{}",
+        s1.0
+    );
+    assert!(
+        s2.node_field("coordinator").unwrap().contains(&b_addr),
+        "{}",
+        s2.0
+    );
+    // Joined through different replicas, each sees the other, with the
+    // endpoints it reported to its own replica.
+    for (n, other) in [(&n1, "n2"), (&n2, "n1")] {
+        lab.wait_until(
+            &format!("{} to learn {other}'s endpoint", n.name),
+            Duration::from_secs(10),
+            || {
+                n.status(&lab)
+                    .peers()
+                    .get(other)
+                    .is_some_and(|p| field(p, "endpoint").is_some())
+            },
+        )
+        .unwrap();
+    }
+    assert_eq!(pings(&lab, "n1", &s2.ipv4().to_string(), 3), 3);
+    assert_eq!(pings(&lab, "n2", &s1.ipv4().to_string(), 3), 3);
+
+    // Replica A dies: n1 moves to B, the tunnel carries on.
+    let during = background_ping(&lab, "n1", s2.ipv4(), 400, "ping-failover");
+    a.kill();
+    lab.wait_until(
+        "n1 to fail over to replica B",
+        Duration::from_secs(60),
+        || {
+            let s = n1.status(&lab);
+            s.connected() && s.node_field("coordinator").unwrap().contains(&b_addr)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", n1.status(&lab).0, n1.log()));
+    assert_eq!(n1.status(&lab).node_id(), s1.node_id());
+    // A change made through B reaches n2, also on B: n1's new key.
+    let out = lab
+        .exec(
+            "n1",
+            &[MESHD, "rotate-key", "--state", n1.state.to_str().unwrap()],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let new_key = out.stdout.trim().to_owned();
+    lab.wait_until("n2 to learn n1's new key", Duration::from_secs(10), || {
+        n2.status(&lab)
+            .peers()
+            .get("n1")
+            .is_some_and(|p| field(p, "public key").as_deref() == Some(&new_key))
+    })
+    .unwrap();
+    let (sent, got, log) = ping_result(during, Duration::from_secs(90));
+    assert!(sent >= 390, "{log}");
+    assert_eq!(got, sent, "pings lost during the failover:\n{log}");
+    drop(b);
 }
