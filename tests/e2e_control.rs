@@ -334,6 +334,15 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
     };
     let all = [&open1, &open2, &nat1, &tcp1, &nat2];
     wait_all_connected(&lab, &all, 1, 4);
+    // One daemon per state directory.
+    let again = lab
+        .exec(
+            "nat2",
+            &[MESHD, "up", "--state", nat2.state.to_str().unwrap()],
+        )
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(again.stderr.contains("already running"), "{}", again.stderr);
 
     let status: Vec<Status> = all.iter().map(|n| n.status(&lab)).collect();
     let ip = |i: usize| status[i].ipv4();
