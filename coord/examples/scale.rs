@@ -1,0 +1,695 @@
+//! Coordinator scale benchmark (issue 5, "Scale"): a join storm of N
+//! simulated agents and endpoint-change fan-out, measured in one process
+//! with no sockets (`mem`), or over real QUIC on loopback (`quic`).
+//!
+//! ```text
+//! cargo run --release -p meshd-coord --example scale            # table: N=1,000 and 10,000 in memory, 1,000 over QUIC
+//! cargo run --release -p meshd-coord --example scale -- run mem 10000 mem 0
+//! ```
+//!
+//! The table mode runs each configuration in a child process of its own, so
+//! that resident memory is not shared between runs.
+//!
+//! In memory, every agent joins with a real `meshd_proto::client::Client`
+//! through the wire encoding (encode, then decode, of every frame). Keeping
+//! a full peer map in every one of 10,000 clients would take 10,000² peers
+//! (tens of GB), so after its map arrived an agent keeps only a decoder
+//! ("thin" agent: it decodes every frame and checks each endpoint change),
+//! except `sample` agents that keep their `Client` and apply every delta.
+//! With `sample` = 0 the process holds the coordinator and counters only, so
+//! the RSS growth is the coordinator's (plus allocator slack).
+#![allow(clippy::print_stdout, reason = "a benchmark binary reports on stdout")]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use meshd_coord::{
+    Action, Config, Coordinator, MemStore, SessionId, SqliteStore, Store, TokenSpec,
+};
+use meshd_proto::client::{Client, ClientEvent, Join};
+use meshd_proto::{decode, encode, EndpointReport, Message, NodeId, TokenSecret};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use x25519_dalek::StaticSecret;
+
+const CHANGES: usize = 20;
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Results {
+    mode: String,
+    store: String,
+    n: usize,
+    sample: usize,
+    storm_s: f64,
+    storm_cpu_s: f64,
+    fanout_p50_ms: f64,
+    fanout_p99_ms: f64,
+    change_cpu_ms: f64,
+    bytes_unaffected_min: u64,
+    bytes_unaffected_max: u64,
+    bytes_total_per_change: u64,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+    coord_cpu_s: f64,
+}
+
+impl Results {
+    fn rss_per_node_kib(&self) -> f64 {
+        (self.rss_after_kib.saturating_sub(self.rss_before_kib)) as f64 / self.n as f64
+    }
+}
+
+/// VmRSS of this process, KiB.
+fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// CPU time of one thread (ns precision), from its schedstat.
+fn thread_cpu(path: &str) -> Duration {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let ns = s
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Duration::from_nanos(ns)
+}
+
+fn my_cpu() -> Duration {
+    thread_cpu("/proc/thread-self/schedstat")
+}
+
+/// CPU time of the thread named `name` in this process.
+fn named_thread_cpu(name: &str) -> Duration {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    dir.flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .map(|t| thread_cpu(&t.path().join("schedstat").to_string_lossy()))
+        .sum()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+fn secret_of(i: usize) -> StaticSecret {
+    let mut b = [0x11u8; 32];
+    // Bytes 8..16: X25519 clamping rewrites bits of bytes 0 and 31.
+    b[8..16].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    StaticSecret::from(b)
+}
+
+fn endpoint_for(change: usize) -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::from(([192, 0, 2, (change % 250) as u8 + 1], 51820 + change as u16)),
+        SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1], 51820 + change as u16)),
+    ]
+}
+
+// ---------------------------------------------------------------- in memory
+
+struct Agent {
+    /// The full client: while joining, and for sample agents throughout.
+    client: Option<Client>,
+    node: Option<NodeId>,
+    bytes: u64,
+    /// Endpoint changes this agent decoded (thin) or applied (full).
+    changes_seen: u64,
+}
+
+struct Mem {
+    coord: Coordinator,
+    now: SystemTime,
+    agents: Vec<Agent>,
+    sample: usize,
+    /// The change under way: whose and to what, to check what agents get.
+    expect: Option<(NodeId, Vec<SocketAddr>)>,
+    dirty: Vec<usize>,
+}
+
+impl Mem {
+    fn index(&self, s: SessionId) -> usize {
+        usize::try_from(s.0 - 1).expect("session ids count from 1")
+    }
+
+    /// Moves frames both ways, through the wire encoding, until nothing moves.
+    fn drive(&mut self) {
+        loop {
+            let mut moved = false;
+            while let Some(a) = self.coord.poll_action() {
+                moved = true;
+                let (session, message) = match a {
+                    Action::Send { session, message } => (session, message),
+                    Action::Close { session } => panic!("coordinator closed {session:?}"),
+                };
+                let i = self.index(session);
+                let bytes = encode(&message).expect("encode");
+                let msg = decode(&bytes).expect("decode").expect("a whole frame");
+                let agent = &mut self.agents[i];
+                agent.bytes += bytes.len() as u64;
+                if let (Message::EndpointChanged(c), Some((node, eps))) = (&msg, &self.expect) {
+                    assert!(c.node_id == *node && c.endpoints == *eps, "wrong change");
+                    agent.changes_seen += 1;
+                }
+                if let Some(client) = agent.client.as_mut() {
+                    client
+                        .handle_message(msg)
+                        .expect("client accepts the frame");
+                    let mut joined = false;
+                    while let Some(e) = client.poll_event() {
+                        if let ClientEvent::Joined(info) = &e {
+                            agent.node = Some(info.node_id);
+                        }
+                        joined |= e == ClientEvent::PeersChanged;
+                    }
+                    if joined && i >= self.sample {
+                        // Thin from now on: see the module comment.
+                        agent.client = None;
+                    }
+                    self.dirty.push(i);
+                }
+            }
+            for i in std::mem::take(&mut self.dirty) {
+                let Some(client) = self.agents[i].client.as_mut() else {
+                    continue;
+                };
+                while let Some(m) = client.poll_transmit() {
+                    moved = true;
+                    let bytes = encode(&m).expect("encode");
+                    let m = decode(&bytes).expect("decode").expect("whole frame");
+                    let session = SessionId(i as u64 + 1);
+                    self.coord.handle_message(session, m, self.now);
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    fn join(&mut self, i: usize, token: &TokenSecret) {
+        let binding = (i as u64).to_le_bytes();
+        let s = self.coord.open_session(&binding, self.now);
+        assert_eq!(self.index(s), i, "sessions are numbered in join order");
+        let join = Join::Register {
+            token_secret: token.clone(),
+            name: format!("n{i}"),
+        };
+        self.agents.push(Agent {
+            client: Some(Client::new(secret_of(i), join, &binding)),
+            node: None,
+            bytes: 0,
+            changes_seen: 0,
+        });
+        self.drive();
+        assert!(self.agents[i].node.is_some(), "agent {i} did not join");
+    }
+}
+
+fn run_mem(n: usize, store_kind: &str, sample: usize) -> Results {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store: Box<dyn Store> = match store_kind {
+        "mem" => Box::new(MemStore::default()),
+        "sqlite" => Box::new(SqliteStore::open(&dir.path().join("state.db")).expect("sqlite")),
+        other => panic!("unknown store {other}"),
+    };
+    let now = SystemTime::now();
+    let mut coord = Coordinator::new(
+        Config::default(),
+        StaticSecret::from([0xc0; 32]),
+        store,
+        Box::new(StdRng::seed_from_u64(1)),
+        now,
+    )
+    .expect("coordinator");
+    let spec = TokenSpec {
+        reusable: true,
+        ..TokenSpec::default()
+    };
+    let (_, token) = coord.create_token(spec, now).expect("token");
+    let mut m = Mem {
+        coord,
+        now,
+        agents: Vec::with_capacity(n),
+        sample,
+        expect: None,
+        dirty: Vec::new(),
+    };
+    let rss_before = rss_kib();
+    let (t, cpu) = (Instant::now(), my_cpu());
+    for i in 0..n {
+        m.join(i, &token);
+    }
+    let storm = t.elapsed();
+    let storm_cpu = my_cpu() - cpu;
+    let rss_after = rss_kib();
+    for a in &mut m.agents {
+        a.bytes = 0;
+    }
+
+    let mut times = Vec::new();
+    let mut cpu_total = Duration::ZERO;
+    let (mut bmin, mut bmax, mut btotal) = (u64::MAX, 0, 0);
+    for c in 0..CHANGES {
+        let who = (c * 7919) % n;
+        let eps = endpoint_for(c);
+        let node = m.agents[who].node.expect("joined");
+        m.expect = Some((node, eps.clone()));
+        let seen_before: Vec<u64> = m.agents.iter().map(|a| a.changes_seen).collect();
+        let (t, cpu) = (Instant::now(), my_cpu());
+        let report = Message::EndpointReport(EndpointReport { endpoints: eps });
+        let report = decode(&encode(&report).expect("encode"))
+            .expect("decode")
+            .expect("whole frame");
+        m.coord
+            .handle_message(SessionId(who as u64 + 1), report, m.now);
+        m.drive();
+        times.push(t.elapsed());
+        cpu_total += my_cpu() - cpu;
+        for (i, a) in m.agents.iter_mut().enumerate() {
+            let expected = u64::from(i != who);
+            assert_eq!(a.changes_seen - seen_before[i], expected, "agent {i}");
+            if i != who {
+                bmin = bmin.min(a.bytes);
+                bmax = bmax.max(a.bytes);
+            }
+            btotal += a.bytes;
+            a.bytes = 0;
+            if let Some(client) = &a.client {
+                if i != who {
+                    let eps = &m.expect.as_ref().expect("set").1;
+                    assert_eq!(&client.peers()[&node].endpoints, eps, "applied");
+                }
+            }
+        }
+    }
+    times.sort();
+    Results {
+        mode: "mem".into(),
+        store: store_kind.into(),
+        n,
+        sample,
+        storm_s: storm.as_secs_f64(),
+        storm_cpu_s: storm_cpu.as_secs_f64(),
+        fanout_p50_ms: percentile(&times, 0.5),
+        fanout_p99_ms: percentile(&times, 0.99),
+        change_cpu_ms: cpu_total.as_secs_f64() * 1e3 / CHANGES as f64,
+        bytes_unaffected_min: bmin,
+        bytes_unaffected_max: bmax,
+        bytes_total_per_change: btotal / CHANGES as u64,
+        rss_before_kib: rss_before,
+        rss_after_kib: rss_after,
+        coord_cpu_s: storm_cpu.as_secs_f64(),
+    }
+}
+
+// ---------------------------------------------------------------- driver
+
+fn child(args: &[&str]) -> Results {
+    let exe = std::env::current_exe().expect("own path");
+    let out = std::process::Command::new(exe)
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("spawn benchmark child");
+    assert!(
+        out.status.success(),
+        "child {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .expect("child printed a RESULT line");
+    serde_json::from_str(line).expect("child RESULT")
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match a.as_slice() {
+        ["run", "mem", n, store, sample] => {
+            let r = run_mem(
+                n.parse().expect("N"),
+                store,
+                sample.parse().expect("sample"),
+            );
+            println!("RESULT {}", serde_json::to_string(&r).expect("json"));
+        }
+        ["run", "quic", n, concurrency] => {
+            let r = quic::run(
+                n.parse().expect("N"),
+                concurrency.parse().expect("concurrency"),
+            );
+            println!("RESULT {}", serde_json::to_string(&r).expect("json"));
+        }
+        rest => {
+            let big: usize = rest.first().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+            table(
+                big,
+                rest.contains(&"--no-quic"),
+                rest.contains(&"--no-sqlite"),
+            );
+        }
+    }
+}
+
+fn table(big: usize, no_quic: bool, no_sqlite: bool) {
+    let load_start = loadavg();
+    let mut runs = vec![
+        child(&["mem", "1000", "mem", "0"]),
+        child(&["mem", &big.to_string(), "mem", "0"]),
+        child(&["mem", &big.to_string(), "mem", "20"]),
+    ];
+    if !no_sqlite {
+        runs.push(child(&["mem", "1000", "sqlite", "0"]));
+    }
+    if !no_quic {
+        runs.push(child(&["quic", "1000", "100"]));
+    }
+    println!(
+        "load average (1/5/15 min) at start: {load_start}; at end: {}",
+        loadavg()
+    );
+    println!();
+    let head: Vec<String> = runs
+        .iter()
+        .map(|r| {
+            let extra = if r.sample > 0 {
+                format!(", {} full clients", r.sample)
+            } else {
+                String::new()
+            };
+            format!("{} N={} {}{}", r.mode, r.n, r.store, extra)
+        })
+        .collect();
+    println!(
+        "| metric | {} | target | worst / target |",
+        head.join(" | ")
+    );
+    println!("|---|{}---|---|", "---|".repeat(runs.len()));
+    let row = |name: &str, f: &dyn Fn(&Results) -> String, target: &str, ratio: String| {
+        let cells: Vec<String> = runs.iter().map(f).collect();
+        println!("| {name} | {} | {target} | {ratio} |", cells.join(" | "));
+    };
+    let at_target: Vec<&Results> = runs.iter().filter(|r| r.n >= 10_000).collect();
+    let worst = |f: &dyn Fn(&Results) -> f64| at_target.iter().map(|r| f(r)).fold(0.0, f64::max);
+    row(
+        "join storm (all N registered, peer map received)",
+        &|r| format!("{:.2} s", r.storm_s),
+        "-",
+        "-".into(),
+    );
+    row(
+        "join storm CPU (driving thread / coord thread)",
+        &|r| format!("{:.2} s", r.storm_cpu_s),
+        "-",
+        "-".into(),
+    );
+    row(
+        "change → applied by all others, p50",
+        &|r| format!("{:.1} ms", r.fanout_p50_ms),
+        "-",
+        "-".into(),
+    );
+    row(
+        "change → applied by all others, p99",
+        &|r| format!("{:.1} ms", r.fanout_p99_ms),
+        "≤ 2,000 ms",
+        format!("{:.3}", worst(&|r| r.fanout_p99_ms) / 2000.0),
+    );
+    row(
+        "CPU per change",
+        &|r| format!("{:.1} ms", r.change_cpu_ms),
+        "-",
+        "-".into(),
+    );
+    row(
+        "bytes per change to each unaffected node (min–max)",
+        &|r| format!("{}–{} B", r.bytes_unaffected_min, r.bytes_unaffected_max),
+        "independent of N",
+        "-".into(),
+    );
+    row(
+        "bytes per change, total",
+        &|r| format!("{} B", r.bytes_total_per_change),
+        "-",
+        "-".into(),
+    );
+    row(
+        "RSS growth over the storm per node",
+        &|r| format!("{:.2} KiB", r.rss_per_node_kib()),
+        "≤ 20 KiB",
+        format!(
+            "{:.3}",
+            at_target
+                .iter()
+                .filter(|r| r.sample == 0)
+                .map(|r| r.rss_per_node_kib())
+                .fold(0.0, f64::max)
+                / 20.0
+        ),
+    );
+}
+
+// ---------------------------------------------------------------- QUIC
+
+mod quic {
+    //! 1,000 agents, each with its own QUIC connection (its own UDP socket)
+    //! to a `coord::net::Server` on 127.0.0.1 in this process, over SQLite in
+    //! a temp dir as `meshd coord` runs it. Clients and server share one
+    //! 2-thread tokio runtime; the coordinator core runs on its own thread
+    //! ("meshd-coord"), whose CPU time is reported separately.
+
+    use std::sync::Arc;
+    use std::time::{Duration, Instant, SystemTime};
+
+    use meshd_coord::net::tls::Identity;
+    use meshd_coord::net::{ClientConn, Server, Transport};
+    use meshd_coord::{Config, Coordinator, SqliteStore, TokenSpec};
+    use meshd_proto::client::{Client, Join};
+    use meshd_proto::token::JoinToken;
+    use meshd_proto::{encode, EndpointReport, Message};
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    use tokio::sync::{mpsc, Barrier, Semaphore};
+
+    use super::{endpoint_for, named_thread_cpu, percentile, rss_kib, secret_of, Results, CHANGES};
+
+    enum Note {
+        /// The agent's map holds every other node.
+        Complete,
+        /// The agent applied change number `.0`, having received `.1` bytes
+        /// since the previous one.
+        Applied(usize, u64, Instant),
+    }
+
+    /// `concurrency`: how many QUIC handshakes may be under way at once. All
+    /// 1,000 at once time out here (10 s client handshake timeout), see
+    /// docs/benchmarks.md.
+    pub fn run(n: usize, concurrency: usize) -> Results {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(run_async(n, concurrency))
+    }
+
+    async fn agent(
+        i: usize,
+        n: usize,
+        token: Arc<JoinToken>,
+        start: Arc<Barrier>,
+        connecting: Arc<Semaphore>,
+        notes: mpsc::UnboundedSender<Note>,
+        mut reports: mpsc::UnboundedReceiver<usize>,
+    ) {
+        start.wait().await;
+        let permit = connecting.acquire().await.expect("semaphore open");
+        let mut conn = ClientConn::connect(&token, Transport::Quic)
+            .await
+            .expect("QUIC connect");
+        drop(permit);
+        let join = Join::Register {
+            token_secret: token.secret.clone(),
+            name: format!("q{i}"),
+        };
+        let mut client = Client::new(secret_of(i), join, conn.binding());
+        let mut complete = false;
+        let mut bytes = 0u64;
+        loop {
+            while let Some(m) = client.poll_transmit() {
+                conn.send(&m).await.expect("send");
+            }
+            while client.poll_event().is_some() {}
+            if !complete && client.peers().len() == n - 1 {
+                complete = true;
+                bytes = 0;
+                let _ = notes.send(Note::Complete);
+            }
+            tokio::select! {
+                msg = conn.recv() => {
+                    // The session ends when the benchmark shuts the server down.
+                    let Ok(Some(msg)) = msg else { return };
+                    bytes += encode(&msg).expect("encode").len() as u64;
+                    let change = match &msg {
+                        Message::EndpointChanged(c) => Some(c.endpoints[0].port() as usize - 51820),
+                        _ => None,
+                    };
+                    client.handle_message(msg).expect("client accepts the frame");
+                    if let Some(c) = change {
+                        let _ = notes.send(Note::Applied(c, bytes, Instant::now()));
+                        bytes = 0;
+                    }
+                }
+                c = reports.recv() => {
+                    let Some(c) = c else { return };
+                    let m = Message::EndpointReport(EndpointReport { endpoints: endpoint_for(c) });
+                    if conn.send(&m).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_async(n: usize, concurrency: usize) -> Results {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let identity = Identity::load_or_create(dir.path()).expect("identity");
+        let static_key = identity.static_key.clone();
+        let db = dir.path().join("state.db");
+        let listen = "127.0.0.1:0".parse().expect("addr");
+        let server = Server::start(&identity, listen, move |_waker| {
+            Coordinator::new(
+                Config::default(),
+                static_key,
+                Box::new(SqliteStore::open(&db)?),
+                Box::new(StdRng::from_os_rng()),
+                SystemTime::now(),
+            )
+        })
+        .await
+        .expect("server");
+        let spec = TokenSpec {
+            reusable: true,
+            ..TokenSpec::default()
+        };
+        let (_, secret) = server
+            .call(move |c, now| c.create_token(spec, now))
+            .await
+            .expect("call")
+            .expect("token");
+        let token = Arc::new(JoinToken {
+            secret,
+            cert_pin: identity.pin(),
+            addresses: vec![server.quic_addr.to_string()],
+        });
+
+        let rss_before = rss_kib();
+        let start = Arc::new(Barrier::new(n + 1));
+        let connecting = Arc::new(Semaphore::new(concurrency));
+        let (notes_tx, mut notes) = mpsc::unbounded_channel();
+        let mut reporters = Vec::new();
+        for i in 0..n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            reporters.push(tx);
+            tokio::spawn(agent(
+                i,
+                n,
+                token.clone(),
+                start.clone(),
+                connecting.clone(),
+                notes_tx.clone(),
+                rx,
+            ));
+        }
+        let (coord_cpu0, cpu0) = (named_thread_cpu("meshd-coord"), process_cpu());
+        let t = Instant::now();
+        start.wait().await;
+        let mut complete = 0;
+        while complete < n {
+            match tokio::time::timeout(Duration::from_secs(120), notes.recv()).await {
+                Ok(Some(Note::Complete)) => complete += 1,
+                Ok(Some(Note::Applied(..))) => {}
+                _ => panic!("join storm stalled at {complete} of {n}"),
+            }
+        }
+        let storm = t.elapsed();
+        let storm_cpu = process_cpu() - cpu0;
+        let coord_storm_cpu = named_thread_cpu("meshd-coord") - coord_cpu0;
+        let rss_after = rss_kib();
+
+        let mut times = Vec::new();
+        let (mut bmin, mut bmax, mut btotal) = (u64::MAX, 0, 0);
+        let coord_cpu1 = named_thread_cpu("meshd-coord");
+        for c in 0..CHANGES {
+            let who = (c * 7919) % n;
+            let t = Instant::now();
+            reporters[who].send(c).expect("agent alive");
+            let mut last = t;
+            for _ in 0..n - 1 {
+                match tokio::time::timeout(Duration::from_secs(60), notes.recv()).await {
+                    Ok(Some(Note::Applied(cc, bytes, at))) => {
+                        assert_eq!(cc, c, "changes arrive in order");
+                        last = last.max(at);
+                        bmin = bmin.min(bytes);
+                        bmax = bmax.max(bytes);
+                        btotal += bytes;
+                    }
+                    _ => panic!("change {c} did not reach everyone"),
+                }
+            }
+            times.push(last - t);
+        }
+        let change_coord_cpu = named_thread_cpu("meshd-coord") - coord_cpu1;
+        times.sort();
+        server.shutdown().await;
+        Results {
+            mode: "quic".into(),
+            store: format!("sqlite, {concurrency} handshakes at once"),
+            n,
+            sample: n,
+            storm_s: storm.as_secs_f64(),
+            storm_cpu_s: storm_cpu.as_secs_f64(),
+            fanout_p50_ms: percentile(&times, 0.5),
+            fanout_p99_ms: percentile(&times, 0.99),
+            change_cpu_ms: change_coord_cpu.as_secs_f64() * 1e3 / CHANGES as f64,
+            bytes_unaffected_min: bmin,
+            bytes_unaffected_max: bmax,
+            bytes_total_per_change: btotal / CHANGES as u64,
+            rss_before_kib: rss_before,
+            rss_after_kib: rss_after,
+            coord_cpu_s: coord_storm_cpu.as_secs_f64(),
+        }
+    }
+
+    /// utime + stime of the whole process (all threads), from /proc/self/stat.
+    fn process_cpu() -> Duration {
+        let s = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+        // Fields after the parenthesised command name; utime and stime are
+        // fields 14 and 15 (1-based), in clock ticks of 1/100 s on Linux.
+        let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+        Duration::from_millis(ticks * 10)
+    }
+}
