@@ -3,7 +3,7 @@
 //! with no sockets (`mem`), or over real QUIC on loopback (`quic`).
 //!
 //! ```text
-//! cargo run --release -p meshd-coord --example scale            # table: N=1,000 and 10,000 in memory, 1,000 over QUIC
+//! cargo run --release -p meshd-coord --example scale            # table: N=1,000 and 10,000 in memory, SQLite 1,000, QUIC 400
 //! cargo run --release -p meshd-coord --example scale -- run mem 10000 mem 0
 //! ```
 //!
@@ -380,7 +380,8 @@ fn table(big: usize, no_quic: bool, no_sqlite: bool) {
         runs.push(child(&["mem", "1000", "sqlite", "0"]));
     }
     if !no_quic {
-        runs.push(child(&["quic", "1000", "100"]));
+        // 1,000 over QUIC do not finish joining yet (docs/benchmarks.md).
+        runs.push(child(&["quic", "400", "100"]));
     }
     println!(
         "load average (1/5/15 min) at start: {load_start}; at end: {}",
