@@ -354,7 +354,13 @@ impl AsFd for Tun {
 /// present and existing routes are replaced, not duplicated.
 pub fn configure(name: &str, addrs: &[IpNet], routes: &[IpNet]) -> Result<(), TunError> {
     for addr in addrs {
-        ip(&["addr", "replace", &addr.to_string(), "dev", name])?;
+        let a = addr.to_string();
+        // A TUN has no link on which an address could be duplicated; without `nodad` an IPv6
+        // address stays tentative (unusable: bind fails with EADDRNOTAVAIL) for DAD's second.
+        match addr {
+            IpNet::V6(_) => ip(&["-6", "addr", "replace", &a, "dev", name, "nodad"])?,
+            IpNet::V4(_) => ip(&["addr", "replace", &a, "dev", name])?,
+        };
     }
     ip(&["link", "set", "dev", name, "up"])?;
     for route in routes {
