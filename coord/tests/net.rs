@@ -163,6 +163,41 @@ async fn silent_and_malformed_clients_get_an_error_and_are_closed() {
     }
 }
 
+/// Datagrams the kernel dropped on the UDP socket bound to 127.0.0.1:`port`
+/// (the last column of /proc/net/udp).
+fn udp_drops(port: u16) -> u64 {
+    let local = format!("0100007F:{port:04X}");
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap();
+    let line = table
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(local.as_str()))
+        .expect("the server's socket is in /proc/net/udp");
+    line.split_whitespace().last().unwrap().parse().unwrap()
+}
+
+/// In a join storm every node's handshakes and ACKs arrive on the one QUIC
+/// socket faster, at times, than the endpoint reads them. With the system's
+/// default receive buffer (208 KiB, about 90 such datagrams) the kernel
+/// dropped thousands a second, and 1,000 nodes' handshakes timed out
+/// (docs/benchmarks.md, "Coordinator scale"). The socket must hold a burst.
+#[tokio::test(flavor = "current_thread")]
+async fn a_burst_waits_in_the_quic_socket_while_the_endpoint_is_busy() {
+    let s = start().await;
+    let port = s.server.quic_addr.port();
+    let before = udp_drops(port);
+    // While this synchronous code runs, the single-threaded runtime polls
+    // nothing: the endpoint reads nothing and every datagram must queue.
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..1000 {
+        sender.send_to(&[0u8; 1200], s.server.quic_addr).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(udp_drops(port) - before, 0, "datagrams dropped");
+    // The endpoint discards what is not QUIC and still serves nodes.
+    join(&s, 1, "after-the-burst", Transport::Quic).await;
+    s.server.shutdown().await;
+}
+
 #[test]
 fn identity_is_created_once_and_kept() {
     let dir = tempfile::tempdir().unwrap();

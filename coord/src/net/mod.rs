@@ -35,6 +35,14 @@ use tls::{Identity, IdentityError};
 /// control protocol's own handshake timeout is the core's.
 const TRANSPORT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The receive buffer asked for on the QUIC socket. Every node's packets
+/// (handshakes, ACKs of the deltas, keep-alives) arrive on this one socket;
+/// with the Linux default (208 KiB, about 100 QUIC datagrams) a join storm
+/// overflows it while the endpoint is busy, and the kernel drops new nodes'
+/// handshake packets along with everything else (docs/benchmarks.md,
+/// "Coordinator scale"). 8 MiB holds several thousand datagrams.
+const UDP_RECV_BUFFER: usize = 8 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("cannot listen on {addr}: {source}")]
@@ -120,11 +128,20 @@ impl Server {
         let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls.clone())
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         let quic_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
-        let endpoint =
-            quinn::Endpoint::server(quic_config, listen).map_err(|source| NetError::Bind {
-                addr: listen,
-                source,
-            })?;
+        let bind_err = |source| NetError::Bind {
+            addr: listen,
+            source,
+        };
+        let socket = bind_udp(listen, UDP_RECV_BUFFER).map_err(bind_err)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind_err(io::Error::other("no async runtime")))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(quic_config),
+            socket,
+            runtime,
+        )
+        .map_err(bind_err)?;
         let quic_addr = endpoint.local_addr()?;
         let tcp_addr = SocketAddr::new(listen.ip(), quic_addr.port());
         let tcp = TcpListener::bind(tcp_addr)
@@ -315,6 +332,33 @@ fn core_loop(mut coord: Coordinator, rx: &mpsc::Receiver<Event>) {
             }
         }
     }
+}
+
+/// Binds the QUIC socket with a receive buffer of `want` bytes, or as close
+/// as the system allows: above `net.core.rmem_max` only a process with
+/// CAP_NET_ADMIN gets it (SO_RCVBUFFORCE); others get `rmem_max`, which an
+/// administrator can raise.
+fn bind_udp(listen: SocketAddr, want: usize) -> io::Result<std::net::UdpSocket> {
+    use rustix::net::sockopt;
+    let socket = std::net::UdpSocket::bind(listen)?;
+    if sockopt::set_socket_recv_buffer_size_force(&socket, want).is_err() {
+        if let Err(e) = sockopt::set_socket_recv_buffer_size(&socket, want) {
+            tracing::warn!(error = %e, "cannot size the QUIC socket's receive buffer");
+        }
+    }
+    // Linux reports twice the size asked for (the rest is its bookkeeping).
+    let got = sockopt::socket_recv_buffer_size(&socket).map_or(0, |b| b / 2);
+    if got < want {
+        tracing::warn!(
+            bytes = got,
+            wanted = want,
+            "QUIC receive buffer is small: a join storm may lose packets \
+             (raise net.core.rmem_max)"
+        );
+    } else {
+        tracing::debug!(bytes = got, "QUIC receive buffer");
+    }
+    Ok(socket)
 }
 
 async fn accept_quic(endpoint: quinn::Endpoint, events: mpsc::Sender<Event>, next: Arc<AtomicU64>) {
