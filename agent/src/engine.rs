@@ -1,9 +1,9 @@
 //! The data-plane engine: one thread joining the TUN device, the UDP socket
 //! and the WireGuard core ([`node::Node`]).
 //!
-//! Each turn waits (in `poll`) for either descriptor or the next timer, then
-//! drains the network into the TUN and the TUN into the network, each up to a
-//! budget so one direction cannot starve the other, and finally runs the
+//! Each turn waits (in `epoll_wait`) for either descriptor or the next timer,
+//! then drains the network into the TUN and the TUN into the network, each up
+//! to a budget so one direction cannot starve the other, and finally runs the
 //! timers. Outputs collect in batches that are flushed when full and at the end
 //! of each turn: one TUN read of a 64 KiB super-packet becomes ~45 encrypted
 //! datagrams leaving in one GSO send, and a GRO'd burst of datagrams becomes
@@ -11,29 +11,43 @@
 //!
 //! Other threads reach a running engine through an [`EngineHandle`]: commands
 //! (change the peers, report the status) go into a channel that the engine
-//! drains at the start of every turn, and an eventfd in the engine's `poll`
+//! drains at the start of every turn, and an eventfd in the engine's epoll
 //! set wakes it for them. The engine's state stays on its own thread.
 
 pub mod node;
 
 use std::collections::BTreeSet;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::buffer::spare_capacity;
+use rustix::event::epoll::{self, EventData, EventFlags};
+use rustix::event::{EventfdFlags, Timespec};
 
 use crate::keys::{PrivateKey, PublicKey};
 use crate::peers::{PeerConfig, PeerError};
 use crate::tun::{self, Tun, TunBatch, TunError};
-use crate::udp::{UdpError, UdpRecvBatch, UdpSendBatch, UdpSocket};
+use crate::udp::{
+    self, PeerSocketChanges, PeerSockets, UdpError, UdpRecvBatch, UdpSendBatch, UdpSocket,
+};
 pub use node::{Counters, Node, PeerStatus, Sink};
 
 /// Batches read from each side per turn before serving the other.
 const BUDGET: usize = 8;
+
+/// What the engine's epoll set reports for each of its descriptors; peer
+/// sockets count up from `SOURCE_PEER_SOCKETS` by slot.
+const SOURCE_TUN: u64 = 0;
+const SOURCE_UDP: u64 = 1;
+const SOURCE_WAKER: u64 = 2;
+const SOURCE_PEER_SOCKETS: u64 = 16;
+
+/// Events taken from one `epoll_wait`; more stay queued for the next.
+const MAX_EVENTS: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -176,6 +190,12 @@ pub struct Engine {
     node: Node,
     tun: Tun,
     udp: UdpSocket,
+    /// Sockets connected to peers' endpoints, beside `udp` (see [`udp`]).
+    peer_sockets: PeerSockets,
+    /// The [`Node::endpoint_generation`] that `peer_sockets` matches.
+    peer_sockets_generation: Option<u64>,
+    /// Some peer socket was marked stale this turn.
+    peer_sockets_stale: bool,
     tun_in: TunBatch,
     udp_in: UdpRecvBatch,
     tun_out: TunBatch,
@@ -185,11 +205,21 @@ pub struct Engine {
     /// Routes installed at start; prefixes inside them need none.
     static_routes: Vec<IpNet>,
     counters: EngineCounters,
+    /// The last turn's TUN reads found the device empty after at most one
+    /// packet (or super-packet): see [`Engine::turn`].
+    tun_sparse: bool,
+    /// When the last turn started.
+    now: Instant,
     commands: mpsc::Receiver<Command>,
     /// Kept to hand out in [`Engine::handle`].
     command_sender: mpsc::Sender<Command>,
     /// An eventfd that handles write to when they queue a command.
     waker: Arc<OwnedFd>,
+    /// The TUN, the socket and the waker, registered once: unlike `poll`,
+    /// waiting costs no per-call registration on each descriptor.
+    epoll: OwnedFd,
+    /// Where `epoll::wait` reports.
+    events: Vec<epoll::Event>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -218,6 +248,17 @@ impl Engine {
         let waker = rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
             .map_err(|e| EngineError::Waker(e.into()))?;
         let (command_sender, commands) = mpsc::channel();
+        let epoll =
+            epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| EngineError::Poll(e.into()))?;
+        for (fd, source) in [
+            (tun.as_fd(), SOURCE_TUN),
+            (udp.as_fd(), SOURCE_UDP),
+            (waker.as_fd(), SOURCE_WAKER),
+        ] {
+            // Level-triggered: a side left unread (budget spent) reports again.
+            epoll::add(&epoll, fd, EventData::new_u64(source), EventFlags::IN)
+                .map_err(|e| EngineError::Poll(e.into()))?;
+        }
         tracing::info!(
             tun = tun.name(),
             offload = tun.offload(),
@@ -229,6 +270,9 @@ impl Engine {
             node: Node::new(config.private_key, Instant::now()),
             tun,
             udp,
+            peer_sockets: PeerSockets::default(),
+            peer_sockets_generation: None,
+            peer_sockets_stale: false,
             tun_in: TunBatch::new(),
             udp_in: UdpRecvBatch::new(),
             tun_out: TunBatch::new(),
@@ -236,9 +280,13 @@ impl Engine {
             routed: BTreeSet::new(),
             static_routes: config.routes,
             counters: EngineCounters::default(),
+            tun_sparse: true,
+            now: Instant::now(),
             commands,
             command_sender,
             waker: Arc::new(waker),
+            epoll,
+            events: Vec::with_capacity(MAX_EVENTS),
         })
     }
 
@@ -313,7 +361,46 @@ impl Engine {
         tun::remove_routes(self.tun.name(), &stale)?;
         tun::configure(self.tun.name(), &[], &new)?;
         self.routed = wanted;
+        self.sync_peer_sockets(Instant::now());
         Ok(())
+    }
+
+    /// Gives every peer endpoint its connected socket, and closes those of
+    /// endpoints no peer has any more, when the node's endpoints changed;
+    /// replaces peer sockets marked stale.
+    fn sync_peer_sockets(&mut self, now: Instant) {
+        let generation = self.node.endpoint_generation();
+        if self.peer_sockets_generation != Some(generation) {
+            self.peer_sockets_generation = Some(generation);
+            let changes = self
+                .peer_sockets
+                .sync(&self.udp, self.node.endpoints(), now);
+            self.watch_peer_sockets(changes);
+            tracing::debug!(sockets = self.peer_sockets.len(), "peer sockets updated");
+        }
+        if std::mem::take(&mut self.peer_sockets_stale) {
+            let changes = self.peer_sockets.refresh(&self.udp, now);
+            self.watch_peer_sockets(changes);
+        }
+    }
+
+    /// Brings the epoll set in line with changed peer sockets.
+    fn watch_peer_sockets(&mut self, changes: PeerSocketChanges) {
+        for sock in &changes.removed {
+            let _ = epoll::delete(&self.epoll, sock);
+        }
+        for slot in changes.added {
+            let Some(sock) = self.peer_sockets.slot(slot) else {
+                continue;
+            };
+            let token = SOURCE_PEER_SOCKETS + slot as u64;
+            if let Err(e) = epoll::add(&self.epoll, sock, EventData::new_u64(token), EventFlags::IN)
+            {
+                // Unwatched, it would swallow its endpoint's datagrams.
+                tracing::warn!(error = %e, "cannot watch a peer socket, closing it");
+                self.peer_sockets.close(slot);
+            }
+        }
     }
 
     /// Runs turns until `stop` is set (checked at least every 100 ms).
@@ -327,89 +414,174 @@ impl Engine {
     /// One turn: waits up to `max_wait` (less if a timer is due) for traffic,
     /// then moves everything that is queued.
     pub fn turn(&mut self, max_wait: Duration) -> Result<(), EngineError> {
+        // Measured from the previous turn's clock reading rather than a fresh
+        // one: a timer then fires late by at most that turn's own duration,
+        // which WireGuard's timers (seconds) do not notice, and a lone packet
+        // does not pay for a second clock read.
         let wait = self
             .node
             .poll_timeout()
-            .saturating_duration_since(Instant::now())
+            .saturating_duration_since(self.now)
             .min(max_wait);
         let timeout =
             Timespec::try_from(wait).map_err(|e| EngineError::Poll(io::Error::other(e)))?;
-        let mut fds = [
-            PollFd::new(&self.tun, PollFlags::IN),
-            PollFd::new(&self.udp, PollFlags::IN),
-            PollFd::new(&*self.waker, PollFlags::IN),
-        ];
-        match rustix::event::poll(&mut fds, Some(&timeout)) {
+        self.events.clear();
+        match epoll::wait(
+            &self.epoll,
+            spare_capacity(&mut self.events),
+            Some(&timeout),
+        ) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(EngineError::Poll(e.into())),
         }
-        if fds[2].revents().contains(PollFlags::IN) {
-            // Reset the counter; the commands themselves are in the channel.
+        // Any event, errors and hang-ups included, is worth a read: the read
+        // reports it. A descriptor without an event is not read this turn;
+        // the next wait returns at once if data arrived since.
+        let tun_ready = self.events.iter().any(|e| e.data.u64() == SOURCE_TUN);
+        if self.events.iter().any(|e| e.data.u64() == SOURCE_WAKER) {
+            // Reset the counter, then drain the channel. A handle queues its
+            // command before it writes the eventfd, so a command that this
+            // drain misses has a write still to come, which the next wait
+            // reports.
             let _ = rustix::io::read(&*self.waker, &mut [0u8; 8]);
-        }
-        // Every turn, not only after a wake-up: a command queued between the
-        // poll and the read above would otherwise wait for the next one.
-        while let Ok(command) = self.commands.try_recv() {
-            self.execute(command);
+            while let Ok(command) = self.commands.try_recv() {
+                self.execute(command);
+            }
         }
         let now = Instant::now();
+        self.now = now;
         let Engine {
             node,
             tun,
             udp,
+            peer_sockets,
             tun_in,
             udp_in,
             tun_out,
             udp_out,
             counters,
+            tun_sparse,
+            events,
+            peer_sockets_stale,
             ..
         } = self;
         let mut out = Outbox {
             tun_dev: tun,
             udp_dev: udp,
+            peer_sockets,
+            peer_sockets_stale,
             tun_batch: tun_out,
             udp_batch: udp_out,
             counters,
+            tun_written: false,
         };
 
-        for _ in 0..BUDGET {
-            match out.udp_dev.recv_batch(udp_in) {
-                Ok(0) => break,
-                Ok(_) => {
-                    for (from, datagram) in udp_in.iter() {
-                        node.handle_datagram(from, datagram, &mut out, now);
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "UDP receive failed");
-                    out.counters.udp_recv_errors += 1;
-                    break;
-                }
-            }
+        let mut udp_read = false;
+        // Shared by all UDP sockets: many ready peers must not starve the TUN.
+        let mut budget = BUDGET;
+        for event in events.iter() {
+            let sock = match event.data.u64() {
+                SOURCE_UDP => out.udp_dev,
+                token => match token
+                    .checked_sub(SOURCE_PEER_SOCKETS)
+                    .and_then(|slot| out.peer_sockets.slot(usize::try_from(slot).ok()?))
+                {
+                    Some(sock) => sock,
+                    None => continue,
+                },
+            };
+            udp_read = true;
+            receive_datagrams(sock, udp_in, node, &mut out, now, &mut budget);
         }
-        out.flush_tun();
+        if udp_read {
+            out.flush_tun();
+        }
 
-        for _ in 0..BUDGET {
-            tun_in.clear();
-            match out.tun_dev.recv_batch(tun_in) {
-                Ok(0) => break,
-                Ok(_) => {
-                    for packet in tun_in.iter() {
-                        node.handle_tun_packet(packet, &mut out, now);
+        // The local stack answers a packet written to the TUN (an echo reply,
+        // a TCP ACK) inside that write, so the answer is queued already though
+        // the wait did not see it: read it now rather than after another wait.
+        if tun_ready || out.tun_written {
+            let mut reads = 0;
+            for _ in 0..BUDGET {
+                tun_in.clear();
+                match out.tun_dev.recv_batch(tun_in) {
+                    Ok(0) => break,
+                    Ok(_) => {
+                        for packet in tun_in.iter() {
+                            node.handle_tun_packet(packet, &mut out, now);
+                        }
+                        // When the last turn found nothing after its first
+                        // read, traffic is sparse and so will this read's
+                        // successor most likely be: send now instead of after
+                        // that empty read. Under load, reads keep batching
+                        // equal-sized datagrams into one GSO send.
+                        if reads == 0 && *tun_sparse {
+                            out.flush_udp();
+                        }
+                        reads += 1;
                     }
+                    Err(TunError::Malformed(e)) => {
+                        tracing::debug!(error = %e, "TUN read dropped");
+                        out.counters.tun_read_errors += 1;
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(TunError::Malformed(e)) => {
-                    tracing::debug!(error = %e, "TUN read dropped");
-                    out.counters.tun_read_errors += 1;
-                }
-                Err(e) => return Err(e.into()),
             }
+            *tun_sparse = reads <= 1;
         }
 
         node.handle_timeout(&mut out, now);
         out.flush_udp();
         out.flush_tun();
+        // After a roaming or a handshake from a new address. The datagrams
+        // just sent there left through the main socket, which is as good.
+        self.sync_peer_sockets(now);
         Ok(())
+    }
+}
+
+/// Reads `sock` until it is empty or `budget` batches are spent, handing
+/// every datagram to the node.
+fn receive_datagrams(
+    sock: &UdpSocket,
+    batch: &mut UdpRecvBatch,
+    node: &mut Node,
+    out: &mut Outbox<'_>,
+    now: Instant,
+    budget: &mut usize,
+) {
+    while *budget > 0 {
+        *budget -= 1;
+        match sock.recv_batch(batch) {
+            Ok(0) => break,
+            Ok(n) => {
+                let mut last_from = None;
+                for (from, datagram) in batch.iter() {
+                    // From an endpoint with a socket of its own, which should
+                    // have received it: that socket is stale.
+                    if sock.peer().is_none() && last_from != Some(from) {
+                        last_from = Some(from);
+                        if let Some(peer_sock) = out.peer_sockets.get(from) {
+                            peer_sock.mark_stale();
+                            *out.peer_sockets_stale = true;
+                        }
+                    }
+                    node.handle_datagram(from, datagram, out, now);
+                }
+                // A short batch means the queue was empty: asking again
+                // would only delay the TUN write by one system call.
+                if n < batch.capacity() {
+                    break;
+                }
+            }
+            Err(e) => {
+                // Also a connected socket's report of an ICMP error from its
+                // endpoint (ECONNREFUSED): the next read goes on.
+                tracing::debug!(error = %e, "UDP receive failed");
+                out.counters.udp_recv_errors += 1;
+                break;
+            }
+        }
     }
 }
 
@@ -440,9 +612,13 @@ impl Engine {
 struct Outbox<'a> {
     tun_dev: &'a mut Tun,
     udp_dev: &'a UdpSocket,
+    peer_sockets: &'a PeerSockets,
+    peer_sockets_stale: &'a mut bool,
     tun_batch: &'a mut TunBatch,
     udp_batch: &'a mut UdpSendBatch,
     counters: &'a mut EngineCounters,
+    /// Whether this turn wrote to the TUN.
+    tun_written: bool,
 }
 
 impl Outbox<'_> {
@@ -450,14 +626,18 @@ impl Outbox<'_> {
         if self.udp_batch.is_empty() {
             return;
         }
-        let report = self.udp_dev.send_batch(self.udp_batch);
+        let report = udp::send_batch_via(self.udp_batch, self.udp_dev, self.peer_sockets);
         self.counters.udp_send_dropped += report.dropped as u64;
+        if report.stale_peer_sockets > 0 {
+            *self.peer_sockets_stale = true;
+        }
     }
 
     fn flush_tun(&mut self) {
         if self.tun_batch.is_empty() {
             return;
         }
+        self.tun_written = true;
         if let Err(e) = self.tun_dev.send_batch(self.tun_batch) {
             tracing::debug!(error = %e, "TUN write failed");
             self.counters.tun_write_errors += 1;

@@ -130,6 +130,10 @@ pub struct TunBatch {
     bufs: Vec<PacketBuf>,
     sizes: Vec<usize>,
     len: usize,
+    /// Every buffer from this index on has its full length, as reads need.
+    /// Only writes shorten buffers, so a read restores just those instead of
+    /// touching all 128 (cache misses on a lone packet's path).
+    full_from: usize,
 }
 
 impl Default for TunBatch {
@@ -144,6 +148,8 @@ impl TunBatch {
             bufs: (0..BATCH_PACKETS).map(|_| PacketBuf::new()).collect(),
             sizes: vec![0; BATCH_PACKETS],
             len: 0,
+            // New buffers have length 0.
+            full_from: BATCH_PACKETS,
         }
     }
 
@@ -287,10 +293,11 @@ impl Tun {
         if free < needed {
             return Ok(0);
         }
-        for buf in &mut batch.bufs[start..] {
+        for buf in batch.bufs.iter_mut().take(batch.full_from).skip(start) {
             // Only `len` moves: the storage is always MAX_PACKET long.
             buf.len = HEADROOM + MAX_PACKET;
         }
+        batch.full_from = batch.full_from.min(start);
         let result = self.dev.recv_multiple(
             &mut self.raw,
             &mut batch.bufs[start..],
@@ -318,9 +325,28 @@ impl Tun {
         if n == 0 {
             return Ok(());
         }
+        if n == 1 {
+            // Nothing to coalesce: skip tun-rs's flow tables, whose upkeep
+            // costs a lone packet (a ping, an ACK) more than its write. A
+            // zero virtio-net header says "one whole packet, checksummed",
+            // which a decrypted packet is.
+            let size = batch.sizes[0];
+            let data = &mut batch.bufs[0].data;
+            let start = if self.offload {
+                data[..HEADROOM].fill(0);
+                0
+            } else {
+                HEADROOM
+            };
+            let result = self.dev.send(&data[start..HEADROOM + size]);
+            tracing::trace!(packets = 1, "TUN write");
+            return result.map(drop).map_err(TunError::classify);
+        }
         for (buf, &size) in batch.bufs[..n].iter_mut().zip(&batch.sizes[..n]) {
             buf.len = HEADROOM + size;
         }
+        // tun-rs also resizes buffers while coalescing, but only these.
+        batch.full_from = batch.full_from.max(n);
         // Without vnet headers tun-rs writes each packet from the offset on,
         // skipping the unused headroom.
         let offset = HEADROOM;

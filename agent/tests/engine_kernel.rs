@@ -155,3 +155,108 @@ fn tcp_through_two_engines_offload() {
 fn tcp_through_two_engines_plain_with_psk() {
     two_engines_carry_tcp(false, Some(PresharedKey::generate()));
 }
+
+/// Pings `target` from `ns` until one answer comes back or `within` passes.
+fn ping_until(ns: &NetNs, target: &str, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        let ok = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &ns.name, "ping", "-n", "-q", "-c", "1", "-W", "1", target,
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if ok {
+            return true;
+        }
+    }
+    false
+}
+
+/// A's underlay address changes under a running tunnel (a laptop that
+/// changed networks): the socket A connected to B is bound to the old
+/// address, so sends through it fail. They must fall back to the main
+/// socket at once, B must follow A to its new address, and both ends must
+/// end up on fresh peer sockets, with pings working all along the way.
+#[test]
+fn tunnel_survives_a_local_address_change() {
+    let a = Side {
+        ns: NetNs::new(),
+        key: PrivateKey::generate(),
+        underlay: "192.168.78.1",
+        inner: "10.78.0.1",
+    };
+    let b = Side {
+        ns: NetNs::new(),
+        key: PrivateKey::generate(),
+        underlay: "192.168.78.2",
+        inner: "10.78.0.2",
+    };
+    sh(&[
+        "ip", "-n", &a.ns.name, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns",
+        &b.ns.name,
+    ]);
+    for (side, dev) in [(&a, "va"), (&b, "vb")] {
+        let addr = format!("{}/24", side.underlay);
+        sh(&["ip", "-n", &side.ns.name, "addr", "add", &addr, "dev", dev]);
+        sh(&["ip", "-n", &side.ns.name, "link", "set", dev, "up"]);
+    }
+    let peer_of_a = PeerConfig {
+        public_key: b.key.public_key(),
+        preshared_key: None,
+        allowed_ips: vec![format!("{}/32", b.inner).parse().unwrap()],
+        endpoint: Some(format!("{}:51820", b.underlay).parse().unwrap()),
+        persistent_keepalive: None,
+    };
+    let peer_of_b = PeerConfig {
+        public_key: a.key.public_key(),
+        preshared_key: None,
+        allowed_ips: vec![format!("{}/32", a.inner).parse().unwrap()],
+        endpoint: None,
+        persistent_keepalive: None,
+    };
+    let stop = AtomicBool::new(false);
+    let counters = std::thread::scope(|s| {
+        let (ready_tx, ready) = mpsc::channel();
+        let ra = ready_tx.clone();
+        let ea = s.spawn(|| engine_thread(&a, peer_of_a, true, ra, &stop));
+        let eb = s.spawn(|| engine_thread(&b, peer_of_b, true, ready_tx, &stop));
+        for _ in 0..2 {
+            ready.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+        let before = ping_until(&a.ns, b.inner, Duration::from_secs(10));
+        sh(&[
+            "ip",
+            "-n",
+            &a.ns.name,
+            "addr",
+            "del",
+            "192.168.78.1/24",
+            "dev",
+            "va",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &a.ns.name,
+            "addr",
+            "add",
+            "192.168.78.11/24",
+            "dev",
+            "va",
+        ]);
+        let after = ping_until(&a.ns, b.inner, Duration::from_secs(10));
+        let back = ping_until(&b.ns, a.inner, Duration::from_secs(10));
+        stop.store(true, Ordering::Relaxed);
+        let counters = (ea.join().unwrap(), eb.join().unwrap());
+        assert!(before, "no ping before the address change");
+        assert!(after, "no ping from A after its address changed");
+        assert!(back, "no ping from B to A at its new address");
+        counters
+    });
+    for c in [counters.0, counters.1] {
+        assert_eq!(c.node.spoofed, 0, "{c:?}");
+    }
+}

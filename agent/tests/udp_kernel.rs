@@ -10,7 +10,10 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use meshd_agent::udp::{udp_drop_counters, UdpRecvBatch, UdpSendBatch, UdpSocket, SOCKET_BUFFER};
+use meshd_agent::udp::{
+    send_batch_via, udp_drop_counters, PeerSockets, UdpRecvBatch, UdpSendBatch, UdpSocket,
+    SOCKET_BUFFER,
+};
 use support::*;
 
 /// A datagram whose content names it, so reordering or merging shows.
@@ -170,5 +173,118 @@ fn receive_buffer_drops_are_counted() {
             "{before:?} {after:?}"
         );
         assert!(after.in_errors >= after.rcvbuf_errors);
+    });
+}
+
+#[test]
+fn peer_sockets_carry_their_endpoint_and_only_theirs() {
+    for (ip, other_ip) in [("127.0.0.1", "127.0.0.2"), ("::1", "127.0.0.1")] {
+        in_netns(|_| {
+            let main = UdpSocket::bind_any(0).unwrap();
+            let port = main.local_addr().port();
+            let peer = UdpSocket::bind_any(0).unwrap();
+            let stranger = UdpSocket::bind(SocketAddr::new(other_ip.parse().unwrap(), 0)).unwrap();
+            let endpoint = SocketAddr::new(ip.parse().unwrap(), peer.local_addr().port());
+            let mut sockets = PeerSockets::default();
+            let changes = sockets.sync(&main, [endpoint], Instant::now());
+            assert_eq!((changes.added.len(), changes.removed.len()), (1, 0));
+            let connected = sockets.get(endpoint).unwrap();
+            assert_eq!(connected.peer(), Some(endpoint));
+
+            // Out: a lone datagram and a GSO run both leave from the shared
+            // port, whichever socket carries them.
+            let mut batch = UdpSendBatch::new();
+            assert!(batch.push(endpoint, b"lone"));
+            for i in 0..5 {
+                assert!(batch.push(endpoint, &datagram(i, 600)));
+            }
+            let report = send_batch_via(&mut batch, &main, &sockets);
+            assert_eq!((report.sent, report.dropped), (6, 0));
+            let (got, _) = receive(&peer, 6);
+            assert_eq!(got.len(), 6);
+            let our_ip = if ip == "::1" { "::1" } else { "127.0.0.1" };
+            let from_us = SocketAddr::new(our_ip.parse().unwrap(), port);
+            assert!(got.iter().all(|(from, _)| *from == from_us), "{got:?}");
+            assert_eq!(got[0].1, b"lone");
+
+            // In: the endpoint's datagrams reach the peer socket, anyone
+            // else's the main one.
+            let to_us = SocketAddr::new(ip.parse().unwrap(), port);
+            let mut batch = UdpSendBatch::new();
+            assert!(batch.push(to_us, b"from the peer"));
+            peer.send_batch(&mut batch);
+            let to_us_too = SocketAddr::new(other_ip.parse().unwrap(), port);
+            assert!(batch.push(to_us_too, b"from a stranger"));
+            stranger.send_batch(&mut batch);
+            assert_eq!(
+                receive(connected, 1).0,
+                vec![(endpoint, b"from the peer".to_vec())]
+            );
+            assert_eq!(
+                receive(&main, 1).0,
+                vec![(stranger.local_addr(), b"from a stranger".to_vec())]
+            );
+
+            // An endpoint nobody has any more loses its socket.
+            let changes = sockets.sync(&main, [], Instant::now());
+            assert_eq!((changes.added.len(), changes.removed.len()), (0, 1));
+            assert!(sockets.is_empty());
+        });
+    }
+}
+
+#[test]
+fn a_taken_port_is_refused_despite_reuseport() {
+    in_netns(|_| {
+        let first = UdpSocket::bind_any(0).unwrap();
+        let port = first.local_addr().port();
+        assert!(UdpSocket::bind_any(port).is_err());
+        drop(first);
+        // Until a process that other tests fork at this moment execs, it
+        // still holds the closed socket's descriptor: wait for that.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Err(e) = UdpSocket::bind_any(port) {
+            assert!(Instant::now() < deadline, "{e}");
+            std::thread::yield_now();
+        }
+    });
+}
+
+#[test]
+fn stale_peer_sockets_are_replaced_once_old_enough() {
+    in_netns(|_| {
+        let main = UdpSocket::bind_any(0).unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let endpoint = peer.local_addr();
+        let mut sockets = PeerSockets::default();
+        let start = Instant::now();
+        sockets.sync(&main, [endpoint], start);
+
+        // Young: datagrams sent before it existed still reach the main
+        // socket, so a mark alone does not replace it.
+        sockets.get(endpoint).unwrap().mark_stale();
+        let changes = sockets.refresh(&main, start + Duration::from_millis(10));
+        assert_eq!((changes.added.len(), changes.removed.len()), (0, 0));
+
+        sockets.get(endpoint).unwrap().mark_stale();
+        let changes = sockets.refresh(&main, start + Duration::from_secs(2));
+        assert_eq!((changes.added.len(), changes.removed.len()), (1, 1));
+        drop(changes);
+        let fresh = sockets.get(endpoint).unwrap();
+        assert_eq!(fresh.peer(), Some(endpoint));
+
+        // The replacement carries the endpoint's traffic both ways.
+        let mut batch = UdpSendBatch::new();
+        assert!(batch.push(endpoint, b"out"));
+        assert_eq!(send_batch_via(&mut batch, &main, &sockets).sent, 1);
+        assert_eq!(receive(&peer, 1).0[0].1, b"out");
+        let to_us = SocketAddr::new(endpoint.ip(), main.local_addr().port());
+        assert!(batch.push(to_us, b"in"));
+        peer.send_batch(&mut batch);
+        assert_eq!(receive(fresh, 1).0, vec![(endpoint, b"in".to_vec())]);
+
+        // Unmarked sockets stay.
+        let changes = sockets.refresh(&main, start + Duration::from_secs(9));
+        assert_eq!((changes.added.len(), changes.removed.len()), (0, 0));
     });
 }

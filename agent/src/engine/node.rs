@@ -205,6 +205,9 @@ pub struct Node {
     scratch: Box<[u8]>,
     /// Lookups left this tick for [`Node::stale_session`].
     stale_lookups: u32,
+    /// Grows whenever a peer's endpoint may have changed (see
+    /// [`Node::endpoint_generation`]).
+    endpoint_generation: u64,
     counters: Counters,
 }
 
@@ -241,6 +244,7 @@ impl Node {
             next_tick: now,
             scratch: vec![0; MAX_GSO_BYTES].into_boxed_slice(),
             stale_lookups: STALE_LOOKUPS_PER_TICK,
+            endpoint_generation: 0,
             counters: Counters::default(),
         }
     }
@@ -271,6 +275,18 @@ impl Node {
 
     pub fn counters(&self) -> Counters {
         self.counters
+    }
+
+    /// A number that changes whenever the set of [`Node::endpoints`] may
+    /// have: a driver that keeps something per endpoint compares it after
+    /// each call instead of walking the peers.
+    pub fn endpoint_generation(&self) -> u64 {
+        self.endpoint_generation
+    }
+
+    /// The endpoints of all peers that have one, configured or learned.
+    pub fn endpoints(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.peers.values().filter_map(|p| p.endpoint)
     }
 
     /// The configured peers, sorted by public key.
@@ -317,6 +333,7 @@ impl Node {
 
     fn apply(&mut self, diff: &PeerDiff, new: &[PeerConfig], now: Instant) {
         self.clock.enter(now);
+        self.endpoint_generation += 1;
         // A new key that takes over exactly the allowed IPs of a removed one
         // is that peer after a key rotation: hand its session over instead
         // of starting from nothing.
@@ -614,7 +631,10 @@ impl Node {
         };
         match tunn.decapsulate(Some(from.ip()), datagram, &mut self.scratch) {
             TunnResult::WriteToNetwork(reply) => {
-                peer.endpoint = Some(from);
+                if peer.endpoint != Some(from) {
+                    peer.endpoint = Some(from);
+                    self.endpoint_generation += 1;
+                }
                 peer.last_sent = now;
                 let len = reply.len();
                 sink.udp(len).push(from, reply);
@@ -724,6 +744,7 @@ impl Node {
             peers,
             routes,
             counters,
+            endpoint_generation,
             ..
         } = self;
         let Some(peer) = peers.get_mut(&index) else {
@@ -767,6 +788,7 @@ impl Node {
         if authenticated && peer.endpoint != Some(from) {
             tracing::debug!(peer = %peer.config.public_key, endpoint = %from, "peer roamed");
             peer.endpoint = Some(from);
+            *endpoint_generation += 1;
         }
     }
 
