@@ -215,3 +215,46 @@ fn identity_is_created_once_and_kept() {
     }
     assert!(!format!("{a:?}").contains(&format!("{:?}", a.static_key.to_bytes())));
 }
+
+/// A control session is the one stream the coordinator opens. quinn keeps
+/// state for every stream a peer may open (9 KiB per connection with its
+/// defaults, docs/benchmarks.md "Coordinator scale"), so a node may open
+/// none, nor send unreliable datagrams; its session still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_node_may_open_no_streams_and_send_no_datagrams() {
+    let s = start().await;
+    let crypto = meshd_control::client_config(s.token.cert_pin).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let conn = endpoint
+        .connect(s.server.quic_addr, SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(conn.max_datagram_size(), None, "datagrams accepted");
+    let (_send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+        .await
+        .unwrap()
+        .unwrap();
+    // The transport parameters arrived with the handshake: without credit an
+    // open waits forever, with it it would return at once.
+    let wait = Duration::from_millis(300);
+    assert!(
+        tokio::time::timeout(wait, conn.open_bi()).await.is_err(),
+        "a node opened a bidirectional stream"
+    );
+    assert!(
+        tokio::time::timeout(wait, conn.open_uni()).await.is_err(),
+        "a node opened a unidirectional stream"
+    );
+    // The coordinator's stream carries the session: its challenge arrives.
+    let mut buf = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    assert!(len > 3, "a frame with a body");
+    s.server.shutdown().await;
+}

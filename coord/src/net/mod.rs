@@ -3,8 +3,9 @@
 //!
 //! The [`Coordinator`] runs on a thread of its own (its store may block, and
 //! the PostgreSQL client must not run inside an async runtime). Connection
-//! tasks decode frames and send events to it; it answers with encoded frames
-//! on each connection's channel. Nothing here decides anything: every
+//! tasks decode frames and send events to it; it answers by encoding frames
+//! into each connection's [`Outbox`], from which the connection's task takes
+//! everything queued in one write. Nothing here decides anything: every
 //! protocol decision is the core's.
 
 pub mod tls;
@@ -14,16 +15,17 @@ pub mod tls;
 pub use meshd_control::{ClientConn, ConnError, Transport};
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use meshd_proto::{encode, DecodeError, FrameDecoder, Message};
+use meshd_proto::{encode_frame, DecodeError, EncodeError, FrameDecoder, Message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc as tmpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::coordinator::{Action, Coordinator, SessionId};
@@ -42,6 +44,50 @@ const TRANSPORT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// handshake packets along with everything else (docs/benchmarks.md,
 /// "Coordinator scale"). 8 MiB holds several thousand datagrams.
 const UDP_RECV_BUFFER: usize = 8 << 20;
+
+/// The read buffer of a session on TLS/TCP. rustls holds decrypted records
+/// itself, so this only sets how much one read copies out; nodes send small
+/// messages (a Register, an endpoint report), and a larger frame just takes
+/// several reads. QUIC sessions need none: quinn hands out the chunks it holds.
+const TLS_READ_BUFFER: usize = 1024;
+
+/// Flow-control limits for what a node may send before the coordinator has
+/// read it, per control session: nodes send a few small messages, so 64 KiB
+/// never slows them, and it bounds what quinn buffers for one session (the
+/// default, 1.25 MB per stream and no connection limit, would let 10,000
+/// nodes make the coordinator hold gigabytes).
+const QUIC_RECEIVE_WINDOW: u32 = 64 * 1024;
+
+/// The QUIC transport settings for control sessions. quinn's defaults suit
+/// bulk transfer; a control session is one coordinator-opened stream of small
+/// frames, and at 10,000 sessions every per-connection byte counts
+/// (docs/benchmarks.md, "Coordinator scale", measured with heaptrack):
+/// - Nodes open no streams (the coordinator opens the session's one stream),
+///   so the node-initiated stream limits are 0. quinn pre-allocates hash map
+///   slots for every stream the peer may open: 9 KiB per connection with the
+///   defaults of 100 bidirectional and 100 unidirectional.
+/// - No unreliable datagrams are used, so none are accepted.
+/// - No segmentation offload and no path MTU discovery: quinn keeps a
+///   transmit buffer per connection sized for one batch of datagrams (10 with
+///   GSO, 15 KiB; it still grew to 3.6 KiB without GSO as discovery raised
+///   the MTU). Control frames are small: a batch and bigger datagrams only
+///   help when a big peer map goes out, which then takes more `sendmsg`
+///   calls and 1,200-byte datagrams, the size every QUIC path carries.
+/// - The receive windows, see [`QUIC_RECEIVE_WINDOW`].
+///
+/// The keep-alive comes from nodes (`meshd_control`); the idle timeout stays
+/// quinn's 30 s (the smaller of the two sides' applies).
+pub fn control_transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(0u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .datagram_receive_buffer_size(None)
+        .enable_segmentation_offload(false)
+        .mtu_discovery_config(None)
+        .stream_receive_window(QUIC_RECEIVE_WINDOW.into())
+        .receive_window(QUIC_RECEIVE_WINDOW.into());
+    t
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -72,7 +118,7 @@ enum Event {
     Open {
         conn: u64,
         binding: Vec<u8>,
-        out: tmpsc::UnboundedSender<Out>,
+        out: Arc<Outbox>,
     },
     Message {
         conn: u64,
@@ -90,9 +136,62 @@ enum Event {
     Stop,
 }
 
-enum Out {
-    Frame(Vec<u8>),
-    Close,
+/// What the core has for one session and its task has not written yet:
+/// frames queued while the task was writing earlier ones (a slow node, a
+/// join storm) go out together in one write, and a session with nothing to
+/// send holds no buffer. Unbounded, like the core's queue of actions.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    pending: Mutex<Pending>,
+    ready: Notify,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    /// Whole frames, in order.
+    pub(crate) bytes: Vec<u8>,
+    /// Write `bytes`, then end the session.
+    pub(crate) close: bool,
+}
+
+impl Outbox {
+    /// Appends `msg` as a frame; on error nothing is queued.
+    pub(crate) fn push(&self, msg: &Message) -> Result<(), EncodeError> {
+        let mut p = self.lock();
+        if p.close {
+            return Ok(());
+        }
+        encode_frame(msg, &mut p.bytes)?;
+        drop(p);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Ends the session once what is queued has been written.
+    pub(crate) fn close(&self) {
+        self.lock().close = true;
+        self.ready.notify_one();
+    }
+
+    /// Waits until there is something to write or the session is to close,
+    /// and takes all of it. Cancel-safe: nothing is taken until it returns.
+    pub(crate) async fn take(&self) -> Pending {
+        loop {
+            {
+                let mut p = self.lock();
+                if !p.bytes.is_empty() || p.close {
+                    return std::mem::take(&mut *p);
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Nothing panics while holding the lock, and a half-appended frame
+        // cannot be seen: `encode_frame` truncates what it added on error.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// A running coordinator with its QUIC and TCP listeners.
@@ -127,7 +226,8 @@ impl Server {
         let server_tls = Arc::new(identity.server_config()?);
         let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls.clone())
             .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let quic_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
+        let mut quic_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
+        quic_config.transport_config(Arc::new(control_transport_config()));
         let bind_err = |source| NetError::Bind {
             addr: listen,
             source,
@@ -261,8 +361,21 @@ impl Caller {
     }
 }
 
+/// The sessions' outboxes by connection. When the core stops (or panics),
+/// every outbox is closed so that the sessions' tasks end.
+#[derive(Default)]
+struct Conns(BTreeMap<u64, (SessionId, Arc<Outbox>)>);
+
+impl Drop for Conns {
+    fn drop(&mut self) {
+        for (_, out) in self.0.values() {
+            out.close();
+        }
+    }
+}
+
 fn core_loop(mut coord: Coordinator, rx: &mpsc::Receiver<Event>) {
-    let mut conns: BTreeMap<u64, (SessionId, tmpsc::UnboundedSender<Out>)> = BTreeMap::new();
+    let mut conns = Conns::default();
     let mut sessions: BTreeMap<SessionId, u64> = BTreeMap::new();
     let mut last_store_poll = Instant::now();
     loop {
@@ -284,21 +397,21 @@ fn core_loop(mut coord: Coordinator, rx: &mpsc::Receiver<Event>) {
         match event {
             Some(Event::Open { conn, binding, out }) => {
                 let session = coord.open_session(&binding, now);
-                conns.insert(conn, (session, out));
+                conns.0.insert(conn, (session, out));
                 sessions.insert(session, conn);
             }
             Some(Event::Message { conn, msg }) => {
-                if let Some((session, _)) = conns.get(&conn) {
+                if let Some((session, _)) = conns.0.get(&conn) {
                     coord.handle_message(*session, msg, now);
                 }
             }
             Some(Event::Malformed { conn, error }) => {
-                if let Some((session, _)) = conns.get(&conn) {
+                if let Some((session, _)) = conns.0.get(&conn) {
                     coord.handle_decode_error(*session, &error, now);
                 }
             }
             Some(Event::Closed { conn }) => {
-                if let Some((session, _)) = conns.remove(&conn) {
+                if let Some((session, _)) = conns.0.remove(&conn) {
                     sessions.remove(&session);
                     coord.close_session(session, now);
                 }
@@ -315,20 +428,22 @@ fn core_loop(mut coord: Coordinator, rx: &mpsc::Receiver<Event>) {
             }
         }
         while let Some(action) = coord.poll_action() {
-            let (session, out) = match action {
-                Action::Send { session, message } => match encode(&message) {
-                    Ok(bytes) => (session, Out::Frame(bytes)),
-                    Err(e) => {
-                        tracing::error!(?session, error = %e, "cannot encode a message; closing the session");
-                        (session, Out::Close)
-                    }
-                },
-                Action::Close { session } => (session, Out::Close),
+            let session = match &action {
+                Action::Send { session, .. } | Action::Close { session } => *session,
             };
-            if let Some((_, tx)) = sessions.get(&session).and_then(|c| conns.get(c)) {
-                // A closed channel means the connection is already gone; its
-                // Closed event is on the way.
-                let _ = tx.send(out);
+            // A session without an outbox is gone already. One whose task
+            // has ended keeps its outbox until its Closed event is handled.
+            let Some((_, out)) = sessions.get(&session).and_then(|c| conns.0.get(c)) else {
+                continue;
+            };
+            match action {
+                Action::Send { message, .. } => {
+                    if let Err(e) = out.push(&message) {
+                        tracing::error!(?session, error = %e, "cannot encode a message; closing the session");
+                        out.close();
+                    }
+                }
+                Action::Close { .. } => out.close(),
             }
         }
     }
@@ -380,7 +495,7 @@ async fn accept_quic(endpoint: quinn::Endpoint, events: mpsc::Sender<Event>, nex
             .await;
             match result {
                 Ok(Ok((connection, binding, send, recv))) => {
-                    run_stream(recv, send, conn, binding.to_vec(), events).await;
+                    run_stream(QuicRead(recv), send, conn, binding.to_vec(), events).await;
                     // Closing the connection at once would discard stream data
                     // not yet delivered (the last Error); give the node a moment
                     // to read it and hang up itself.
@@ -433,12 +548,57 @@ async fn accept_tcp(
                 return tracing::debug!(%peer, "TLS exporter unavailable");
             };
             let (r, w) = tokio::io::split(tls);
+            let r = BufferedRead {
+                inner: r,
+                buf: vec![0; TLS_READ_BUFFER].into_boxed_slice(),
+            };
             run_stream(r, w, conn, binding.to_vec(), events).await;
         });
     }
 }
 
-/// Carries one session: decodes what arrives, writes what the core sends.
+/// The receiving half of a session.
+trait ReadHalf {
+    /// Waits for bytes and feeds them to `decoder`; `false` once the stream
+    /// has ended or failed. Cancel-safe: bytes are fed in the same poll that
+    /// takes them from the stream.
+    fn read_into(&mut self, decoder: &mut FrameDecoder) -> impl Future<Output = bool> + Send;
+}
+
+/// A QUIC stream: quinn's own chunks go to the decoder, no copy, no buffer.
+struct QuicRead(quinn::RecvStream);
+
+impl ReadHalf for QuicRead {
+    async fn read_into(&mut self, decoder: &mut FrameDecoder) -> bool {
+        match self.0.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => {
+                decoder.feed(&chunk.bytes);
+                true
+            }
+            Ok(None) | Err(_) => false,
+        }
+    }
+}
+
+/// A byte stream (TLS on TCP), read through a buffer of its own.
+struct BufferedRead<R> {
+    inner: R,
+    buf: Box<[u8]>,
+}
+
+impl<R: AsyncRead + Unpin + Send> ReadHalf for BufferedRead<R> {
+    async fn read_into(&mut self, decoder: &mut FrameDecoder) -> bool {
+        match self.inner.read(&mut self.buf).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                decoder.feed(&self.buf[..n]);
+                true
+            }
+        }
+    }
+}
+
+/// Carries one session: decodes what arrives, writes what the core queues.
 async fn run_stream<R, W>(
     mut r: R,
     mut w: W,
@@ -446,59 +606,198 @@ async fn run_stream<R, W>(
     binding: Vec<u8>,
     events: mpsc::Sender<Event>,
 ) where
-    R: AsyncRead + Unpin,
+    R: ReadHalf,
     W: AsyncWrite + Unpin,
 {
-    let (out_tx, mut out_rx) = tmpsc::unbounded_channel();
+    let out = Arc::new(Outbox::default());
     if events
         .send(Event::Open {
             conn,
             binding,
-            out: out_tx,
+            out: out.clone(),
         })
         .is_err()
     {
         return;
     }
     let mut decoder = FrameDecoder::new();
-    let mut buf = vec![0u8; 16 * 1024];
     // After a decoding error nothing more is read: the core answers with an
     // error and a close, which are still written.
     let mut reading = true;
     loop {
         tokio::select! {
-            n = r.read(&mut buf), if reading => match n {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    decoder.feed(&buf[..n]);
-                    loop {
-                        match decoder.next_message() {
-                            Ok(Some(msg)) => {
-                                let _ = events.send(Event::Message { conn, msg });
-                            }
-                            Ok(None) => break,
-                            Err(error) => {
-                                let _ = events.send(Event::Malformed { conn, error });
-                                reading = false;
-                                break;
-                            }
+            more = r.read_into(&mut decoder), if reading => {
+                if !more {
+                    break;
+                }
+                loop {
+                    match decoder.next_message() {
+                        Ok(Some(msg)) => {
+                            let _ = events.send(Event::Message { conn, msg });
+                        }
+                        Ok(None) => break,
+                        Err(error) => {
+                            let _ = events.send(Event::Malformed { conn, error });
+                            reading = false;
+                            break;
                         }
                     }
                 }
             },
-            out = out_rx.recv() => match out {
-                Some(Out::Frame(bytes)) => {
-                    if w.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Out::Close) | None => {
-                    let _ = w.flush().await;
-                    let _ = w.shutdown().await;
+            pending = out.take() => {
+                if !write_pending(&mut w, pending).await {
                     break;
                 }
             },
         }
     }
     let _ = events.send(Event::Closed { conn });
+}
+
+/// Writes what was queued, in one write; `false` when the session is over
+/// (closed as asked, or the write failed).
+async fn write_pending<W: AsyncWrite + Unpin>(w: &mut W, pending: Pending) -> bool {
+    if !pending.bytes.is_empty() && w.write_all(&pending.bytes).await.is_err() {
+        return false;
+    }
+    if pending.close {
+        let _ = w.flush().await;
+        let _ = w.shutdown().await;
+        return false;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+
+    use meshd_proto::{encode, NodeId};
+
+    use super::*;
+
+    /// A node that sends nothing.
+    struct Silent;
+
+    impl ReadHalf for Silent {
+        async fn read_into(&mut self, _: &mut FrameDecoder) -> bool {
+            std::future::pending().await
+        }
+    }
+
+    /// A writer that records each write, and holds writes back while shut.
+    #[derive(Default)]
+    struct Gate {
+        open: bool,
+        /// A write has been attempted while shut.
+        waiting: bool,
+        waker: Option<Waker>,
+        writes: Vec<Vec<u8>>,
+        shut_down: bool,
+    }
+
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Gate>>);
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut g = self.0.lock().unwrap();
+            if !g.open {
+                g.waiting = true;
+                g.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            g.writes.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.0.lock().unwrap().shut_down = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn frame(i: u64) -> (Message, Vec<u8>) {
+        let msg = Message::PeerRemoved(NodeId(i));
+        let bytes = encode(&msg).unwrap();
+        (msg, bytes)
+    }
+
+    async fn until(mut cond: impl FnMut() -> bool) {
+        for _ in 0..10_000 {
+            if cond() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("condition not reached");
+    }
+
+    /// Frames the core queues while a session is still writing earlier ones
+    /// (a slow node, a join storm) go out together in one write, in order,
+    /// and a close is carried out after what was queued before it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn frames_queued_while_a_session_writes_are_coalesced_into_one_write() {
+        let (events, rx) = mpsc::channel();
+        let w = Recorder::default();
+        let task = tokio::spawn(run_stream(Silent, w.clone(), 7, vec![], events));
+        let out = loop {
+            match rx.try_recv() {
+                Ok(Event::Open { conn: 7, out, .. }) => break out,
+                Ok(_) => panic!("unexpected event"),
+                Err(_) => tokio::task::yield_now().await,
+            }
+        };
+        let (m0, f0) = frame(0);
+        out.push(&m0).unwrap();
+        // The session is now stuck writing the first frame.
+        until(|| w.0.lock().unwrap().waiting).await;
+        let mut rest = Vec::new();
+        for i in 1..=3 {
+            let (m, f) = frame(i);
+            out.push(&m).unwrap();
+            rest.extend(f);
+        }
+        out.close();
+        let waker = {
+            let mut g = w.0.lock().unwrap();
+            g.open = true;
+            g.waker.take()
+        };
+        waker.unwrap().wake();
+        task.await.unwrap();
+        let g = w.0.lock().unwrap();
+        assert_eq!(g.writes, vec![f0, rest], "one write for the queued frames");
+        assert!(g.shut_down, "closed after writing");
+        assert!(matches!(rx.try_recv(), Ok(Event::Closed { conn: 7 })));
+    }
+
+    /// Nothing queued after a close is sent, and an empty outbox holds no
+    /// buffer.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_outbox_is_taken_whole() {
+        let out = Outbox::default();
+        let (m, f) = frame(1);
+        out.push(&m).unwrap();
+        out.push(&m).unwrap();
+        let p = out.take().await;
+        assert_eq!(p.bytes, [f.clone(), f].concat());
+        assert!(!p.close);
+        assert_eq!(out.lock().bytes.capacity(), 0);
+        out.close();
+        out.push(&m).unwrap();
+        let p = out.take().await;
+        assert!(p.bytes.is_empty() && p.close);
+    }
 }
