@@ -7,6 +7,7 @@
 //! cargo run --release -p meshd-coord --example scale -- run mem 10000 mem 0
 //! cargo run --release -p meshd-coord --example scale -- run quic 1000 100   # N, handshakes at once
 //! cargo run --release -p meshd-coord --example scale -- run quic-inproc 1000 100
+//! cargo run --release -p meshd-coord --example scale -- run tls 1000 100    # TLS/TCP instead of QUIC
 //! ```
 //!
 //! The table mode runs each configuration in a child process of its own, so
@@ -22,6 +23,9 @@
 //! the RSS growth is the coordinator's (plus allocator slack).
 #![allow(clippy::print_stdout, reason = "a benchmark binary reports on stdout")]
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -36,6 +40,89 @@ use serde::{Deserialize, Serialize};
 use x25519_dalek::StaticSecret;
 
 const CHANGES: usize = 20;
+
+/// The system allocator, counting the bytes and blocks that are live, so the
+/// QUIC server can tell memory in use from what the allocator keeps (RSS
+/// minus live heap: freed blocks not returned, per-thread arenas).
+struct Counting;
+
+static LIVE_BYTES: AtomicU64 = AtomicU64::new(0);
+static LIVE_BLOCKS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every method forwards to `System` with the caller's arguments
+// unchanged, so `System`'s guarantees are `Counting`'s; the counters are
+// only bookkeeping (relaxed atomics, no allocation of their own).
+#[allow(unsafe_code, reason = "a counting wrapper around the system allocator")]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc(layout);
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+            LIVE_BLOCKS.fetch_add(1, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc_zeroed(layout);
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+            LIVE_BLOCKS.fetch_add(1, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout);
+        LIVE_BYTES.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+        LIVE_BLOCKS.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = System.realloc(ptr, layout, new_size);
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+            LIVE_BYTES.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// What a process holds: resident memory, and heap blocks live in it.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+struct MemStats {
+    rss_kib: u64,
+    heap_kib: u64,
+    heap_blocks: u64,
+}
+
+fn my_mem() -> MemStats {
+    MemStats {
+        rss_kib: my_rss_kib(),
+        heap_kib: LIVE_BYTES.load(Ordering::Relaxed) / 1024,
+        heap_blocks: LIVE_BLOCKS.load(Ordering::Relaxed),
+    }
+}
+
+/// Gives the free memory at the top of glibc's heaps and in whole free pages
+/// back to the kernel (`malloc_trim(0)`): what RSS then drops by was freed
+/// memory the allocator kept, not memory in use.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn malloc_trim() {
+    // SAFETY: malloc_trim takes a size and touches only the allocator's own
+    // free lists, under the allocator's lock; it is safe to call at any time
+    // from any thread (glibc malloc_trim(3), MT-Safe).
+    #[allow(unsafe_code, reason = "a measurement in a benchmark")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn malloc_trim() {}
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Results {
@@ -63,6 +150,10 @@ struct Results {
     /// QUIC: datagrams the kernel dropped on the server's socket in the storm.
     #[serde(default)]
     server_udp_drops: u64,
+    /// QUIC server: before the storm, right after it, after the changes and
+    /// a quiet second and a half, and then after `malloc_trim(0)`.
+    #[serde(default)]
+    server_mem: [MemStats; 4],
 }
 
 impl Results {
@@ -370,12 +461,18 @@ fn main() {
             println!("RESULT {}", serde_json::to_string(&r).expect("json"));
         }
         ["serve", "quic"] => quic::serve(),
-        ["run", mode @ ("quic" | "quic-inproc"), n, concurrency] => {
+        ["run", mode @ ("quic" | "quic-inproc" | "tls"), n, concurrency] => {
             let r = quic::run(
                 n.parse().expect("N"),
                 concurrency.parse().expect("concurrency"),
                 *mode == "quic-inproc",
+                if *mode == "tls" {
+                    meshd_coord::net::Transport::Tcp
+                } else {
+                    meshd_coord::net::Transport::Quic
+                },
             );
+            print_server_mem(&r);
             println!("RESULT {}", serde_json::to_string(&r).expect("json"));
         }
         rest => {
@@ -488,6 +585,26 @@ fn table(big: usize, no_quic: bool, no_sqlite: bool) {
     }
 }
 
+/// The QUIC server's memory per node at each point, growth since before the
+/// storm.
+fn print_server_mem(r: &Results) {
+    let [before, ..] = r.server_mem;
+    let per_node = |kib: u64, base: u64| kib.saturating_sub(base) as f64 / r.n as f64;
+    for (name, m) in ["after the storm", "quiesced", "after malloc_trim"]
+        .iter()
+        .zip(&r.server_mem[1..])
+    {
+        println!(
+            "server {name}: RSS {} KiB ({:.1} KiB/node), live heap {} KiB ({:.1} KiB/node, {:.0} blocks/node)",
+            m.rss_kib,
+            per_node(m.rss_kib, before.rss_kib),
+            m.heap_kib,
+            per_node(m.heap_kib, before.heap_kib),
+            m.heap_blocks.saturating_sub(before.heap_blocks) as f64 / r.n as f64,
+        );
+    }
+}
+
 fn quic_table(r: &Results) {
     println!();
     println!("QUIC on loopback, N={}, {}:", r.n, r.store);
@@ -551,9 +668,9 @@ mod quic {
     //! its endpoint competes with 2N client tasks for them: the harsher case
     //! (and the only one the figures before 2026-11-23 used).
 
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::{Command, Stdio};
-    use std::sync::Arc;
+    use std::io::{BufRead, BufReader, Lines, Write};
+    use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+    use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant, SystemTime};
 
     use meshd_coord::net::tls::Identity;
@@ -566,7 +683,7 @@ mod quic {
     use rand::SeedableRng;
     use tokio::sync::{mpsc, Barrier, Semaphore};
 
-    use super::{endpoint_for, percentile, secret_of, thread_cpu, Results, CHANGES};
+    use super::{endpoint_for, percentile, secret_of, thread_cpu, MemStats, Results, CHANGES};
 
     enum Note {
         /// Everything the agent's join caused has arrived: its own map and
@@ -613,7 +730,11 @@ mod quic {
     }
 
     /// The server half: starts a coordinator, prints `TOKEN <join token>`,
-    /// and stops when its standard input closes.
+    /// answers `MEM` and `TRIM` lines on its standard input with a `MEM
+    /// <json>` line (after `malloc_trim(0)` for `TRIM`), exits at once on
+    /// `EXIT` (freeing nothing, so that a heap profiler sees what was live,
+    /// e.g. `SCALE_SERVER_WRAP="heaptrack -o /tmp/coord"`), and stops when
+    /// its standard input closes.
     pub fn serve() {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -626,8 +747,17 @@ mod quic {
                 println!("TOKEN {}", token.encode().expect("token text"));
                 std::io::stdout().flush().expect("stdout");
                 tokio::task::spawn_blocking(|| {
-                    let mut sink = Vec::new();
-                    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+                    for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+                        match line.trim() {
+                            "MEM" => {}
+                            "TRIM" => super::malloc_trim(),
+                            "EXIT" => std::process::exit(0),
+                            _ => continue,
+                        }
+                        let mem = serde_json::to_string(&super::my_mem()).expect("json");
+                        println!("MEM {mem}");
+                        std::io::stdout().flush().expect("stdout");
+                    }
                 })
                 .await
                 .expect("stdin reader");
@@ -640,9 +770,31 @@ mod quic {
         /// `/proc/PID` of the process the server runs in.
         proc: String,
         port: u16,
+        /// The server child's standard input and output (`serve quic`); none
+        /// in process, where the heap is shared with the agents.
+        ctl: Option<Mutex<(ChildStdin, Lines<BufReader<ChildStdout>>)>>,
     }
 
     impl Measured {
+        /// The server's memory; `trim` first returns freed memory to the
+        /// kernel. Blocks its thread briefly (the agents are idle then).
+        fn mem(&self, trim: bool) -> MemStats {
+            let Some(ctl) = &self.ctl else {
+                return MemStats {
+                    rss_kib: self.rss_kib(),
+                    ..MemStats::default()
+                };
+            };
+            let mut ctl = ctl.lock().expect("not poisoned");
+            let (stdin, lines) = &mut *ctl;
+            writeln!(stdin, "{}", if trim { "TRIM" } else { "MEM" }).expect("server stdin");
+            stdin.flush().expect("server stdin");
+            let line = lines
+                .find_map(|l| l.ok()?.strip_prefix("MEM ").map(str::to_owned))
+                .expect("the server answers MEM");
+            serde_json::from_str(&line).expect("MEM json")
+        }
+
         /// CPU time of all the threads of the server's process.
         fn cpu(&self) -> Duration {
             super::process_cpu(&format!("{}/stat", self.proc))
@@ -683,7 +835,8 @@ mod quic {
     /// `concurrency`: how many QUIC handshakes may be under way at once.
     /// `in_process`: the server shares this process and its runtime with the
     /// agents (it then competes with them for the two tokio threads).
-    pub fn run(n: usize, concurrency: usize, in_process: bool) -> Results {
+    /// `transport`: how agents connect (the server always listens on both).
+    pub fn run(n: usize, concurrency: usize, in_process: bool, transport: Transport) -> Results {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -696,8 +849,9 @@ mod quic {
                 let at = Measured {
                     proc: "/proc/self".into(),
                     port: server.quic_addr.port(),
+                    ctl: None,
                 };
-                let r = run_agents(&at, token, n, concurrency).await;
+                let r = run_agents(&at, token, n, concurrency, transport).await;
                 server.shutdown().await;
                 Results {
                     mode: "quic-inproc".into(),
@@ -706,16 +860,22 @@ mod quic {
             });
         }
         let exe = std::env::current_exe().expect("own path");
-        let mut child = Command::new(exe)
+        // A profiler to run the server under, e.g. "heaptrack -o /tmp/coord".
+        let wrap = std::env::var("SCALE_SERVER_WRAP").unwrap_or_default();
+        let mut command: Vec<String> = wrap.split_whitespace().map(str::to_owned).collect();
+        command.push(exe.to_string_lossy().into_owned());
+        let mut child = Command::new(&command[0])
+            .args(&command[1..])
             .args(["serve", "quic"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn the server");
-        let stdin = child.stdin.take();
+        let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
-        let line = BufReader::new(stdout)
-            .lines()
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines
+            .by_ref()
             .map_while(Result::ok)
             .find_map(|l| l.strip_prefix("TOKEN ").map(str::to_owned))
             .expect("the server printed its token");
@@ -724,18 +884,64 @@ mod quic {
             .parse::<std::net::SocketAddr>()
             .expect("address")
             .port();
-        let at = Measured {
-            proc: format!("/proc/{}", child.id()),
-            port,
+        // Under a wrapper the server is the wrapper's child.
+        let pid = if wrap.is_empty() {
+            child.id()
+        } else {
+            server_pid_under(child.id())
         };
-        let r = runtime.block_on(run_agents(&at, token, n, concurrency));
-        drop(stdin);
+        let at = Measured {
+            proc: format!("/proc/{pid}"),
+            port,
+            ctl: Some(Mutex::new((stdin, lines))),
+        };
+        let r = runtime.block_on(run_agents(&at, token, n, concurrency, transport));
+        if !wrap.is_empty() {
+            // Exit without freeing: the profiler then reports what was live.
+            let mut ctl = at.ctl.as_ref().expect("set").lock().expect("not poisoned");
+            let _ = writeln!(ctl.0, "EXIT");
+            let _ = ctl.0.flush();
+        }
+        drop(at);
         let status = child.wait().expect("wait for the server");
-        assert!(status.success(), "server exited with {status}");
+        // A wrapper may die of SIGPIPE writing its report to the closed pipe.
+        assert!(
+            status.success() || !wrap.is_empty(),
+            "server exited with {status}"
+        );
         r
     }
 
+    /// The process under `wrapper` that runs `scale serve quic`.
+    fn server_pid_under(wrapper: u32) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            for dir in std::fs::read_dir("/proc").expect("/proc").flatten() {
+                let Ok(pid) = dir.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                let cmdline = std::fs::read(dir.path().join("cmdline")).unwrap_or_default();
+                let stat = std::fs::read_to_string(dir.path().join("stat")).unwrap_or_default();
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(1))
+                    .and_then(|p| p.parse::<u32>().ok());
+                let is_server = cmdline.split(|b| *b == 0).any(|a| a == b"serve");
+                if is_server && (pid == wrapper || ppid == Some(wrapper)) {
+                    return pid;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no server process under {wrapper}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "one agent's whole setup")]
     async fn agent(
+        transport: Transport,
         i: usize,
         n: usize,
         token: Arc<JoinToken>,
@@ -746,9 +952,9 @@ mod quic {
     ) {
         start.wait().await;
         let permit = connecting.acquire().await.expect("semaphore open");
-        let mut conn = ClientConn::connect(&token, Transport::Quic)
+        let mut conn = ClientConn::connect(&token, transport)
             .await
-            .expect("QUIC connect");
+            .expect("connect");
         drop(permit);
         let join = Join::Register {
             token_secret: token.secret.clone(),
@@ -803,9 +1009,11 @@ mod quic {
         token: JoinToken,
         n: usize,
         concurrency: usize,
+        transport: Transport,
     ) -> Results {
         let token = Arc::new(token);
-        let rss_before = server.rss_kib();
+        let mem_before = server.mem(false);
+        let rss_before = mem_before.rss_kib;
         let start = Arc::new(Barrier::new(n + 1));
         let connecting = Arc::new(Semaphore::new(concurrency));
         let (notes_tx, mut notes) = mpsc::unbounded_channel();
@@ -814,6 +1022,7 @@ mod quic {
             let (tx, rx) = mpsc::unbounded_channel();
             reporters.push(tx);
             tokio::spawn(agent(
+                transport,
                 i,
                 n,
                 token.clone(),
@@ -841,7 +1050,8 @@ mod quic {
         let storm = t.elapsed();
         let (core1, server1, clients1) = (server.core_cpu(), server.cpu(), clients_cpu());
         let storm_drops = server.udp_drops() - drops0;
-        let rss_after = server.rss_kib();
+        let mem_after = server.mem(false);
+        let rss_after = mem_after.rss_kib;
 
         let mut times = Vec::new();
         let (mut bmin, mut bmax, mut btotal) = (u64::MAX, 0, 0);
@@ -865,9 +1075,16 @@ mod quic {
             times.push(last - t);
         }
         let (core2, server2) = (server.core_cpu(), server.cpu());
+        // Acknowledgements of the last deltas are in, retransmission state freed.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mem_quiet = server.mem(false);
+        let mem_trimmed = server.mem(true);
         times.sort();
         Results {
-            mode: "quic".into(),
+            mode: match transport {
+                Transport::Quic => "quic".into(),
+                Transport::Tcp => "tls".into(),
+            },
             store: format!("sqlite, {concurrency} handshakes at once"),
             n,
             sample: n,
@@ -885,6 +1102,7 @@ mod quic {
             clients_cpu_s: (clients1 - clients0).as_secs_f64(),
             server_change_cpu_ms: (server2 - server1).as_secs_f64() * 1e3 / CHANGES as f64,
             server_udp_drops: storm_drops,
+            server_mem: [mem_before, mem_after, mem_quiet, mem_trimmed],
         }
     }
 
