@@ -50,14 +50,14 @@ pub enum BenchCmd {
     /// wireguard-go, boringtun-cli (1 thread and default), nebula and this meshd binary.
     /// Build meshd with --release first: the meshd measured is the one running.
     Dataplane {
-        /// iperf3 runs per peer and case (medians are reported).
+        /// iperf3 runs per peer and case, and RTT rounds (medians are reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 5)]
         secs: u32,
-        /// Pings for each added-RTT median.
-        #[arg(long, default_value_t = 50)]
+        /// Pings for each RTT median (underlay and tunnel, in each of `runs` rounds).
+        #[arg(long, default_value_t = 100)]
         pings: u32,
     },
 }

@@ -108,7 +108,7 @@ impl Default for Options {
         Options {
             runs: 5,
             secs: 5,
-            pings: 50,
+            pings: 100,
             ping_interval: Duration::from_millis(20),
             peers: default_peers(),
         }
@@ -137,8 +137,12 @@ pub struct PeerResult {
     pub peer: Peer,
     /// What the program reports as its version; None for veth.
     pub version: Option<String>,
-    /// Median ping RTT from left to right through this peer, in ms.
+    /// Ping RTT from left to right through this peer, in ms: the median over the RTT rounds of
+    /// each round's median.
     pub rtt_ms: f64,
+    /// What the tunnel adds to the underlay's RTT, in ms: the median over the RTT rounds of
+    /// (this round's tunnel median − the underlay median measured just before it).
+    pub added_rtt_ms: f64,
     pub cases: BTreeMap<Case, CaseResult>,
 }
 
@@ -149,7 +153,7 @@ pub struct Report {
     pub secs: u32,
     pub pings: u32,
     pub ping_interval: Duration,
-    /// Median ping RTT over the bare underlay, in ms.
+    /// Ping RTT over the bare underlay, in ms (median over rounds of each round's median).
     pub underlay_rtt_ms: f64,
     pub peers: Vec<PeerResult>,
     /// /proc/loadavg's 1-minute figure before and after, and the number of CPUs.
@@ -178,7 +182,6 @@ pub fn run(opts: &Options) -> Result<Report, LabError> {
     let load_before = load_average()?;
     let lab = Lab::veth_pair()?;
     let underlay = lab.addr(RIGHT)?;
-    let underlay_rtt_ms = tools::median_rtt(&lab, LEFT, underlay, opts.pings, opts.ping_interval)?;
     let mut results = Vec::new();
     for (peer, version) in opts.peers.iter().zip(versions) {
         tracing::info!(peer = %peer.label(), "measuring");
@@ -196,7 +199,6 @@ pub fn run(opts: &Options) -> Result<Report, LabError> {
             None => (underlay, Vec::new()),
             Some(p) => (RIGHT_ADDR, p.pids().to_vec()),
         };
-        let rtt_ms = tools::median_rtt(&lab, LEFT, target, opts.pings, opts.ping_interval)?;
         let server = Iperf3Server::start(&lab, RIGHT)?;
         let mut samples: BTreeMap<Case, Vec<Sample>> = BTreeMap::new();
         // Run-major order: slow drifts of the machine's load spread over all cases alike.
@@ -222,10 +224,12 @@ pub fn run(opts: &Options) -> Result<Report, LabError> {
         results.push(PeerResult {
             peer: *peer,
             version,
-            rtt_ms,
+            rtt_ms: f64::NAN,
+            added_rtt_ms: f64::NAN,
             cases,
         });
     }
+    let underlay_rtt_ms = measure_rtts(&lab, underlay, opts, &mut results)?;
     drop(lab);
     Ok(Report {
         runs,
@@ -239,6 +243,48 @@ pub fn run(opts: &Options) -> Result<Report, LabError> {
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel: read_proc("/proc/sys/kernel/osrelease")?.trim().to_owned(),
     })
+}
+
+/// The RTT phase: `runs` rounds, each pinging the underlay and then every tunnel in turn (a
+/// tunnel is brought up for its pings only, so no idle daemon shares the machine), so slow
+/// drifts of the machine's load hit every peer alike. Fills in each tunnel's RTT figures and
+/// returns the underlay's.
+fn measure_rtts(
+    lab: &Lab,
+    underlay: std::net::Ipv4Addr,
+    opts: &Options,
+    results: &mut [PeerResult],
+) -> Result<f64, LabError> {
+    let mut underlay_medians = Vec::new();
+    let mut rounds: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); results.len()];
+    for round in 0..opts.runs.max(1) {
+        for (result, (tunnel, added)) in results.iter().zip(rounds.iter_mut()) {
+            let Peer::Tunnel(imp) = result.peer else {
+                continue;
+            };
+            let pair = TunnelPair::up(lab, LEFT, RIGHT, imp, &TunnelOptions::default())?;
+            let base = tools::median_rtt(lab, LEFT, underlay, opts.pings, opts.ping_interval)?;
+            let through = tools::median_rtt(lab, LEFT, RIGHT_ADDR, opts.pings, opts.ping_interval)?;
+            drop(pair);
+            tracing::info!(
+                peer = %result.peer.label(),
+                round,
+                underlay_ms = base,
+                tunnel_ms = through,
+                "RTT round"
+            );
+            underlay_medians.push(base);
+            tunnel.push(through);
+            added.push(through - base);
+        }
+    }
+    for (result, (tunnel, added)) in results.iter_mut().zip(&rounds) {
+        if let (Some(t), Some(a)) = (tools::median(tunnel), tools::median(added)) {
+            result.rtt_ms = t;
+            result.added_rtt_ms = a;
+        }
+    }
+    Ok(tools::median(&underlay_medians).unwrap_or(f64::NAN))
 }
 
 /// One iperf3 run and what the machine spent on it.
@@ -449,12 +495,15 @@ impl Report {
                 p.peer.label(),
                 p.version.as_deref().unwrap_or(""),
                 p.rtt_ms,
-                p.rtt_ms - self.underlay_rtt_ms
+                p.added_rtt_ms
             );
         }
         let _ = writeln!(
             t,
-            "\n{} pings at {} ms intervals for each median.",
+            "\n{} rounds; in each, every tunnel in turn is brought up and the underlay, then the \
+             tunnel, get {} pings at {} ms intervals. Added RTT = median over rounds of \
+             (tunnel median − underlay median of the same round).",
+            self.runs,
             self.pings,
             self.ping_interval.as_millis()
         );
@@ -541,6 +590,7 @@ mod tests {
             peer,
             version: None,
             rtt_ms: 0.5,
+            added_rtt_ms: 0.45,
             cases: CASES
                 .iter()
                 .zip(gbit)
