@@ -467,8 +467,9 @@ fn bind_udp(listen: SocketAddr, want: usize) -> io::Result<std::net::UdpSocket> 
         tracing::warn!(
             bytes = got,
             wanted = want,
-            "QUIC receive buffer is small: a join storm may lose packets \
-             (raise net.core.rmem_max)"
+            "QUIC receive buffer is smaller than asked: a join storm may drop nodes' \
+             packets; run with CAP_NET_ADMIN or raise the limit \
+             (sysctl -w net.core.rmem_max={want})"
         );
     } else {
         tracing::debug!(bytes = got, "QUIC receive buffer");
