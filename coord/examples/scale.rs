@@ -649,6 +649,20 @@ fn quic_table(r: &Results) {
                 r.rss_per_node_kib()
             ),
         ),
+        (
+            "server RSS / live heap growth per node, quiesced",
+            format!(
+                "{:.1} / {:.1} KiB",
+                r.server_mem[2]
+                    .rss_kib
+                    .saturating_sub(r.server_mem[0].rss_kib) as f64
+                    / r.n as f64,
+                r.server_mem[2]
+                    .heap_kib
+                    .saturating_sub(r.server_mem[0].heap_kib) as f64
+                    / r.n as f64
+            ),
+        ),
     ] {
         println!("| {name} | {value} |");
     }
