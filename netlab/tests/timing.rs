@@ -73,11 +73,17 @@ fn timing_jitter_spreads_delay_within_its_bounds() {
     let (min, max) = rtts
         .iter()
         .fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
-    eprintln!("jitter: median {med:.2} min {min:.2} max {max:.2} ms");
+    let mut sorted = rtts.clone();
+    sorted.sort_by(f64::total_cmp);
+    let p95 = sorted[(sorted.len() - 1) * 95 / 100];
+    eprintln!("jitter: median {med:.2} min {min:.2} p95 {p95:.2} max {max:.2} ms");
     // Each direction is 20 ms ± 5 ms, so a round trip is 30..50 ms (+1 ms for the machine).
+    // The emulator never delivers early, so the minimum is strict; a busy machine can only
+    // add delay, so the top is checked at the 95th percentile, and the worst ping may be
+    // late by a scheduling hiccup (10 ms) but not by a wrong jitter model.
     assert!(
-        min >= 29.0 && max <= 51.0,
-        "RTT outside 30..50 ms: min {min:.2} max {max:.2}"
+        min >= 29.0 && p95 <= 51.0 && max <= 60.0,
+        "RTT outside 30..50 ms: min {min:.2} p95 {p95:.2} max {max:.2}"
     );
     assert!(
         max - min >= 5.0,
