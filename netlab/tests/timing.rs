@@ -132,29 +132,31 @@ fn timing_loss_matches_the_configured_rate() {
 }
 
 fn iperf(lab: &Lab, server: &str, client: &str) -> f64 {
-    tools::iperf3_tcp(lab, server, client, 3, 1).unwrap()
+    tools::iperf3_tcp(lab, server, client, 2, 1).unwrap()
+}
+
+fn max(values: &[f64]) -> f64 {
+    values.iter().copied().fold(0.0, f64::max)
 }
 
 #[test]
 fn timing_an_unimpaired_link_is_as_fast_as_a_plain_veth_pair() {
     let pair = Lab::veth_pair().unwrap();
     let lab = Lab::up(&Topology::new().host("srv").site(Site::new("dc", ["n1"]))).unwrap();
-    // Alternate the runs so that a slow moment of the machine hits all alike.
+    // Alternate the runs so that a slow moment of the machine hits all alike, and compare
+    // the best runs: anything else on this 2-core machine only takes throughput away (single
+    // 3 s runs of the same veth pair vary by ±15 %), so the best of five is the capacity.
     let (mut base, mut link, mut path) = (vec![], vec![], vec![]);
-    for _ in 0..3 {
+    for _ in 0..5 {
         base.push(iperf(&pair, "right", "left"));
         // One lab link: a host's uplink to the core, where the emulator would sit if configured.
         link.push(iperf(&lab, "inet", "srv"));
         // A whole path: node -> site router -> core -> host, two forwarding hops more.
         path.push(iperf(&lab, "srv", "n1"));
     }
-    let (b, l, p) = (
-        median(&base).unwrap(),
-        median(&link).unwrap(),
-        median(&path).unwrap(),
-    );
+    let (b, l, p) = (max(&base), max(&link), max(&path));
     eprintln!(
-        "plain veth {:.2} Gbit/s; lab link {:.2} Gbit/s ({:.0}%); node->router->core->host {:.2} Gbit/s ({:.0}%)",
+        "best of 5: plain veth {:.2} Gbit/s; lab link {:.2} Gbit/s ({:.0}%); node->router->core->host {:.2} Gbit/s ({:.0}%)",
         b / 1e9,
         l / 1e9,
         l / b * 100.0,
