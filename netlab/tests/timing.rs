@@ -135,47 +135,58 @@ fn iperf(lab: &Lab, server: &str, client: &str) -> f64 {
     tools::iperf3_tcp(lab, server, client, 2, 1).unwrap()
 }
 
-fn max(values: &[f64]) -> f64 {
-    values.iter().copied().fold(0.0, f64::max)
-}
-
 #[test]
 fn timing_an_unimpaired_link_is_as_fast_as_a_plain_veth_pair() {
     let pair = Lab::veth_pair().unwrap();
-    let lab = Lab::up(&Topology::new().host("srv").site(Site::new("dc", ["n1"]))).unwrap();
-    // Alternate the runs so that a slow moment of the machine hits all alike, and compare
-    // the best runs: anything else on this 2-core machine only takes throughput away (single
-    // 3 s runs of the same veth pair vary by ±15 %), so the best of five is the capacity.
-    let (mut base, mut link, mut path) = (vec![], vec![], vec![]);
-    for _ in 0..5 {
-        base.push(iperf(&pair, "right", "left"));
+    let lab = Lab::up(
+        &Topology::new()
+            .host("srv")
+            .site(Site::new("dc", ["n1"]))
+            .site(Site::new("far", ["n2"]).latency_ms(2)),
+    )
+    .unwrap();
+    // What makes an unimpaired link a plain veth pair: the emulator queues only the impaired
+    // uplink's packets (one rule each way), nothing else in the lab.
+    let rules = lab.exec("inet", &["iptables-save"]).unwrap().stdout;
+    let queued: Vec<&str> = rules.lines().filter(|l| l.contains("NFQUEUE")).collect();
+    assert_eq!(
+        queued.len(),
+        2,
+        "expected the impaired uplink's two NFQUEUE rules: {queued:?}"
+    );
+    // Single 2 s runs of the same veth pair vary by ±15–30 % on this 2-core VM, and slow drifts
+    // come on top. So: back-to-back triples (veth, link, path), each compared with its own
+    // round's veth run, and the median of seven such ratios, which has been 84–117 % here
+    // (`meshd lab bench netlab` reports the ratio with more runs). A rule or the emulator on
+    // the link would cost far more than the 25 % allowed (the emulator: ~90 %).
+    let (mut link, mut path, mut base) = (vec![], vec![], vec![]);
+    for _ in 0..7 {
+        let b = iperf(&pair, "right", "left");
         // One lab link: a host's uplink to the core, where the emulator would sit if configured.
-        link.push(iperf(&lab, "inet", "srv"));
+        link.push(iperf(&lab, "inet", "srv") / b);
         // A whole path: node -> site router -> core -> host, two forwarding hops more.
-        path.push(iperf(&lab, "srv", "n1"));
+        path.push(iperf(&lab, "srv", "n1") / b);
+        base.push(b);
     }
-    let (b, l, p) = (max(&base), max(&link), max(&path));
+    let (l, p) = (median(&link).unwrap(), median(&path).unwrap());
     eprintln!(
-        "best of 5: plain veth {:.2} Gbit/s; lab link {:.2} Gbit/s ({:.0}%); node->router->core->host {:.2} Gbit/s ({:.0}%)",
-        b / 1e9,
-        l / 1e9,
-        l / b * 100.0,
-        p / 1e9,
-        p / b * 100.0
+        "plain veth median {:.2} Gbit/s; lab link / veth: median {:.0}% of {link:.2?}; \
+         node->router->core->host / veth: median {:.0}%",
+        median(&base).unwrap() / 1e9,
+        l * 100.0,
+        p * 100.0
     );
     assert!(
-        l >= 0.9 * b,
-        "a lab link ({:.2} Gbit/s) is more than 10% below a plain veth pair ({:.2})",
-        l / 1e9,
-        b / 1e9
+        l >= 0.75,
+        "a lab link is more than 25% below a plain veth pair: {:.0}%",
+        l * 100.0
     );
     // Each forwarding hop runs on the sender's CPU here (on a real network, on the routers'),
     // so a routed path is slower than one link; it must still be far above any tunnel's rate.
     assert!(
-        p >= 0.6 * b,
-        "the routed lab path collapsed: {:.2} Gbit/s vs {:.2} for a plain veth",
-        p / 1e9,
-        b / 1e9
+        p >= 0.6,
+        "the routed lab path collapsed: {:.0}% of a plain veth",
+        p * 100.0
     );
 }
 
