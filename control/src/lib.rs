@@ -83,6 +83,15 @@ impl Default for ConnectOptions {
     }
 }
 
+/// What either transport's handshake yields: the channel binding, the
+/// stream's two halves and, for QUIC, what keeps the connection alive.
+type Halves = (
+    [u8; 32],
+    Box<dyn AsyncRead + Unpin + Send>,
+    Box<dyn AsyncWrite + Unpin + Send>,
+    Option<(quinn::Endpoint, quinn::Connection)>,
+);
+
 /// The node's end of a control connection.
 pub struct ClientConn {
     binding: [u8; 32],
@@ -209,7 +218,7 @@ impl ClientConn {
         };
         let config = client_config(pin)?;
         let connect = async {
-            match transport {
+            let halves: Halves = match transport {
                 Transport::Quic => {
                     let local: SocketAddr = if target.is_ipv4() {
                         ([0, 0, 0, 0], 0).into()
@@ -244,14 +253,12 @@ impl ClientConn {
                         .accept_bi()
                         .await
                         .map_err(|e| failed(e.to_string()))?;
-                    Ok(ClientConn::new(
+                    (
                         binding,
-                        transport,
-                        target,
                         Box::new(recv),
                         Box::new(send),
                         Some((endpoint, connection)),
-                    ))
+                    )
                 }
                 Transport::Tcp => {
                     let tcp = TcpStream::connect(target)
@@ -271,40 +278,24 @@ impl ClientConn {
                         Some(b""),
                     )?;
                     let (r, w) = tokio::io::split(tls);
-                    Ok(ClientConn::new(
-                        binding,
-                        transport,
-                        target,
-                        Box::new(r),
-                        Box::new(w),
-                        None,
-                    ))
+                    (binding, Box::new(r), Box::new(w), None)
                 }
-            }
+            };
+            Ok::<_, ConnError>(halves)
         };
-        tokio::time::timeout(opts.handshake_timeout, connect)
+        let (binding, reader, writer, quic) = tokio::time::timeout(opts.handshake_timeout, connect)
             .await
-            .map_err(|_| failed(format!("{transport} handshake timed out")))?
-    }
-
-    fn new(
-        binding: [u8; 32],
-        transport: Transport,
-        remote: SocketAddr,
-        reader: Box<dyn AsyncRead + Unpin + Send>,
-        writer: Box<dyn AsyncWrite + Unpin + Send>,
-        quic: Option<(quinn::Endpoint, quinn::Connection)>,
-    ) -> Self {
-        ClientConn {
+            .map_err(|_| failed(format!("{transport} handshake timed out")))??;
+        Ok(ClientConn {
             binding,
             transport,
-            remote,
+            remote: target,
             reader,
             writer,
             decoder: FrameDecoder::new(),
             buf: vec![0; 16 * 1024],
             quic,
-        }
+        })
     }
 
     /// The channel binding for [`meshd_proto::client::Client::new`].
