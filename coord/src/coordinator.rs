@@ -27,7 +27,9 @@ use meshd_proto::{
 use rand::RngCore;
 use x25519_dalek::StaticSecret;
 
-use crate::state::{Change, MeshSettings, MeshState, NodeRecord, TokenRecord, MESH_IPV4};
+use crate::state::{
+    Change, MeshSettings, MeshState, NodeRecord, TokenRecord, TokenState, MESH_IPV4,
+};
 use crate::store::{Store, StoreError};
 use crate::visibility::{can_see, filter_for, visible_peers};
 
@@ -620,23 +622,17 @@ impl Coordinator {
                     "join token not recognised by this coordinator (another mesh's, or deleted)",
                 )
             })?;
-        if token.revoked {
-            return Err(Reject::new(
-                ErrorCode::TokenRevoked,
-                format!("join token {} was revoked", token.id),
-            ));
-        }
-        if token.expires_at.is_some_and(|t| t <= now) {
-            return Err(Reject::new(
-                ErrorCode::TokenExpired,
-                format!("join token {} has expired", token.id),
-            ));
-        }
-        if !token.reusable && token.uses > 0 {
-            return Err(Reject::new(
+        let refused = match token.state(now) {
+            TokenState::Valid => None,
+            TokenState::Revoked => Some((ErrorCode::TokenRevoked, "was revoked")),
+            TokenState::Expired => Some((ErrorCode::TokenExpired, "has expired")),
+            TokenState::Used => Some((
                 ErrorCode::TokenUsed,
-                format!("join token {} was for one node and has been used; create a new one or a --reusable one", token.id),
-            ));
+                "was for one node and has been used; create a new one or a --reusable one",
+            )),
+        };
+        if let Some((code, why)) = refused {
+            return Err(Reject::new(code, format!("join token {} {why}", token.id)));
         }
         if let Some(other) = self.state.node_by_key(&r.node_key) {
             return Err(Reject::new(

@@ -65,6 +65,32 @@ pub struct TokenRecord {
     pub uses: u64,
 }
 
+/// Whether a join token can still be used, and if not, why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenState {
+    Valid,
+    Revoked,
+    Expired,
+    /// A one-time token that was used.
+    Used,
+}
+
+impl TokenRecord {
+    /// The token's state at `now` (Unix milliseconds). Revocation counts
+    /// first, then expiry, then use.
+    pub fn state(&self, now: u64) -> TokenState {
+        if self.revoked {
+            TokenState::Revoked
+        } else if self.expires_at.is_some_and(|e| e <= now) {
+            TokenState::Expired
+        } else if !self.reusable && self.uses > 0 {
+            TokenState::Used
+        } else {
+            TokenState::Valid
+        }
+    }
+}
+
 /// One durable change. A [`crate::Store`] applies a slice of them atomically.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {

@@ -17,7 +17,7 @@ use meshd_proto::NodeId;
 use serde::{Deserialize, Serialize};
 
 use crate::coordinator::{unix_ms, CoordError, Coordinator, TokenSpec};
-use crate::state::{NodeRecord, TokenRecord};
+use crate::state::{NodeRecord, TokenRecord, TokenState};
 use crate::store::StoreError;
 
 /// Largest request body accepted, in bytes.
@@ -458,14 +458,11 @@ fn time(ms: u64) -> String {
 }
 
 pub fn token_view(t: &TokenRecord, now: u64) -> TokenView {
-    let state = if t.revoked {
-        "revoked"
-    } else if t.expires_at.is_some_and(|e| e <= now) {
-        "expired"
-    } else if !t.reusable && t.uses > 0 {
-        "used"
-    } else {
-        "valid"
+    let state = match t.state(now) {
+        TokenState::Valid => "valid",
+        TokenState::Revoked => "revoked",
+        TokenState::Expired => "expired",
+        TokenState::Used => "used",
     };
     TokenView {
         id: t.id.clone(),
