@@ -9,7 +9,6 @@
 //! `admin.url` (where its admin API listens).
 
 use std::fs;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -24,7 +23,7 @@ use crate::admin::client::{KEY_FILE, URL_FILE};
 use crate::admin::server::{AdminKey, AdminServer};
 use crate::admin::TokenContext;
 use crate::coordinator::{Config, Coordinator};
-use crate::net::tls::{Identity, IdentityError};
+use crate::net::tls::{write_private, Identity, IdentityError};
 use crate::net::{NetError, Server};
 use crate::store::{PgStore, SqliteStore, Store};
 
@@ -326,14 +325,7 @@ fn load_or_create_admin_key(path: &Path) -> Result<AdminKey, ServiceError> {
             let mut bytes = [0u8; 32];
             rand::rng().fill_bytes(&mut bytes);
             let key = Hex(&bytes).to_string();
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| key_err(e.to_string()))?;
-            f.write_all(format!("{key}\n").as_bytes())
-                .and_then(|()| f.sync_all())
+            write_private(path, format!("{key}\n").as_bytes())
                 .map_err(|e| key_err(e.to_string()))?;
             tracing::info!(file = %path.display(), "created the admin API key");
             Ok(AdminKey::new(&key))

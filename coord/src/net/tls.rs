@@ -71,20 +71,23 @@ fn read(path: &Path) -> Result<Option<Vec<u8>>, IdentityError> {
     }
 }
 
-/// Writes a new file readable by its owner only; never replaces one.
-fn write_new(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
-    let io = |source| IdentityError::Io {
-        path: path.to_owned(),
-        source,
-    };
+/// Writes a new file readable by its owner only, and syncs it; never
+/// replaces one.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+fn write_new(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
+    write_private(path, bytes).map_err(|source| IdentityError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl Identity {
