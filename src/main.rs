@@ -3,6 +3,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod coord_cmd;
+mod daemon;
 mod key_cmd;
 mod lab_cmd;
 mod up_cmd;

@@ -2,12 +2,10 @@
 //! `meshd_agent::node_runtime`. See docs/agent.md.
 #![allow(clippy::print_stdout)] // a CLI talks to its user on stdout
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -19,8 +17,7 @@ use meshd_agent::standalone;
 use meshd_proto::token::JoinToken;
 use zeroize::Zeroizing;
 
-/// What a background daemon prints on its stdout once the node is up.
-const READY: &str = "ready";
+use crate::daemon::{self, Started};
 
 /// The background daemon's log, in the state directory.
 const DAEMON_LOG: &str = "meshd.log";
@@ -106,15 +103,7 @@ pub fn up(args: UpArgs) -> Result<()> {
     if !(args.foreground || args.daemon_child) {
         return start_daemon(&args, token_text.as_deref().map(String::as_str));
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
-        .context("installing the SIGINT/SIGTERM handler")?;
-    if args.daemon_child {
-        // Leave the terminal's session, so its hangup does not reach us.
-        rustix::process::setsid().context("setsid")?;
-        std::env::set_current_dir("/").context("chdir /")?;
-    }
+    let stop = daemon::stop_on_signal(args.daemon_child)?;
     let mut opts = UpOptions::new(absolute(&args.state.dir)?, args.interface.clone());
     opts.token = token;
     opts.name = args.name.clone();
@@ -123,8 +112,7 @@ pub fn up(args: UpArgs) -> Result<()> {
     let daemon_child = args.daemon_child;
     node_runtime::run(opts, &stop, |status| {
         if daemon_child {
-            println!("{READY}");
-            let _ = std::io::stdout().flush();
+            daemon::report_ready();
         } else {
             eprintln!("{}", ready_line(status));
         }
@@ -202,43 +190,22 @@ fn start_daemon(args: &UpArgs, token: Option<&str>) -> Result<()> {
             .write_all(token.unwrap_or_default().as_bytes())
             .context("passing the join token to the daemon")?;
     }
-    let stdout = child.stdout.take();
-    let (ready_tx, ready) = mpsc::channel();
-    std::thread::spawn(move || {
-        let ok = stdout.is_some_and(|out| {
-            BufReader::new(out)
-                .lines()
-                .map_while(Result::ok)
-                .any(|line| line == READY)
-        });
-        let _ = ready_tx.send(ok);
-    });
-    match ready.recv_timeout(READY_TIMEOUT) {
-        Ok(true) => {
+    match daemon::wait_ready(&mut child, READY_TIMEOUT)? {
+        Started::Ready => {
             match node_runtime::status(&state) {
                 Ok(s) => eprintln!("{}", ready_line(&s)),
                 Err(_) => eprintln!("meshd: up"),
             }
             Ok(())
         }
-        Ok(false) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-            let status = child.wait().context("waiting for the meshd daemon")?;
-            let errors = read_from(&log_path, log_start);
-            if errors.trim().is_empty() {
-                bail!("the meshd daemon exited ({status}) before the node was up");
-            }
-            // The daemon said why; its words and exit code are ours.
-            eprint!("{errors}");
-            std::process::exit(status.code().unwrap_or(1))
+        Started::Exited(status) => {
+            daemon::pass_on_failure(status, &read_from(&log_path, log_start));
+            bail!("the meshd daemon exited ({status}) before the node was up");
         }
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "the meshd daemon was not up within {} s and was killed",
-                READY_TIMEOUT.as_secs()
-            )
-        }
+        Started::TimedOut => bail!(
+            "the meshd daemon was not up within {} s and was killed",
+            READY_TIMEOUT.as_secs()
+        ),
     }
 }
 

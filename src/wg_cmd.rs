@@ -2,11 +2,9 @@
 //! `meshd_agent::standalone`. See docs/wg-standalone.md.
 #![allow(clippy::print_stdout)] // a CLI talks to its user on stdout
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -14,8 +12,7 @@ use clap::Subcommand;
 use meshd_agent::standalone::{self, show};
 use meshd_agent::wgconf::{self, WgConfig};
 
-/// What a background daemon prints on its stdout once the interface is up.
-const READY: &str = "ready";
+use crate::daemon::{self, Started};
 
 /// How long `up` waits for a background daemon to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -87,20 +84,11 @@ fn up(path: &Path, interface: Option<String>, foreground: bool, daemon_child: bo
     if !(foreground || daemon_child) {
         return start_daemon(path, &name);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
-        .context("installing the SIGINT/SIGTERM handler")?;
-    if daemon_child {
-        // Leave the terminal's session, so its hangup does not reach us.
-        rustix::process::setsid().context("setsid")?;
-        std::env::set_current_dir("/").context("chdir /")?;
-    }
+    let stop = daemon::stop_on_signal(daemon_child)?;
     standalone::run(&name, &config, &stop, |status| {
         if daemon_child {
-            println!("{READY}");
-            let _ = std::io::stdout().flush();
-            detach_stdio();
+            daemon::report_ready();
+            daemon::detach_stdio();
         } else {
             eprintln!(
                 "meshd: {} is up, listening on UDP port {}; SIGINT, SIGTERM or `meshd wg down {}` stops it",
@@ -109,19 +97,6 @@ fn up(path: &Path, interface: Option<String>, foreground: bool, daemon_child: bo
         }
     })?;
     Ok(())
-}
-
-/// Points a ready daemon's stdout and stderr at /dev/null. They are pipes to the `up` that
-/// started it, which exits now; a later log line would meet a broken pipe, and the log
-/// writer's own error report (to stderr, again) would panic the daemon.
-pub(crate) fn detach_stdio() {
-    match std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        Ok(null) => {
-            let _ = rustix::stdio::dup2_stdout(&null);
-            let _ = rustix::stdio::dup2_stderr(&null);
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot open /dev/null; later log lines may be lost"),
-    }
 }
 
 /// Starts this program again as a detached daemon (`--daemon-child`) and
@@ -139,17 +114,7 @@ fn start_daemon(path: &Path, name: &str) -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .context("starting the meshd daemon")?;
-    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-    let (ready_tx, ready) = mpsc::channel();
-    std::thread::spawn(move || {
-        let ok = stdout.is_some_and(|out| {
-            BufReader::new(out)
-                .lines()
-                .map_while(Result::ok)
-                .any(|line| line == READY)
-        });
-        let _ = ready_tx.send(ok);
-    });
+    let stderr = child.stderr.take();
     let errors = std::thread::spawn(move || {
         let mut text = String::new();
         if let Some(mut err) = stderr {
@@ -157,27 +122,17 @@ fn start_daemon(path: &Path, name: &str) -> Result<()> {
         }
         text
     });
-    match ready.recv_timeout(READY_TIMEOUT) {
+    match daemon::wait_ready(&mut child, READY_TIMEOUT)? {
         // The daemon keeps its stderr; nothing more is read from it.
-        Ok(true) => Ok(()),
-        Ok(false) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-            let status = child.wait().context("waiting for the meshd daemon")?;
-            let errors = errors.join().unwrap_or_default();
-            if errors.trim().is_empty() {
-                bail!("the meshd daemon for {name} exited ({status}) before the interface was up");
-            }
-            // The daemon said why; its words and exit code are ours.
-            eprint!("{errors}");
-            std::process::exit(status.code().unwrap_or(1))
+        Started::Ready => Ok(()),
+        Started::Exited(status) => {
+            daemon::pass_on_failure(status, &errors.join().unwrap_or_default());
+            bail!("the meshd daemon for {name} exited ({status}) before the interface was up");
         }
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "the meshd daemon for {name} was not ready within {} s and was killed",
-                READY_TIMEOUT.as_secs()
-            )
-        }
+        Started::TimedOut => bail!(
+            "the meshd daemon for {name} was not ready within {} s and was killed",
+            READY_TIMEOUT.as_secs()
+        ),
     }
 }
 

@@ -1,0 +1,95 @@
+//! The background-daemon plumbing `meshd up` and `meshd wg up` share: the
+//! parent starts this program again with `--daemon-child` and waits for it to
+//! print `READY`; the child (or a `--foreground` run) stops on a signal.
+#![allow(clippy::print_stdout)] // the READY line is for the waiting parent
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+/// What a background daemon prints on its stdout once it is up.
+const READY: &str = "ready";
+
+/// Installs the SIGINT/SIGTERM handler and returns the flag it sets. A
+/// daemon child also leaves the terminal's session, so its hangup does not
+/// reach it, and the current directory.
+pub fn stop_on_signal(daemon_child: bool) -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
+        .context("installing the SIGINT/SIGTERM handler")?;
+    if daemon_child {
+        rustix::process::setsid().context("setsid")?;
+        std::env::set_current_dir("/").context("chdir /")?;
+    }
+    Ok(stop)
+}
+
+/// In the daemon child: tells the waiting parent that it is up.
+pub fn report_ready() {
+    println!("{READY}");
+    let _ = std::io::stdout().flush();
+}
+
+/// Points a ready daemon's stdout and stderr at /dev/null. They are pipes to the `up` that
+/// started it, which exits now; a later log line would meet a broken pipe, and the log
+/// writer's own error report (to stderr, again) would panic the daemon.
+pub fn detach_stdio() {
+    match std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        Ok(null) => {
+            let _ = rustix::stdio::dup2_stdout(&null);
+            let _ = rustix::stdio::dup2_stderr(&null);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot open /dev/null; later log lines may be lost"),
+    }
+}
+
+/// How a started daemon child turned out.
+pub enum Started {
+    Ready,
+    /// It exited (or closed its stdout) without reporting ready.
+    Exited(ExitStatus),
+    /// It was not ready within the timeout and has been killed.
+    TimedOut,
+}
+
+/// Waits until `child`, started with its stdout piped, reports ready, exits,
+/// or is not ready within `timeout` (then it is killed).
+pub fn wait_ready(child: &mut Child, timeout: Duration) -> Result<Started> {
+    let stdout = child.stdout.take();
+    let (ready_tx, ready) = mpsc::channel();
+    std::thread::spawn(move || {
+        let ok = stdout.is_some_and(|out| {
+            BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .any(|line| line == READY)
+        });
+        let _ = ready_tx.send(ok);
+    });
+    match ready.recv_timeout(timeout) {
+        Ok(true) => Ok(Started::Ready),
+        Ok(false) | Err(mpsc::RecvTimeoutError::Disconnected) => Ok(Started::Exited(
+            child.wait().context("waiting for the meshd daemon")?,
+        )),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Ok(Started::TimedOut)
+        }
+    }
+}
+
+/// If the failed daemon said why (`errors`), prints its words and exits with
+/// its exit code: they are ours. Returns if it said nothing.
+pub fn pass_on_failure(status: ExitStatus, errors: &str) {
+    if errors.trim().is_empty() {
+        return;
+    }
+    eprint!("{errors}");
+    std::process::exit(status.code().unwrap_or(1))
+}
