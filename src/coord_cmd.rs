@@ -242,51 +242,34 @@ fn admin(cmd: AdminCmd) -> Result<()> {
             }
             AdminCmd::Tokens(TokenCmd::List { conn }) => {
                 let tokens = client(&conn)?.list_tokens().await?;
-                if conn.json {
-                    print_json(&serde_json::json!({ "tokens": tokens }))?;
-                } else {
-                    print!("{}", token_table(&tokens));
-                }
+                let json = serde_json::json!({ "tokens": tokens });
+                show(&conn, &json, || token_table(&tokens))?;
             }
             AdminCmd::Tokens(TokenCmd::Revoke { id, conn }) => {
                 let token = client(&conn)?.revoke_token(&id).await?;
-                if conn.json {
-                    print_json(&token)?;
-                } else {
-                    println!("revoked token {}", token.id);
-                }
+                show(&conn, &token, || format!("revoked token {}\n", token.id))?;
             }
             AdminCmd::Nodes(NodeCmd::List { conn }) => {
                 let nodes = client(&conn)?.list_nodes().await?;
-                if conn.json {
-                    print_json(&serde_json::json!({ "nodes": nodes }))?;
-                } else {
-                    print!("{}", node_table(&nodes));
-                }
+                let json = serde_json::json!({ "nodes": nodes });
+                show(&conn, &json, || node_table(&nodes))?;
             }
             AdminCmd::Nodes(NodeCmd::Rename { id, name, conn }) => {
                 let node = client(&conn)?.rename_node(NodeId(id), &name).await?;
-                if conn.json {
-                    print_json(&node)?;
-                } else {
-                    println!("node {} is now named {}", node.id, node.name);
-                }
+                show(&conn, &node, || {
+                    format!("node {} is now named {}\n", node.id, node.name)
+                })?;
             }
             AdminCmd::Nodes(NodeCmd::Expire { id, conn }) => {
                 let node = client(&conn)?.expire_node(NodeId(id)).await?;
-                if conn.json {
-                    print_json(&node)?;
-                } else {
-                    println!("node {} ({}) expired", node.id, node.name);
-                }
+                show(&conn, &node, || {
+                    format!("node {} ({}) expired\n", node.id, node.name)
+                })?;
             }
             AdminCmd::Nodes(NodeCmd::Delete { id, conn }) => {
                 client(&conn)?.delete_node(NodeId(id)).await?;
-                if conn.json {
-                    print_json(&serde_json::json!({ "deleted": id.to_string() }))?;
-                } else {
-                    println!("node {id} deleted");
-                }
+                let json = serde_json::json!({ "deleted": id.to_string() });
+                show(&conn, &json, || format!("node {id} deleted\n"))?;
             }
         }
         Ok(())
@@ -315,6 +298,16 @@ fn client(conn: &AdminConn) -> Result<AdminClient> {
 
 fn print_json(value: &impl Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Prints the admin API's answer `value` as JSON with --json, else `text`
+/// (whole lines).
+fn show(conn: &AdminConn, value: &impl Serialize, text: impl FnOnce() -> String) -> Result<()> {
+    if conn.json {
+        return print_json(value);
+    }
+    print!("{}", text());
     Ok(())
 }
 
