@@ -182,6 +182,12 @@ fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: &[u8]) ->
     (status, body)
 }
 
+/// [`http`] for a request the admin API refuses: its status and error code.
+fn refusal(addr: &str, method: &str, path: &str, key: Option<&str>, body: &[u8]) -> (u16, String) {
+    let (status, body) = http(addr, method, path, key, body);
+    (status, error_code(&body))
+}
+
 fn error_code(body: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
     assert!(
@@ -304,10 +310,14 @@ fn wrong_admin_key_and_bad_requests_are_refused() {
     let coord = Coord::start(&dir.path().join("state"), &[]);
     let (addr, key) = (coord.admin_addr(), coord.admin_key());
 
-    let (status, body) = http(&addr, "GET", "/v1/tokens", None, b"");
-    assert_eq!((status, error_code(&body).as_str()), (401, "unauthorized"));
-    let (status, body) = http(&addr, "GET", "/v1/tokens", Some("not-the-key"), b"");
-    assert_eq!((status, error_code(&body).as_str()), (401, "unauthorized"));
+    assert_eq!(
+        refusal(&addr, "GET", "/v1/tokens", None, b""),
+        (401, "unauthorized".into())
+    );
+    assert_eq!(
+        refusal(&addr, "GET", "/v1/tokens", Some("not-the-key"), b""),
+        (401, "unauthorized".into())
+    );
     // The key's prefix is no better than any other wrong key.
     let (status, _) = http(&addr, "GET", "/v1/tokens", Some(&key[..32]), b"");
     assert_eq!(status, 401);
@@ -348,34 +358,41 @@ fn wrong_admin_key_and_bad_requests_are_refused() {
         b"{\"expires\": \"soon\"}",
         b"{\"expires\": 0}",
     ] {
-        let (status, resp) = http(&addr, "POST", "/v1/tokens", k, body);
         assert_eq!(
-            (status, error_code(&resp).as_str()),
-            (400, "bad_request"),
+            refusal(&addr, "POST", "/v1/tokens", k, body),
+            (400, "bad_request".into()),
             "{}",
             String::from_utf8_lossy(body)
         );
     }
-    let (status, resp) = http(&addr, "POST", "/v1/tokens", k, br#"{"tags": ["edge"]}"#);
-    assert_eq!((status, error_code(&resp).as_str()), (400, "invalid_tag"));
-    let (status, resp) = http(&addr, "PATCH", "/v1/nodes/12", k, b"{}");
-    assert_eq!((status, error_code(&resp).as_str()), (400, "bad_request"));
-    let (status, resp) = http(&addr, "PATCH", "/v1/nodes/twelve", k, br#"{"name": "a"}"#);
-    assert_eq!((status, error_code(&resp).as_str()), (400, "bad_request"));
-    let (status, resp) = http(&addr, "POST", "/v1/tokens", k, &vec![b' '; 65 * 1024]);
     assert_eq!(
-        (status, error_code(&resp).as_str()),
-        (413, "payload_too_large")
+        refusal(&addr, "POST", "/v1/tokens", k, br#"{"tags": ["edge"]}"#),
+        (400, "invalid_tag".into())
     );
-    let (status, resp) = http(&addr, "GET", "/v2/tokens", k, b"");
-    assert_eq!((status, error_code(&resp).as_str()), (404, "not_found"));
-    let (status, resp) = http(&addr, "PUT", "/v1/tokens", k, b"");
     assert_eq!(
-        (status, error_code(&resp).as_str()),
-        (405, "method_not_allowed")
+        refusal(&addr, "PATCH", "/v1/nodes/12", k, b"{}"),
+        (400, "bad_request".into())
     );
-    let (status, resp) = http(&addr, "DELETE", "/v1/nodes/12", k, b"");
-    assert_eq!((status, error_code(&resp).as_str()), (404, "no_such_node"));
+    assert_eq!(
+        refusal(&addr, "PATCH", "/v1/nodes/twelve", k, br#"{"name": "a"}"#),
+        (400, "bad_request".into())
+    );
+    assert_eq!(
+        refusal(&addr, "POST", "/v1/tokens", k, &vec![b' '; 65 * 1024]),
+        (413, "payload_too_large".into())
+    );
+    assert_eq!(
+        refusal(&addr, "GET", "/v2/tokens", k, b""),
+        (404, "not_found".into())
+    );
+    assert_eq!(
+        refusal(&addr, "PUT", "/v1/tokens", k, b""),
+        (405, "method_not_allowed".into())
+    );
+    assert_eq!(
+        refusal(&addr, "DELETE", "/v1/nodes/12", k, b""),
+        (404, "no_such_node".into())
+    );
     // None of that created anything, and the coordinator still answers.
     let (status, resp) = http(&addr, "GET", "/v1/tokens", k, b"");
     assert_eq!((status, resp.as_str()), (200, r#"{"tokens":[]}"#));
