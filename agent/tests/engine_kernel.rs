@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
 use meshd_agent::engine::{Engine, EngineConfig, EngineCounters};
@@ -20,8 +21,65 @@ use support::*;
 struct Side {
     ns: NetNs,
     key: PrivateKey,
-    underlay: &'static str,
-    inner: &'static str,
+    underlay: String,
+    inner: String,
+}
+
+/// Two sides whose namespaces are joined by a veth pair (`va` in A, `vb` in
+/// B) on 192.168.`net`.0/24, with tunnel addresses in 10.`net`.0.0/24, and
+/// each one's peer for the other: A knows where B is; B learns A's endpoint
+/// from the handshake.
+fn linked_pair(net: u8, psk: Option<PresharedKey>) -> (Side, Side, PeerConfig, PeerConfig) {
+    let side = |host: u8| Side {
+        ns: NetNs::new(),
+        key: PrivateKey::generate(),
+        underlay: format!("192.168.{net}.{host}"),
+        inner: format!("10.{net}.0.{host}"),
+    };
+    let (a, b) = (side(1), side(2));
+    sh(&[
+        "ip", "-n", &a.ns.name, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns",
+        &b.ns.name,
+    ]);
+    for (side, dev) in [(&a, "va"), (&b, "vb")] {
+        let addr = format!("{}/24", side.underlay);
+        sh(&["ip", "-n", &side.ns.name, "addr", "add", &addr, "dev", dev]);
+        sh(&["ip", "-n", &side.ns.name, "link", "set", dev, "up"]);
+    }
+    let peer_of_a = PeerConfig {
+        public_key: b.key.public_key(),
+        preshared_key: psk.clone(),
+        allowed_ips: vec![format!("{}/32", b.inner).parse().unwrap()],
+        endpoint: Some(format!("{}:51820", b.underlay).parse().unwrap()),
+        persistent_keepalive: None,
+    };
+    let peer_of_b = PeerConfig {
+        public_key: a.key.public_key(),
+        preshared_key: psk,
+        allowed_ips: vec![format!("{}/32", a.inner).parse().unwrap()],
+        endpoint: None,
+        persistent_keepalive: None,
+    };
+    (a, b, peer_of_a, peer_of_b)
+}
+
+/// Runs A's and B's engines in `s` until `stop` is set, and returns once
+/// both are up with their peer.
+fn spawn_engines<'scope, 'env>(
+    s: &'scope Scope<'scope, 'env>,
+    (a, b): (&'env Side, &'env Side),
+    (peer_of_a, peer_of_b): (PeerConfig, PeerConfig),
+    offload: bool,
+    stop: &'env AtomicBool,
+) -> [ScopedJoinHandle<'scope, EngineCounters>; 2] {
+    let (ready_tx, ready) = mpsc::channel();
+    let ra = ready_tx.clone();
+    let ea = s.spawn(move || engine_thread(a, peer_of_a, offload, ra, stop));
+    let eb = s.spawn(move || engine_thread(b, peer_of_b, offload, ready_tx, stop));
+    for _ in 0..2 {
+        ready.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    [ea, eb]
 }
 
 fn engine_thread(
@@ -52,55 +110,14 @@ fn engine_thread(
 }
 
 fn two_engines_carry_tcp(offload: bool, psk: Option<PresharedKey>) {
-    let a = Side {
-        ns: NetNs::new(),
-        key: PrivateKey::generate(),
-        underlay: "192.168.77.1",
-        inner: "10.77.0.1",
-    };
-    let b = Side {
-        ns: NetNs::new(),
-        key: PrivateKey::generate(),
-        underlay: "192.168.77.2",
-        inner: "10.77.0.2",
-    };
-    sh(&[
-        "ip", "-n", &a.ns.name, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns",
-        &b.ns.name,
-    ]);
-    for (side, dev) in [(&a, "va"), (&b, "vb")] {
-        let addr = format!("{}/24", side.underlay);
-        sh(&["ip", "-n", &side.ns.name, "addr", "add", &addr, "dev", dev]);
-        sh(&["ip", "-n", &side.ns.name, "link", "set", dev, "up"]);
-    }
-    // A knows where B is; B learns A's endpoint from the handshake.
-    let peer_of_a = PeerConfig {
-        public_key: b.key.public_key(),
-        preshared_key: psk.clone(),
-        allowed_ips: vec![format!("{}/32", b.inner).parse().unwrap()],
-        endpoint: Some(format!("{}:51820", b.underlay).parse().unwrap()),
-        persistent_keepalive: None,
-    };
-    let peer_of_b = PeerConfig {
-        public_key: a.key.public_key(),
-        preshared_key: psk,
-        allowed_ips: vec![format!("{}/32", a.inner).parse().unwrap()],
-        endpoint: None,
-        persistent_keepalive: None,
-    };
+    let (a, b, peer_of_a, peer_of_b) = linked_pair(77, psk);
 
     let stop = AtomicBool::new(false);
     let data: Vec<u8> = (0..8_000_000u32).map(|i| (i % 251) as u8).collect();
     let server_addr: SocketAddr = format!("{}:5000", b.inner).parse().unwrap();
     let (listening, listening_rx) = mpsc::channel();
     let (counters_a, counters_b) = std::thread::scope(|s| {
-        let (ready_tx, ready) = mpsc::channel();
-        let ra = ready_tx.clone();
-        let ea = s.spawn(|| engine_thread(&a, peer_of_a, offload, ra, &stop));
-        let eb = s.spawn(|| engine_thread(&b, peer_of_b, offload, ready_tx, &stop));
-        for _ in 0..2 {
-            ready.recv_timeout(Duration::from_secs(10)).unwrap();
-        }
+        let [ea, eb] = spawn_engines(s, (&a, &b), (peer_of_a, peer_of_b), offload, &stop);
 
         let server = s.spawn(|| {
             b.ns.enter();
@@ -182,51 +199,11 @@ fn ping_until(ns: &NetNs, target: &str, within: Duration) -> bool {
 /// end up on fresh peer sockets, with pings working all along the way.
 #[test]
 fn tunnel_survives_a_local_address_change() {
-    let a = Side {
-        ns: NetNs::new(),
-        key: PrivateKey::generate(),
-        underlay: "192.168.78.1",
-        inner: "10.78.0.1",
-    };
-    let b = Side {
-        ns: NetNs::new(),
-        key: PrivateKey::generate(),
-        underlay: "192.168.78.2",
-        inner: "10.78.0.2",
-    };
-    sh(&[
-        "ip", "-n", &a.ns.name, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns",
-        &b.ns.name,
-    ]);
-    for (side, dev) in [(&a, "va"), (&b, "vb")] {
-        let addr = format!("{}/24", side.underlay);
-        sh(&["ip", "-n", &side.ns.name, "addr", "add", &addr, "dev", dev]);
-        sh(&["ip", "-n", &side.ns.name, "link", "set", dev, "up"]);
-    }
-    let peer_of_a = PeerConfig {
-        public_key: b.key.public_key(),
-        preshared_key: None,
-        allowed_ips: vec![format!("{}/32", b.inner).parse().unwrap()],
-        endpoint: Some(format!("{}:51820", b.underlay).parse().unwrap()),
-        persistent_keepalive: None,
-    };
-    let peer_of_b = PeerConfig {
-        public_key: a.key.public_key(),
-        preshared_key: None,
-        allowed_ips: vec![format!("{}/32", a.inner).parse().unwrap()],
-        endpoint: None,
-        persistent_keepalive: None,
-    };
+    let (a, b, peer_of_a, peer_of_b) = linked_pair(78, None);
     let stop = AtomicBool::new(false);
     let counters = std::thread::scope(|s| {
-        let (ready_tx, ready) = mpsc::channel();
-        let ra = ready_tx.clone();
-        let ea = s.spawn(|| engine_thread(&a, peer_of_a, true, ra, &stop));
-        let eb = s.spawn(|| engine_thread(&b, peer_of_b, true, ready_tx, &stop));
-        for _ in 0..2 {
-            ready.recv_timeout(Duration::from_secs(10)).unwrap();
-        }
-        let before = ping_until(&a.ns, b.inner, Duration::from_secs(10));
+        let [ea, eb] = spawn_engines(s, (&a, &b), (peer_of_a, peer_of_b), true, &stop);
+        let before = ping_until(&a.ns, &b.inner, Duration::from_secs(10));
         sh(&[
             "ip",
             "-n",
@@ -247,8 +224,8 @@ fn tunnel_survives_a_local_address_change() {
             "dev",
             "va",
         ]);
-        let after = ping_until(&a.ns, b.inner, Duration::from_secs(10));
-        let back = ping_until(&b.ns, a.inner, Duration::from_secs(10));
+        let after = ping_until(&a.ns, &b.inner, Duration::from_secs(10));
+        let back = ping_until(&b.ns, &a.inner, Duration::from_secs(10));
         stop.store(true, Ordering::Relaxed);
         let counters = (ea.join().unwrap(), eb.join().unwrap());
         assert!(before, "no ping before the address change");
