@@ -566,6 +566,20 @@ mod tests {
 
     const SEC: Duration = Duration::from_secs(1);
 
+    /// A node the coordinator accepted before, without a token.
+    const REGISTERED: Identity = Identity {
+        registered: true,
+        can_register: false,
+        pending_key: false,
+    };
+
+    /// A first start with a join token.
+    const JOINING: Identity = Identity {
+        registered: false,
+        can_register: true,
+        pending_key: false,
+    };
+
     struct T {
         s: Supervisor,
         now: Instant,
@@ -586,14 +600,7 @@ mod tests {
         }
 
         fn registered() -> T {
-            T::new(
-                1,
-                Identity {
-                    registered: true,
-                    can_register: false,
-                    pending_key: false,
-                },
-            )
+            T::new(1, REGISTERED)
         }
 
         fn cmds(&mut self) -> Vec<Command> {
@@ -696,12 +703,7 @@ mod tests {
         let waits: Vec<Duration> = (0..20)
             .map(|seed| {
                 let now = Instant::now();
-                let id = Identity {
-                    registered: true,
-                    can_register: false,
-                    pending_key: false,
-                };
-                let mut s = Supervisor::new(SupervisorConfig::default(), id, seed, now);
+                let mut s = Supervisor::new(SupervisorConfig::default(), REGISTERED, seed, now);
                 for _ in 0..4 {
                     s.handle(failed(), now);
                     let t = s.poll_timeout().unwrap();
@@ -717,14 +719,7 @@ mod tests {
 
     #[test]
     fn addresses_fail_over_in_order_starting_with_the_one_that_worked() {
-        let mut t = T::new(
-            3,
-            Identity {
-                registered: true,
-                can_register: false,
-                pending_key: false,
-            },
-        );
+        let mut t = T::new(3, REGISTERED);
         assert_eq!(t.cmds(), [connect(0, LOGIN)]);
         assert_eq!(t.input(failed()), [connect(1, LOGIN)]);
         assert_eq!(t.input(Input::Connected), []);
@@ -748,14 +743,7 @@ mod tests {
 
     #[test]
     fn first_registration_fails_fast_when_no_coordinator_answers() {
-        let mut t = T::new(
-            2,
-            Identity {
-                registered: false,
-                can_register: true,
-                pending_key: false,
-            },
-        );
+        let mut t = T::new(2, JOINING);
         assert_eq!(t.cmds(), [connect(0, JoinKind::Register)]);
         assert_eq!(t.input(failed()), [connect(1, JoinKind::Register)]);
         let cmds = t.input(failed());
@@ -777,14 +765,7 @@ mod tests {
             ErrorCode::TokenUsed,
             ErrorCode::InvalidName,
         ] {
-            let mut t = T::new(
-                1,
-                Identity {
-                    registered: false,
-                    can_register: true,
-                    pending_key: false,
-                },
-            );
+            let mut t = T::new(1, JOINING);
             t.cmds();
             t.input(Input::Connected);
             let cmds = t.input(rejected(code));
@@ -816,14 +797,7 @@ mod tests {
 
     #[test]
     fn a_register_whose_answer_was_lost_is_settled_by_logging_in() {
-        let mut t = T::new(
-            1,
-            Identity {
-                registered: false,
-                can_register: true,
-                pending_key: false,
-            },
-        );
+        let mut t = T::new(1, JOINING);
         assert_eq!(t.cmds(), [connect(0, JoinKind::Register)]);
         t.input(Input::Connected);
         t.input(Input::Lost {
@@ -851,14 +825,7 @@ mod tests {
 
     #[test]
     fn registering_a_key_already_registered_logs_in() {
-        let mut t = T::new(
-            1,
-            Identity {
-                registered: false,
-                can_register: true,
-                pending_key: false,
-            },
-        );
+        let mut t = T::new(1, JOINING);
         t.cmds();
         t.input(Input::Connected);
         assert_eq!(t.input(rejected(ErrorCode::KeyInUse)), [connect(0, LOGIN)]);
@@ -893,14 +860,7 @@ mod tests {
 
     #[test]
     fn a_contradicting_coordinator_cannot_cause_a_busy_loop() {
-        let mut t = T::new(
-            1,
-            Identity {
-                registered: false,
-                can_register: true,
-                pending_key: false,
-            },
-        );
+        let mut t = T::new(1, JOINING);
         t.cmds();
         let mut immediate = 0;
         for _ in 0..10 {
@@ -951,13 +911,8 @@ mod tests {
             rotate_every: Some(3600 * SEC),
             ..SupervisorConfig::default()
         };
-        let id = Identity {
-            registered: true,
-            can_register: false,
-            pending_key: false,
-        };
         let mut t = T {
-            s: Supervisor::new(config, id, 1, now),
+            s: Supervisor::new(config, REGISTERED, 1, now),
             now,
         };
         t.cmds();
