@@ -31,7 +31,7 @@ pub const TUNNEL_PREFIX: u8 = 24;
 /// Where wireguard-go, boringtun and `wg` keep a userspace interface's control socket. The
 /// path is compiled into all three, and /var/run is shared by every namespace: interface names
 /// must therefore be unique on the machine, not only in a namespace.
-const UAPI_DIR: &str = "/var/run/wireguard";
+pub(crate) const UAPI_DIR: &str = "/var/run/wireguard";
 
 /// Numbers the tunnels this process makes, so interface names never repeat within a lab.
 static NEXT_TUNNEL: AtomicU32 = AtomicU32::new(0);

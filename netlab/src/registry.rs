@@ -10,7 +10,6 @@ use crate::{sys, LabError};
 
 pub const STATE_DIR: &str = "/run/meshd-lab";
 const NETNS_DIR: &str = "/run/netns";
-const WG_SOCKET_DIR: &str = "/var/run/wireguard";
 pub const ID_LEN: usize = 5;
 
 /// The namespace name of `name` in lab `id`.
@@ -148,7 +147,7 @@ pub fn remove(id: &str, namespaces: &[String]) -> Result<(), LabError> {
     }
     // wireguard-go and boringtun-cli keep their control sockets in one directory shared by all
     // namespaces; the lab's tunnels are named wg<id>…, so these are ours.
-    if let Ok(entries) = std::fs::read_dir(WG_SOCKET_DIR) {
+    if let Ok(entries) = std::fs::read_dir(crate::peers::UAPI_DIR) {
         let prefix = format!("wg{id}");
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().starts_with(&prefix) {
