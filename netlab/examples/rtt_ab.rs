@@ -11,11 +11,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use meshd_netlab::peers::{self, Impl, TunnelOptions, TunnelPair, RIGHT_ADDR};
-use meshd_netlab::tools::{ping_addr, Iperf3Test};
+use meshd_netlab::tools::{self, ping_addr, Iperf3Test};
 use meshd_netlab::Lab;
 
 const CURRENT: &str = "/tmp/meshd-rtt-ab-current";
 
+/// The median, NaN for no finite value (a round without iperf3).
+fn median(v: &[f64]) -> f64 {
+    tools::median(v).unwrap_or(f64::NAN)
+}
+
+/// The nearest-rank quantile, for the tails the median does not show.
 fn quantile(v: &[f64], q: f64) -> f64 {
     let mut v: Vec<f64> = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -52,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     peers::use_meshd_binary(CURRENT);
     let lab = Lab::veth_pair()?;
     let underlay = lab.addr("right")?;
-    // name -> (added median, added p10, tcp Gbit/s) per round
+    // name -> (added median, added p10, tcp Gbit/s, added p90) per round
     let mut results: BTreeMap<String, Vec<(f64, f64, f64, f64)>> = BTreeMap::new();
     for round in 0..rounds {
         for v in &variants {
@@ -101,15 +107,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 f64::NAN
             };
             drop(pair);
-            let med = quantile(&tun, 0.5) - quantile(&base, 0.5);
+            let med = median(&tun) - median(&base);
             let p10 = quantile(&tun, 0.1) - quantile(&base, 0.1);
             println!(
                 "round {round} {name:>18}: added median {:+.3} ms p10 {:+.3} ms (tunnel {:.3}/{:.3}, underlay {:.3}/{:.3}, n={}) tcp {:.2} Gbit/s load {l0}",
                 med,
                 p10,
-                quantile(&tun, 0.5),
+                median(&tun),
                 quantile(&tun, 0.1),
-                quantile(&base, 0.5),
+                median(&base),
                 quantile(&base, 0.1),
                 tun.len(),
                 gbit
@@ -130,10 +136,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let col = |f: fn(&(f64, f64, f64, f64)) -> f64| r.iter().map(f).collect::<Vec<_>>();
         println!(
             "{name:>18}: added median {:+.3} ms, p10 {:+.3} ms, p90 {:+.3} ms, tcp {:.2} Gbit/s (min {:.2} max {:.2})",
-            quantile(&col(|x| x.0), 0.5),
-            quantile(&col(|x| x.1), 0.5),
-            quantile(&col(|x| x.3), 0.5),
-            quantile(&col(|x| x.2), 0.5),
+            median(&col(|x| x.0)),
+            median(&col(|x| x.1)),
+            median(&col(|x| x.3)),
+            median(&col(|x| x.2)),
             quantile(&col(|x| x.2), 0.0),
             quantile(&col(|x| x.2), 1.0),
         );
