@@ -114,6 +114,22 @@ impl fmt::Debug for ClientConn {
     }
 }
 
+/// The channel binding of a QUIC connection (docs/control-protocol.md): 32
+/// bytes exported under [`EXPORTER_LABEL`] with an empty context. Both ends
+/// compute it with this function or [`tls_binding`].
+pub fn quic_binding(
+    connection: &quinn::Connection,
+) -> Result<[u8; 32], quinn::crypto::ExportKeyingMaterialError> {
+    let mut binding = [0u8; 32];
+    connection.export_keying_material(&mut binding, EXPORTER_LABEL, b"")?;
+    Ok(binding)
+}
+
+/// The channel binding of a TLS connection on TCP; see [`quic_binding`].
+pub fn tls_binding<D>(tls: &rustls::ConnectionCommon<D>) -> Result<[u8; 32], rustls::Error> {
+    tls.export_keying_material([0u8; 32], EXPORTER_LABEL, Some(b""))
+}
+
 /// Resolves `host:port` to its first address.
 async fn resolve(addr: &str) -> Result<SocketAddr, ConnError> {
     let failed = |reason: String| ConnError::Connect {
@@ -244,9 +260,7 @@ impl ClientConn {
                         .map_err(|e| failed(e.to_string()))?
                         .await
                         .map_err(|e| failed(e.to_string()))?;
-                    let mut binding = [0u8; 32];
-                    connection
-                        .export_keying_material(&mut binding, EXPORTER_LABEL, b"")
+                    let binding = quic_binding(&connection)
                         .map_err(|_| failed("TLS exporter unavailable".into()))?;
                     // The coordinator speaks first, so it opens the stream.
                     let (send, recv) = connection
@@ -272,11 +286,7 @@ impl ClientConn {
                         .connect(name, tcp)
                         .await
                         .map_err(|e| failed(e.to_string()))?;
-                    let binding = tls.get_ref().1.export_keying_material(
-                        [0u8; 32],
-                        EXPORTER_LABEL,
-                        Some(b""),
-                    )?;
+                    let binding = tls_binding(tls.get_ref().1)?;
                     let (r, w) = tokio::io::split(tls);
                     (binding, Box::new(r), Box::new(w), None)
                 }

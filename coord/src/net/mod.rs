@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use meshd_control::{quic_binding, tls_binding};
 use meshd_proto::{encode_frame, DecodeError, EncodeError, FrameDecoder, Message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -30,7 +31,6 @@ use tokio::task::JoinHandle;
 
 use crate::coordinator::{Action, Coordinator, SessionId};
 use crate::store::StoreError;
-use meshd_proto::EXPORTER_LABEL;
 use tls::{Identity, IdentityError};
 
 /// How long a connection may take to finish its TLS or QUIC handshake. The
@@ -483,9 +483,7 @@ async fn accept_quic(endpoint: quinn::Endpoint, events: mpsc::Sender<Event>, nex
         tokio::spawn(async move {
             let result = tokio::time::timeout(TRANSPORT_HANDSHAKE_TIMEOUT, async {
                 let connection = incoming.await?;
-                let mut binding = [0u8; 32];
-                connection
-                    .export_keying_material(&mut binding, EXPORTER_LABEL, b"")
+                let binding = quic_binding(&connection)
                     .map_err(|_| io::Error::other("TLS exporter unavailable"))?;
                 // The coordinator speaks first, so it opens the stream: a
                 // QUIC stream opened by the node would stay invisible here
@@ -541,11 +539,7 @@ async fn accept_tcp(
                     Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                 };
-            let Ok(binding) =
-                tls.get_ref()
-                    .1
-                    .export_keying_material([0u8; 32], EXPORTER_LABEL, Some(b""))
-            else {
+            let Ok(binding) = tls_binding(tls.get_ref().1) else {
                 return tracing::debug!(%peer, "TLS exporter unavailable");
             };
             let (r, w) = tokio::io::split(tls);
