@@ -367,25 +367,27 @@ impl UdpSocket {
         // control message: either would make the kernel look the route up
         // again. GSO needs a control message, but then one lookup serves
         // up to 64 datagrams.
-        let fast = self.peer == Some(dest) && segment_size.is_none();
-        let destination = self
-            .map_destination(dest)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::Unsupported))?;
-        let transmit = Transmit {
-            destination,
-            ecn: None,
-            contents,
-            segment_size,
-            src_ip: None,
+        let transmit = if self.peer == Some(dest) && segment_size.is_none() {
+            None
+        } else {
+            let destination = self.map_destination(dest).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::Unsupported, "no route for address family")
+            })?;
+            Some(Transmit {
+                destination,
+                ecn: None,
+                contents,
+                segment_size,
+                src_ip: None,
+            })
         };
         loop {
             *syscalls += 1;
-            let result = if fast {
-                rustix::net::send(&self.sock, contents, SendFlags::empty())
+            let result = match &transmit {
+                None => rustix::net::send(&self.sock, contents, SendFlags::empty())
                     .map(drop)
-                    .map_err(io::Error::from)
-            } else {
-                self.state.try_send(UdpSockRef::from(&self.sock), &transmit)
+                    .map_err(io::Error::from),
+                Some(transmit) => self.state.try_send(UdpSockRef::from(&self.sock), transmit),
             };
             match result {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -443,12 +445,9 @@ pub fn send_batch_via(
             report.dropped += msg.count;
             continue;
         }
+        // A destination of a family the socket lacks is refused (and
+        // counted) by `send_one`, chunk by chunk.
         let mut sock = peers.get(msg.dest).unwrap_or(main);
-        if sock.map_destination(msg.dest).is_none() {
-            tracing::trace!(dest = %msg.dest, "no route for address family, dropped");
-            report.dropped += msg.count;
-            continue;
-        }
         // GSO may have been switched off after the batch was built, so
         // split the message into what the socket takes now.
         let per_send = sock.state.max_gso_segments().clamp(1, MAX_GSO_SEGMENTS);
