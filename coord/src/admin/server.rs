@@ -164,10 +164,11 @@ async fn handle(
 }
 
 fn response(status: StatusCode, body: Option<String>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.clone().unwrap_or_default())));
+    let json = body.is_some();
+    let mut r = Response::new(Full::new(Bytes::from(body.unwrap_or_default())));
     *r.status_mut() = status;
     let h = r.headers_mut();
-    if body.is_some() {
+    if json {
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
     // A created token's secret must not stay in any cache.
