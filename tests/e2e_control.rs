@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use meshd_netlab::{Firewall, Lab, Nat, Proc, Site, Topology};
+use meshd_netlab::{Firewall, Lab, Nat, Output, Proc, Site, Topology};
 
 const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
 
@@ -127,13 +127,16 @@ impl Node {
         self.proc = Some(lab.spawn(self.name, &label, &argv).unwrap());
     }
 
+    /// `meshd CMD ARGS --state DIR` on the node's host, run to its end.
+    fn meshd(&self, lab: &Lab, cmd: &str, args: &[&str]) -> Output {
+        let mut argv = vec![MESHD, cmd];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--state", self.state.to_str().unwrap()]);
+        lab.exec(self.name, &argv).unwrap()
+    }
+
     fn status(&self, lab: &Lab) -> Status {
-        let out = lab
-            .exec(
-                self.name,
-                &[MESHD, "status", "--state", self.state.to_str().unwrap()],
-            )
-            .unwrap();
+        let out = self.meshd(lab, "status", &[]);
         Status(if out.status.success() {
             out.stdout
         } else {
@@ -305,42 +308,22 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
     let nat1 = Node::up(&lab, "nat1", root, Some(&token));
     let tcp1 = Node::up(&lab, "tcp1", root, Some(&token));
     // nat2 runs as a daemon: `meshd up` returns once the node is in the mesh.
-    let nat2_state = root.join("nat2");
-    let out = lab
-        .exec(
-            "nat2",
-            &[
-                MESHD,
-                "up",
-                "--name",
-                "nat2",
-                "--token",
-                &token,
-                "--state",
-                nat2_state.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
+    let nat2 = Node {
+        name: "nat2",
+        state: root.join("nat2"),
+        proc: None,
+    };
+    let out = nat2.meshd(&lab, "up", &["--name", "nat2", "--token", &token]);
     assert!(out.status.success(), "{out:?}");
     assert!(
         out.stderr.contains("nat2 is up on meshd0"),
         "{}",
         out.stderr
     );
-    let nat2 = Node {
-        name: "nat2",
-        state: nat2_state,
-        proc: None,
-    };
     let all = [&open1, &open2, &nat1, &tcp1, &nat2];
     wait_all_connected(&lab, &all, 1, 4);
     // One daemon per state directory.
-    let again = lab
-        .exec(
-            "nat2",
-            &[MESHD, "up", "--state", nat2.state.to_str().unwrap()],
-        )
-        .unwrap();
+    let again = nat2.meshd(&lab, "up", &[]);
     assert!(!again.status.success());
     assert!(again.stderr.contains("already running"), "{}", again.stderr);
 
@@ -458,17 +441,7 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
             .all(|p| p.log().contains("bytes from"))
     })
     .unwrap();
-    let out = lab
-        .exec(
-            "open1",
-            &[
-                MESHD,
-                "rotate-key",
-                "--state",
-                open1.state.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
+    let out = open1.meshd(&lab, "rotate-key", &[]);
     assert!(out.status.success(), "{out:?}");
     let new_key = out.stdout.trim().to_owned();
     assert_ne!(new_key, old_key);
@@ -503,41 +476,26 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
         serde_json::from_str(&coord.admin(&lab, &["tokens", "list", "--json"])).unwrap();
     let id = tokens["tokens"][0]["id"].as_str().unwrap().to_owned();
     coord.admin(&lab, &["tokens", "revoke", &id]);
-    let late_state = root.join("open3");
-    let out = lab
-        .exec(
-            "open3",
-            &[
-                MESHD,
-                "up",
-                "--name",
-                "open3",
-                "--token",
-                &token,
-                "--state",
-                late_state.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
+    let late = Node {
+        name: "open3",
+        state: root.join("open3"),
+        proc: None,
+    };
+    let out = late.meshd(&lab, "up", &["--name", "open3", "--token", &token]);
     assert!(!out.status.success(), "{out:?}");
     assert!(
         out.stderr.contains("cannot join") && out.stderr.contains("revoked"),
         "{}",
         out.stderr
     );
-    assert!(!late_state.join("control.sock").exists());
+    assert!(!late.state.join("control.sock").exists());
     // ... while the nodes that joined with it stay.
     assert!(open1.status(&lab).connected());
 
     // ---- a restarted node logs in with its key, no token ----
     let before = open2.status(&lab);
     let key_before = open2.private_key();
-    let out = lab
-        .exec(
-            "open2",
-            &[MESHD, "down", "--state", open2.state.to_str().unwrap()],
-        )
-        .unwrap();
+    let out = open2.meshd(&lab, "down", &[]);
     assert!(out.status.success(), "{out:?}");
     let status_code = open2
         .proc
@@ -569,12 +527,7 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
     assert_eq!(nodes["nodes"].as_array().unwrap().len(), 5, "{nodes}");
 
     // The daemon started in the background stops on request.
-    let out = lab
-        .exec(
-            "nat2",
-            &[MESHD, "down", "--state", nat2.state.to_str().unwrap()],
-        )
-        .unwrap();
+    let out = nat2.meshd(&lab, "down", &[]);
     assert!(out.status.success(), "{out:?}");
     assert!(!nat2.state.join("control.sock").exists());
     let gone = lab.exec("nat2", &["ip", "link", "show", "meshd0"]).unwrap();
@@ -776,12 +729,7 @@ fn replicas_on_postgres_serve_one_mesh_and_nodes_fail_over() {
     .unwrap_or_else(|e| panic!("{e}\n{}\n{}", n1.status(&lab).0, n1.log()));
     assert_eq!(n1.status(&lab).node_id(), s1.node_id());
     // A change made through B reaches n2, also on B: n1's new key.
-    let out = lab
-        .exec(
-            "n1",
-            &[MESHD, "rotate-key", "--state", n1.state.to_str().unwrap()],
-        )
-        .unwrap();
+    let out = n1.meshd(&lab, "rotate-key", &[]);
     assert!(out.status.success(), "{out:?}");
     let new_key = out.stdout.trim().to_owned();
     lab.wait_until("n2 to learn n1's new key", Duration::from_secs(10), || {
