@@ -194,8 +194,6 @@ pub struct Engine {
     peer_sockets: PeerSockets,
     /// The [`Node::endpoint_generation`] that `peer_sockets` matches.
     peer_sockets_generation: Option<u64>,
-    /// Some peer socket was marked stale this turn.
-    peer_sockets_stale: bool,
     tun_in: TunBatch,
     udp_in: UdpRecvBatch,
     tun_out: TunBatch,
@@ -272,7 +270,6 @@ impl Engine {
             udp,
             peer_sockets: PeerSockets::default(),
             peer_sockets_generation: None,
-            peer_sockets_stale: false,
             tun_in: TunBatch::new(),
             udp_in: UdpRecvBatch::new(),
             tun_out: TunBatch::new(),
@@ -378,10 +375,8 @@ impl Engine {
             self.watch_peer_sockets(changes);
             tracing::debug!(sockets = self.peer_sockets.len(), "peer sockets updated");
         }
-        if std::mem::take(&mut self.peer_sockets_stale) {
-            let changes = self.peer_sockets.refresh(&self.udp, now);
-            self.watch_peer_sockets(changes);
-        }
+        let changes = self.peer_sockets.refresh(&self.udp, now);
+        self.watch_peer_sockets(changes);
     }
 
     /// Brings the epoll set in line with changed peer sockets.
@@ -462,14 +457,12 @@ impl Engine {
             counters,
             tun_sparse,
             events,
-            peer_sockets_stale,
             ..
         } = self;
         let mut out = Outbox {
             tun_dev: tun,
             udp_dev: udp,
             peer_sockets,
-            peer_sockets_stale,
             tun_batch: tun_out,
             udp_batch: udp_out,
             counters,
@@ -561,10 +554,7 @@ fn receive_datagrams(
                     // have received it: that socket is stale.
                     if sock.peer().is_none() && last_from != Some(from) {
                         last_from = Some(from);
-                        if let Some(peer_sock) = out.peer_sockets.get(from) {
-                            peer_sock.mark_stale();
-                            *out.peer_sockets_stale = true;
-                        }
+                        out.peer_sockets.mark_stale(from);
                     }
                     node.handle_datagram(from, datagram, out, now);
                 }
@@ -613,7 +603,6 @@ struct Outbox<'a> {
     tun_dev: &'a mut Tun,
     udp_dev: &'a UdpSocket,
     peer_sockets: &'a PeerSockets,
-    peer_sockets_stale: &'a mut bool,
     tun_batch: &'a mut TunBatch,
     udp_batch: &'a mut UdpSendBatch,
     counters: &'a mut EngineCounters,
@@ -628,9 +617,6 @@ impl Outbox<'_> {
         }
         let report = udp::send_batch_via(self.udp_batch, self.udp_dev, self.peer_sockets);
         self.counters.udp_send_dropped += report.dropped as u64;
-        if report.stale_peer_sockets > 0 {
-            *self.peer_sockets_stale = true;
-        }
     }
 
     fn flush_tun(&mut self) {

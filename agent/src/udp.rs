@@ -89,9 +89,6 @@ pub struct SendReport {
     pub dropped: usize,
     /// `sendmsg` calls made.
     pub syscalls: usize,
-    /// Peer sockets marked stale because the kernel refused to send
-    /// through them (see [`send_batch_via`]).
-    pub stale_peer_sockets: usize,
 }
 
 /// Effective socket buffer sizes, as the kernel reports them (it doubles what
@@ -341,11 +338,6 @@ impl UdpSocket {
         self.peer
     }
 
-    /// Marks a peer socket for [`PeerSockets::refresh`].
-    pub fn mark_stale(&self) {
-        self.stale.store(true, Ordering::Relaxed);
-    }
-
     /// Sends every datagram of `batch` and clears it. A datagram the kernel
     /// refuses is dropped and counted, and the rest are still sent; when the
     /// send buffer is full this waits up to 200 ms for room (the backpressure
@@ -431,7 +423,7 @@ impl AsFd for UdpSocket {
 /// `main` if it has none, then clears the batch; see
 /// [`UdpSocket::send_batch`]. A peer socket the kernel refuses a datagram to
 /// (its local address went away, say) is marked stale and the datagram goes
-/// through `main` instead; `report.stale_peer_sockets` counts those.
+/// through `main` instead.
 pub fn send_batch_via(
     batch: &mut UdpSendBatch,
     main: &UdpSocket,
@@ -462,8 +454,7 @@ pub fn send_batch_via(
             if let Err(e) = &result {
                 if sock.peer.is_some() && e.kind() != io::ErrorKind::WouldBlock {
                     tracing::debug!(dest = %msg.dest, error = %e, "peer socket refused, using the main one");
-                    sock.mark_stale();
-                    report.stale_peer_sockets += 1;
+                    peers.mark_stale(msg.dest);
                     sock = main;
                     result = sock.send_one(msg.dest, chunk, segment_size, &mut report.syscalls);
                 }
@@ -509,6 +500,8 @@ const PEER_SOCKET_MIN_AGE: Duration = Duration::from_secs(1);
 pub struct PeerSockets {
     slots: Vec<Option<(UdpSocket, Instant)>>,
     by_endpoint: BTreeMap<SocketAddr, usize>,
+    /// Some socket was marked stale since the last [`PeerSockets::refresh`].
+    any_stale: AtomicBool,
 }
 
 /// What [`PeerSockets::sync`] and [`PeerSockets::refresh`] changed.
@@ -526,6 +519,15 @@ impl PeerSockets {
     pub fn get(&self, endpoint: SocketAddr) -> Option<&UdpSocket> {
         let slot = *self.by_endpoint.get(&endpoint)?;
         self.slot(slot)
+    }
+
+    /// Marks the socket connected to `endpoint`, if there is one, for
+    /// [`PeerSockets::refresh`].
+    pub fn mark_stale(&self, endpoint: SocketAddr) {
+        if let Some(sock) = self.get(endpoint) {
+            sock.stale.store(true, Ordering::Relaxed);
+            self.any_stale.store(true, Ordering::Relaxed);
+        }
     }
 
     pub fn slot(&self, slot: usize) -> Option<&UdpSocket> {
@@ -583,9 +585,13 @@ impl PeerSockets {
     }
 
     /// Replaces every peer socket marked stale that is old enough (see
-    /// [`PEER_SOCKET_MIN_AGE`]); younger ones are unmarked.
+    /// [`PEER_SOCKET_MIN_AGE`]); younger ones are unmarked. Without a mark
+    /// since the last call it returns at once, so it can be called often.
     pub fn refresh(&mut self, main: &UdpSocket, now: Instant) -> PeerSocketChanges {
         let mut changes = PeerSocketChanges::default();
+        if !std::mem::take(self.any_stale.get_mut()) {
+            return changes;
+        }
         let mut stale = Vec::new();
         for (slot, entry) in self.slots.iter().enumerate() {
             let Some((sock, created)) = entry else {

@@ -262,11 +262,11 @@ fn stale_peer_sockets_are_replaced_once_old_enough() {
 
         // Young: datagrams sent before it existed still reach the main
         // socket, so a mark alone does not replace it.
-        sockets.get(endpoint).unwrap().mark_stale();
+        sockets.mark_stale(endpoint);
         let changes = sockets.refresh(&main, start + Duration::from_millis(10));
         assert_eq!((changes.added.len(), changes.removed.len()), (0, 0));
 
-        sockets.get(endpoint).unwrap().mark_stale();
+        sockets.mark_stale(endpoint);
         let changes = sockets.refresh(&main, start + Duration::from_secs(2));
         assert_eq!((changes.added.len(), changes.removed.len()), (1, 1));
         drop(changes);
