@@ -196,8 +196,9 @@ impl Outbox {
 
 /// A running coordinator with its QUIC and TCP listeners.
 pub struct Server {
+    /// Where the control protocol listens: QUIC on UDP and TLS on TCP share
+    /// the address and port.
     pub quic_addr: SocketAddr,
-    pub tcp_addr: SocketAddr,
     events: mpsc::Sender<Event>,
     core: Option<std::thread::JoinHandle<()>>,
     endpoint: quinn::Endpoint,
@@ -208,7 +209,6 @@ impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("quic_addr", &self.quic_addr)
-            .field("tcp_addr", &self.tcp_addr)
             .finish_non_exhaustive()
     }
 }
@@ -283,7 +283,6 @@ impl Server {
         tracing::info!(%quic_addr, %tcp_addr, "coordinator listening");
         Ok(Server {
             quic_addr,
-            tcp_addr,
             events,
             core: Some(core),
             endpoint,
