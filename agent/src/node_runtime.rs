@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,7 +39,10 @@ use crate::control::supervisor::{
 };
 use crate::engine::{ControlError, Engine, EngineConfig, EngineError, EngineHandle, EngineStatus};
 use crate::keys::{PrivateKey, PublicKey};
-use crate::standalone::{protocol::message_end, protocol::MAX_MESSAGE, DEFAULT_MTU};
+use crate::standalone::{
+    claim_socket_at, protocol::message_end, protocol::MAX_MESSAGE, ClaimError, SocketFile,
+    DEFAULT_MTU,
+};
 
 /// How often the driver looks at the stop flag and the engine thread.
 const TICK: Duration = Duration::from_millis(200);
@@ -173,12 +175,9 @@ pub fn run(
         .build()
         .map_err(io_err("starting the runtime"))?;
     let result = rt.block_on(async {
-        let listener = tokio::net::UnixListener::from_std(
-            listener
-                .0
-                .try_clone()
-                .map_err(io_err(format!("control socket {}", listener.1.display())))?,
-        )
+        let listener = tokio::net::UnixListener::from_std(listener.0.try_clone().map_err(
+            io_err(format!("control socket {}", listener.1.path().display())),
+        )?)
         .map_err(io_err("control socket"))?;
         let mut runtime = Runtime::new(opts, state, stop.clone(), Box::new(ready))?;
         runtime.run(listener).await
@@ -189,43 +188,21 @@ pub fn run(
 }
 
 /// The bound control socket; the file is removed on drop.
-struct Socket(std::os::unix::net::UnixListener, PathBuf);
-
-impl Drop for Socket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.1);
-    }
-}
+struct Socket(std::os::unix::net::UnixListener, SocketFile);
 
 fn claim_socket(state: &StateDir) -> Result<Socket, NodeError> {
-    use std::os::unix::net::{UnixListener, UnixStream};
     let path = state.socket_path();
-    let running = || NodeError::AlreadyRunning {
-        state: state.path().to_owned(),
-        socket: path.clone(),
-    };
-    match UnixStream::connect(&path) {
-        Ok(_) => return Err(running()),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            tracing::info!(path = %path.display(), "removing a stale control socket");
-            std::fs::remove_file(&path)
-                .map_err(io_err(format!("removing stale {}", path.display())))?;
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(format!("checking {}", path.display()))(e)),
-    }
-    let listener = match UnixListener::bind(&path) {
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(running()),
-        other => other.map_err(io_err(format!("binding {}", path.display())))?,
-    };
-    let socket = Socket(listener, path.clone());
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io_err(format!("chmod 600 {}", path.display())))?;
-    socket
-        .0
+    let (listener, file) = claim_socket_at(&path).map_err(|e| match e {
+        ClaimError::Running => NodeError::AlreadyRunning {
+            state: state.path().to_owned(),
+            socket: path.clone(),
+        },
+        ClaimError::Io { what, source } => NodeError::Io { what, source },
+    })?;
+    listener
         .set_nonblocking(true)
         .map_err(io_err("control socket"))?;
-    Ok(socket)
+    Ok(Socket(listener, file))
 }
 
 /// The data-plane engine on its own thread.

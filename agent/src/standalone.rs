@@ -112,7 +112,13 @@ pub fn socket_path(name: &str) -> PathBuf {
 }
 
 /// Removes the control socket when the daemon ends, also on error paths.
-struct SocketFile(PathBuf);
+pub(crate) struct SocketFile(PathBuf);
+
+impl SocketFile {
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
@@ -120,8 +126,44 @@ impl Drop for SocketFile {
     }
 }
 
-/// Binds the control socket of `name`. A socket that nothing answers on is
-/// left over from a daemon that was killed, and replaced.
+/// Why [`claim_socket_at`] failed.
+pub(crate) enum ClaimError {
+    /// A daemon answers on the socket.
+    Running,
+    Io {
+        what: String,
+        source: io::Error,
+    },
+}
+
+/// Binds a control socket at `path`, mode 0600, removed again when the
+/// returned [`SocketFile`] drops. A socket that nothing answers on is left
+/// over from a daemon that was killed, and replaced. The node daemon's
+/// socket is claimed the same way.
+pub(crate) fn claim_socket_at(path: &Path) -> Result<(UnixListener, SocketFile), ClaimError> {
+    let io_err = |what: String| move |source| ClaimError::Io { what, source };
+    match UnixStream::connect(path) {
+        Ok(_) => return Err(ClaimError::Running),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            tracing::info!(path = %path.display(), "removing a stale control socket");
+            std::fs::remove_file(path)
+                .map_err(io_err(format!("removing stale {}", path.display())))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(format!("checking {}", path.display()))(e)),
+    }
+    let listener = match UnixListener::bind(path) {
+        // Another daemon bound it after our check.
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(ClaimError::Running),
+        other => other.map_err(io_err(format!("binding {}", path.display())))?,
+    };
+    let file = SocketFile(path.to_owned());
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(format!("chmod 600 {}", path.display())))?;
+    Ok((listener, file))
+}
+
+/// Binds the control socket of `name` (see [`claim_socket_at`]).
 fn claim_socket(name: &str) -> Result<(UnixListener, SocketFile), StandaloneError> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -129,35 +171,13 @@ fn claim_socket(name: &str) -> Result<(UnixListener, SocketFile), StandaloneErro
         .create(SOCKET_DIR)
         .map_err(io_err(format!("creating {SOCKET_DIR}")))?;
     let path = socket_path(name);
-    match UnixStream::connect(&path) {
-        Ok(_) => {
-            return Err(StandaloneError::AlreadyRunning {
-                name: name.to_owned(),
-                path,
-            })
-        }
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            tracing::info!(path = %path.display(), "removing a stale control socket");
-            std::fs::remove_file(&path)
-                .map_err(io_err(format!("removing stale {}", path.display())))?;
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(format!("checking {}", path.display()))(e)),
-    }
-    let listener = match UnixListener::bind(&path) {
-        // Another daemon bound it after our check.
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            return Err(StandaloneError::AlreadyRunning {
-                name: name.to_owned(),
-                path,
-            })
-        }
-        other => other.map_err(io_err(format!("binding {}", path.display())))?,
-    };
-    let file = SocketFile(path.clone());
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io_err(format!("chmod 600 {}", path.display())))?;
-    Ok((listener, file))
+    claim_socket_at(&path).map_err(|e| match e {
+        ClaimError::Running => StandaloneError::AlreadyRunning {
+            name: name.to_owned(),
+            path,
+        },
+        ClaimError::Io { what, source } => StandaloneError::Io { what, source },
+    })
 }
 
 /// Runs interface `name` from `config` until `stop` is set (by a signal
