@@ -469,7 +469,6 @@ impl Engine {
             tun_written: false,
         };
 
-        let mut udp_read = false;
         // Shared by all UDP sockets: many ready peers must not starve the TUN.
         let mut budget = BUDGET;
         for event in events.iter() {
@@ -483,12 +482,10 @@ impl Engine {
                     None => continue,
                 },
             };
-            udp_read = true;
             receive_datagrams(sock, udp_in, node, &mut out, now, &mut budget);
         }
-        if udp_read {
-            out.flush_tun();
-        }
+        // Does nothing when nothing was received.
+        out.flush_tun();
 
         // The local stack answers a packet written to the TUN (an echo reply,
         // a TCP ACK) inside that write, so the answer is queued already though
