@@ -124,20 +124,20 @@ fn connect(config: &str) -> Result<Client, StoreError> {
     if parsed.get_connect_timeout().is_none() {
         parsed.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
     }
-    let ports = parsed.get_ports();
-    let servers: Vec<String> = parsed
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            match h {
-                postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
-                postgres::config::Host::Unix(p) => format!("{}", p.display()),
-            }
-        })
-        .collect();
     parsed.connect(NoTls).map_err(|e| {
+        let ports = parsed.get_ports();
+        let servers: Vec<String> = parsed
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                match h {
+                    postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                    postgres::config::Host::Unix(p) => format!("{}", p.display()),
+                }
+            })
+            .collect();
         // postgres' own message ("error connecting to server") leaves the
         // cause (refused, timed out, bad password) to its source.
         let cause = std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
