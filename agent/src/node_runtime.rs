@@ -40,8 +40,8 @@ use crate::control::supervisor::{
 use crate::engine::{ControlError, Engine, EngineConfig, EngineError, EngineHandle, EngineStatus};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::standalone::{
-    claim_socket_at, protocol::message_end, protocol::MAX_MESSAGE, ClaimError, SocketFile,
-    DEFAULT_MTU,
+    claim_socket_at, connect_control, protocol::message_end, protocol::MAX_MESSAGE, ClaimError,
+    SocketFile, DEFAULT_MTU,
 };
 
 /// How often the driver looks at the stop flag and the engine thread.
@@ -1017,14 +1017,9 @@ fn request(state_dir: &Path, req: Request) -> Result<Vec<(String, String)>, Node
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     let path = StateDir::at(state_dir).socket_path();
-    let mut stream = match UnixStream::connect(&path) {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
+    let mut stream = match connect_control(&path) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
             return Err(NodeError::NotRunning {
                 state: state_dir.to_owned(),
                 socket: path,

@@ -304,19 +304,32 @@ fn read_message(stream: &mut UnixStream) -> io::Result<zeroize::Zeroizing<String
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "control message is not UTF-8"))
 }
 
-/// Sends one request to interface `name`'s daemon and returns the text of
-/// its `ok` reply.
-pub fn request(name: &str, request: &Request) -> Result<String, StandaloneError> {
-    validate_name(name)?;
-    let path = socket_path(name);
-    let mut stream = match UnixStream::connect(&path) {
-        Ok(s) => s,
+/// Connects to the control socket at `path`; `None` when no daemon listens
+/// there (no socket, or one left by a daemon that was killed). The node
+/// daemon's clients connect the same way.
+pub(crate) fn connect_control(path: &Path) -> io::Result<Option<UnixStream>> {
+    match UnixStream::connect(path) {
+        Ok(s) => Ok(Some(s)),
         Err(e)
             if matches!(
                 e.kind(),
                 io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
             ) =>
         {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends one request to interface `name`'s daemon and returns the text of
+/// its `ok` reply.
+pub fn request(name: &str, request: &Request) -> Result<String, StandaloneError> {
+    validate_name(name)?;
+    let path = socket_path(name);
+    let mut stream = match connect_control(&path) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
             return Err(StandaloneError::NotRunning {
                 name: name.to_owned(),
                 path,
