@@ -172,8 +172,9 @@ impl Service {
         } else {
             config.advertise.clone()
         };
+        let cert_pin = identity.pin();
         let ctx = TokenContext {
-            cert_pin: identity.pin(),
+            cert_pin,
             addresses: advertise.clone(),
         };
         let admin =
@@ -192,7 +193,7 @@ impl Service {
         tracing::info!(
             control = %control_addr,
             admin = %admin.addr,
-            pin = %Hex(&identity.pin()),
+            pin = %Hex(&cert_pin),
             advertise = ?advertise,
             state = %dir.display(),
             "coordinator ready"
@@ -204,7 +205,7 @@ impl Service {
             admin,
             url_file,
             control_addr,
-            cert_pin: identity.pin(),
+            cert_pin,
             advertise,
         })
     }
