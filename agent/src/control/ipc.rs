@@ -10,6 +10,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
 use crate::keys::PublicKey;
+use crate::standalone::protocol::{self, Field};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
@@ -44,8 +45,8 @@ impl Request {
 
     pub fn parse(text: &str) -> Result<Request, IpcError> {
         let (head, fields) = split(text)?;
-        if let Some((line, _, _)) = fields.first() {
-            return Err(err(*line, "requests take no fields"));
+        if let Some(field) = fields.first() {
+            return Err(err(field.line, "requests take no fields"));
         }
         match head {
             "status" => Ok(Request::Status),
@@ -88,14 +89,14 @@ impl Reply {
             "ok" => Ok(Reply::Ok(
                 fields
                     .into_iter()
-                    .map(|(_, k, v)| (k.to_owned(), v.to_owned()))
+                    .map(|f| (f.key.to_owned(), f.value.to_owned()))
                     .collect(),
             )),
             "error" => {
                 let message = fields
                     .iter()
-                    .find(|(_, k, _)| *k == "message")
-                    .map(|(_, _, v)| (*v).to_owned())
+                    .find(|f| f.key == "message")
+                    .map(|f| f.value.to_owned())
                     .unwrap_or_else(|| "(no message)".into());
                 Ok(Reply::Error(message))
             }
@@ -112,33 +113,10 @@ fn push(out: &mut String, key: &str, value: &str) {
     out.push('\n');
 }
 
-type Fields<'a> = Vec<(usize, &'a str, &'a str)>;
-
-fn split(text: &str) -> Result<(&str, Fields<'_>), IpcError> {
-    let body = text
-        .strip_suffix("\n\n")
-        .or_else(|| text.strip_suffix('\n'))
-        .unwrap_or(text);
-    let mut lines = body.split('\n').enumerate().map(|(i, l)| (i + 1, l));
-    let head = match lines.next() {
-        Some((_, h)) if !h.is_empty() => h,
-        _ => return Err(err(1, "empty message")),
-    };
-    let mut fields = Vec::new();
-    for (line, l) in lines {
-        let (k, v) = l
-            .split_once('=')
-            .ok_or_else(|| err(line, "expected key=value"))?;
-        if k.is_empty()
-            || !k
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        {
-            return Err(err(line, format!("bad key {:?}", short(k))));
-        }
-        fields.push((line, k, v));
-    }
-    Ok((head, fields))
+/// The framing of `meshd wg`'s socket, with digits allowed in keys.
+fn split(text: &str) -> Result<(&str, Vec<Field<'_>>), IpcError> {
+    let key_byte = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
+    protocol::split_with(text, key_byte, short).map_err(|e| err(e.line, e.message))
 }
 
 fn short(s: &str) -> String {

@@ -55,15 +55,26 @@ pub fn message_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// One `key=value` line, with its line number.
-struct Field<'a> {
-    line: usize,
-    key: &'a str,
-    value: &'a str,
+pub(crate) struct Field<'a> {
+    pub(crate) line: usize,
+    pub(crate) key: &'a str,
+    pub(crate) value: &'a str,
 }
 
 /// Splits a message (with or without its final empty line) into its head
-/// and fields.
+/// and fields; keys are lower-case letters and `_`.
 fn split(text: &str) -> Result<(&str, Vec<Field<'_>>), ProtocolError> {
+    split_with(text, |b| b.is_ascii_lowercase() || b == b'_', shorten)
+}
+
+/// [`split`] with other keys, for the node daemon's control socket, which
+/// shares the framing: `key_byte` says which bytes a key may hold, and
+/// `quote` cuts a bad key short for the error.
+pub(crate) fn split_with<'a>(
+    text: &'a str,
+    key_byte: fn(u8) -> bool,
+    quote: fn(&str) -> String,
+) -> Result<(&'a str, Vec<Field<'a>>), ProtocolError> {
     let body = text
         .strip_suffix("\n\n")
         .or_else(|| text.strip_suffix('\n'))
@@ -78,8 +89,8 @@ fn split(text: &str) -> Result<(&str, Vec<Field<'_>>), ProtocolError> {
         let Some((key, value)) = text.split_once('=') else {
             return Err(err(line, "expected key=value"));
         };
-        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
-            return Err(err(line, format!("bad key {:?}", shorten(key))));
+        if key.is_empty() || !key.bytes().all(key_byte) {
+            return Err(err(line, format!("bad key {:?}", quote(key))));
         }
         fields.push(Field { line, key, value });
     }
