@@ -15,8 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use x25519_dalek::StaticSecret;
 
 use meshd_proto::token::{cert_pin, Hex};
-
-pub use meshd_proto::{ALPN, EXPORTER_LABEL, SERVER_NAME};
+use meshd_proto::{ALPN, SERVER_NAME};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
