@@ -116,14 +116,14 @@ fn push(out: &mut String, key: &str, value: &str) {
 /// The framing of `meshd wg`'s socket, with digits allowed in keys.
 fn split(text: &str) -> Result<(&str, Vec<Field<'_>>), IpcError> {
     let key_byte = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
-    protocol::split_with(text, key_byte, short).map_err(|e| err(e.line, e.message))
+    protocol::split_with(text, key_byte, QUOTE_CHARS).map_err(|e| err(e.line, e.message))
 }
 
+/// How much of a bad word this socket's errors quote.
+const QUOTE_CHARS: usize = 24;
+
 fn short(s: &str) -> String {
-    match s.char_indices().nth(24) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
+    protocol::shorten_to(s, QUOTE_CHARS)
 }
 
 /// What `meshd status` shows.

@@ -64,16 +64,16 @@ pub(crate) struct Field<'a> {
 /// Splits a message (with or without its final empty line) into its head
 /// and fields; keys are lower-case letters and `_`.
 fn split(text: &str) -> Result<(&str, Vec<Field<'_>>), ProtocolError> {
-    split_with(text, |b| b.is_ascii_lowercase() || b == b'_', shorten)
+    split_with(text, |b| b.is_ascii_lowercase() || b == b'_', QUOTE_CHARS)
 }
 
 /// [`split`] with other keys, for the node daemon's control socket, which
 /// shares the framing: `key_byte` says which bytes a key may hold, and
-/// `quote` cuts a bad key short for the error.
+/// a bad key is quoted in the error up to `quote_chars` characters.
 pub(crate) fn split_with<'a>(
     text: &'a str,
     key_byte: fn(u8) -> bool,
-    quote: fn(&str) -> String,
+    quote_chars: usize,
 ) -> Result<(&'a str, Vec<Field<'a>>), ProtocolError> {
     let body = text
         .strip_suffix("\n\n")
@@ -90,17 +90,28 @@ pub(crate) fn split_with<'a>(
             return Err(err(line, "expected key=value"));
         };
         if key.is_empty() || !key.bytes().all(key_byte) {
-            return Err(err(line, format!("bad key {:?}", quote(key))));
+            return Err(err(
+                line,
+                format!("bad key {:?}", shorten_to(key, quote_chars)),
+            ));
         }
         fields.push(Field { line, key, value });
     }
     Ok((head, fields))
 }
 
-/// Quoted text in errors is cut short, so a message never echoes a long
-/// value (which might be a key) back.
+/// How much of a bad word this socket's errors quote.
+const QUOTE_CHARS: usize = 16;
+
 fn shorten(s: &str) -> String {
-    match s.char_indices().nth(16) {
+    shorten_to(s, QUOTE_CHARS)
+}
+
+/// The first `max` characters of `s`, with "…" when it is longer. Quoted
+/// text in errors is cut short, so a message never echoes a long value
+/// (which might be a key) back.
+pub(crate) fn shorten_to(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_owned(),
     }
