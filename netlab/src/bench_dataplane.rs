@@ -20,6 +20,9 @@ use crate::{sys, Lab, LabError};
 const LEFT: &str = "left";
 const RIGHT: &str = "right";
 
+/// Back-to-back pings per round, as a multiple of the paced ones: they take ≈ 0.1 ms each.
+const B2B_PING_FACTOR: u32 = 10;
+
 /// What carries the traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {
@@ -143,6 +146,9 @@ pub struct PeerResult {
     /// What the tunnel adds to the underlay's RTT, in ms: the median over the RTT rounds of
     /// (this round's tunnel median − the underlay median measured just before it).
     pub added_rtt_ms: f64,
+    /// The same with pings back to back (each sent as soon as the last reply arrived), so the
+    /// daemons never sleep long: the work per packet, apart from the cost of waking up.
+    pub added_rtt_b2b_ms: f64,
     pub cases: BTreeMap<Case, CaseResult>,
 }
 
@@ -226,6 +232,7 @@ pub fn run(opts: &Options) -> Result<Report, LabError> {
             version,
             rtt_ms: f64::NAN,
             added_rtt_ms: f64::NAN,
+            added_rtt_b2b_ms: f64::NAN,
             cases,
         });
     }
@@ -256,15 +263,19 @@ fn measure_rtts(
     results: &mut [PeerResult],
 ) -> Result<f64, LabError> {
     let mut underlay_medians = Vec::new();
-    let mut rounds: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); results.len()];
+    let mut rounds: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> =
+        vec![(Vec::new(), Vec::new(), Vec::new()); results.len()];
+    let b2b_pings = opts.pings.saturating_mul(B2B_PING_FACTOR);
     for round in 0..opts.runs.max(1) {
-        for (result, (tunnel, added)) in results.iter().zip(rounds.iter_mut()) {
+        for (result, (tunnel, added, added_b2b)) in results.iter().zip(rounds.iter_mut()) {
             let Peer::Tunnel(imp) = result.peer else {
                 continue;
             };
             let pair = TunnelPair::up(lab, LEFT, RIGHT, imp, &TunnelOptions::default())?;
             let base = tools::median_rtt(lab, LEFT, underlay, opts.pings, opts.ping_interval)?;
             let through = tools::median_rtt(lab, LEFT, RIGHT_ADDR, opts.pings, opts.ping_interval)?;
+            let base_b2b = tools::median_rtt(lab, LEFT, underlay, b2b_pings, Duration::ZERO)?;
+            let through_b2b = tools::median_rtt(lab, LEFT, RIGHT_ADDR, b2b_pings, Duration::ZERO)?;
             drop(pair);
             tracing::info!(
                 peer = %result.peer.label(),
@@ -276,13 +287,15 @@ fn measure_rtts(
             underlay_medians.push(base);
             tunnel.push(through);
             added.push(through - base);
+            added_b2b.push(through_b2b - base_b2b);
         }
     }
-    for (result, (tunnel, added)) in results.iter_mut().zip(&rounds) {
+    for (result, (tunnel, added, added_b2b)) in results.iter_mut().zip(&rounds) {
         if let (Some(t), Some(a)) = (tools::median(tunnel), tools::median(added)) {
             result.rtt_ms = t;
             result.added_rtt_ms = a;
         }
+        result.added_rtt_b2b_ms = tools::median(added_b2b).unwrap_or(f64::NAN);
     }
     Ok(tools::median(&underlay_medians).unwrap_or(f64::NAN))
 }
@@ -481,8 +494,9 @@ impl Report {
         }
         let _ = writeln!(
             t,
-            "\n| peer | version | ping RTT, median (ms) | added RTT (ms) |\n|---|---|---:|---:|\n\
-             | underlay (veth) | | {:.3} | |",
+            "\n| peer | version | ping RTT, median (ms) | added RTT (ms) | added RTT, back to back (ms) |\n\
+             |---|---|---:|---:|---:|\n\
+             | underlay (veth) | | {:.3} | | |",
             self.underlay_rtt_ms
         );
         for p in &self.peers {
@@ -491,21 +505,25 @@ impl Report {
             }
             let _ = writeln!(
                 t,
-                "| {} | {} | {:.3} | {:+.3} |",
+                "| {} | {} | {:.3} | {:+.3} | {:+.3} |",
                 p.peer.label(),
                 p.version.as_deref().unwrap_or(""),
                 p.rtt_ms,
-                p.added_rtt_ms
+                p.added_rtt_ms,
+                p.added_rtt_b2b_ms
             );
         }
         let _ = writeln!(
             t,
             "\n{} rounds; in each, every tunnel in turn is brought up and the underlay, then the \
              tunnel, get {} pings at {} ms intervals. Added RTT = median over rounds of \
-             (tunnel median − underlay median of the same round).",
+             (tunnel median − underlay median of the same round). Back to back: the same with \
+             {} pings each sent as soon as the last reply arrived (nothing sleeps long, so this \
+             is the work per packet without the cost of waking up).",
             self.runs,
             self.pings,
-            self.ping_interval.as_millis()
+            self.ping_interval.as_millis(),
+            self.pings.saturating_mul(B2B_PING_FACTOR)
         );
         for case in CASES {
             let _ = write!(
@@ -591,6 +609,7 @@ mod tests {
             version: None,
             rtt_ms: 0.5,
             added_rtt_ms: 0.45,
+            added_rtt_b2b_ms: 0.04,
             cases: CASES
                 .iter()
                 .zip(gbit)
@@ -651,6 +670,6 @@ mod tests {
             t.contains("| veth (no tunnel) | 1.00 | 20.00 | 10.00 |"),
             "{t}"
         );
-        assert!(t.contains("| nebula |  | 0.500 | +0.450 |"), "{t}");
+        assert!(t.contains("| nebula |  | 0.500 | +0.450 | +0.040 |"), "{t}");
     }
 }
