@@ -27,6 +27,9 @@ use ipnet::IpNet;
 use rustix::buffer::spare_capacity;
 use rustix::event::epoll::{self, EventData, EventFlags};
 use rustix::event::{EventfdFlags, Timespec};
+use rustix::time::{
+    timerfd_create, timerfd_settime, Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags,
+};
 
 use crate::keys::{PrivateKey, PublicKey};
 use crate::peers::{PeerConfig, PeerError};
@@ -44,6 +47,7 @@ const BUDGET: usize = 8;
 const SOURCE_TUN: u64 = 0;
 const SOURCE_UDP: u64 = 1;
 const SOURCE_WAKER: u64 = 2;
+const SOURCE_TIMER: u64 = 3;
 const SOURCE_PEER_SOCKETS: u64 = 16;
 
 /// Events taken from one `epoll_wait`; more stay queued for the next.
@@ -79,6 +83,8 @@ pub enum EngineError {
     Poll(#[source] io::Error),
     #[error("creating the engine's wake-up eventfd: {0}")]
     Waker(#[source] io::Error),
+    #[error("setting the engine's timer: {0}")]
+    Timer(#[source] io::Error),
 }
 
 /// Counters of the engine: the core's, plus I/O failures.
@@ -206,8 +212,15 @@ pub struct Engine {
     /// The last turn's TUN reads found the device empty after at most one
     /// packet (or super-packet): see [`Engine::turn`].
     tun_sparse: bool,
-    /// When the last turn started.
+    /// The last turn read no UDP socket.
+    udp_quiet: bool,
+    /// The last clock reading: when the timers last ran or a command
+    /// came (see [`Engine::turn`]).
     now: Instant,
+    /// A timerfd that fires when the node's timers are due.
+    timer: OwnedFd,
+    /// The deadline `timer` is set for.
+    timer_deadline: Instant,
     commands: mpsc::Receiver<Command>,
     /// Kept to hand out in [`Engine::handle`].
     command_sender: mpsc::Sender<Command>,
@@ -246,12 +259,18 @@ impl Engine {
         let waker = rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
             .map_err(|e| EngineError::Waker(e.into()))?;
         let (command_sender, commands) = mpsc::channel();
+        let timer = timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )
+        .map_err(|e| EngineError::Timer(e.into()))?;
         let epoll =
             epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| EngineError::Poll(e.into()))?;
         for (fd, source) in [
             (tun.as_fd(), SOURCE_TUN),
             (udp.as_fd(), SOURCE_UDP),
             (waker.as_fd(), SOURCE_WAKER),
+            (timer.as_fd(), SOURCE_TIMER),
         ] {
             // Level-triggered: a side left unread (budget spent) reports again.
             epoll::add(&epoll, fd, EventData::new_u64(source), EventFlags::IN)
@@ -264,8 +283,9 @@ impl Engine {
             public_key = %config.private_key.public_key(),
             "engine up"
         );
-        Ok(Engine {
-            node: Node::new(config.private_key, Instant::now()),
+        let now = Instant::now();
+        let mut engine = Engine {
+            node: Node::new(config.private_key, now),
             tun,
             udp,
             peer_sockets: PeerSockets::default(),
@@ -278,13 +298,49 @@ impl Engine {
             static_routes: config.routes,
             counters: EngineCounters::default(),
             tun_sparse: true,
-            now: Instant::now(),
+            udp_quiet: true,
+            now,
+            timer,
+            timer_deadline: now,
             commands,
             command_sender,
             waker: Arc::new(waker),
             epoll,
             events: Vec::with_capacity(MAX_EVENTS),
-        })
+        };
+        engine.set_timer()?;
+        Ok(engine)
+    }
+
+    /// Sets the timer for the node's next deadline, measured from the last
+    /// clock reading.
+    fn set_timer(&mut self) -> Result<(), EngineError> {
+        let deadline = self.node.poll_timeout();
+        // A zero value would disarm the timer: fire at once instead.
+        let wait = deadline
+            .saturating_duration_since(self.now)
+            .max(Duration::from_nanos(1));
+        let value = Itimerspec {
+            it_interval: Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: Timespec::try_from(wait)
+                .map_err(|e| EngineError::Timer(io::Error::other(e)))?,
+        };
+        timerfd_settime(&self.timer, TimerfdTimerFlags::empty(), &value)
+            .map_err(|e| EngineError::Timer(e.into()))?;
+        self.timer_deadline = deadline;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` (`None`: not at all) for events.
+    fn wait(&mut self, timeout: &Timespec) -> Result<(), EngineError> {
+        self.events.clear();
+        match epoll::wait(&self.epoll, spare_capacity(&mut self.events), Some(timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+            Err(e) => Err(EngineError::Poll(e.into())),
+        }
     }
 
     /// A handle for other threads to change the peers and read the status
@@ -406,34 +462,54 @@ impl Engine {
         Ok(())
     }
 
-    /// One turn: waits up to `max_wait` (less if a timer is due) for traffic,
+    /// One turn: waits up to `max_wait` for traffic, a timer or a command,
     /// then moves everything that is queued.
     pub fn turn(&mut self, max_wait: Duration) -> Result<(), EngineError> {
-        // Measured from the previous turn's clock reading rather than a fresh
-        // one: a timer then fires late by at most that turn's own duration,
-        // which WireGuard's timers (seconds) do not notice, and a lone packet
-        // does not pay for a second clock read.
-        let wait = self
-            .node
-            .poll_timeout()
-            .saturating_duration_since(self.now)
-            .min(max_wait);
-        let timeout =
-            Timespec::try_from(wait).map_err(|e| EngineError::Poll(io::Error::other(e)))?;
-        self.events.clear();
-        match epoll::wait(
-            &self.epoll,
-            spare_capacity(&mut self.events),
-            Some(&timeout),
-        ) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(EngineError::Poll(e.into())),
+        let max_wait =
+            Timespec::try_from(max_wait).map_err(|e| EngineError::Poll(io::Error::other(e)))?;
+        // A look without waiting first tells whether this turn follows a
+        // sleep. What wakes the engine then is most likely a lone packet, and
+        // lone packets are read with plain reads instead of the batch reads,
+        // whose set-up touches memory that the sleep left uncached.
+        self.wait(&Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        })?;
+        let slept = self.events.is_empty();
+        if slept {
+            self.wait(&max_wait)?;
         }
+        // A datagram that arrives after a turn which received none is as
+        // likely to be alone (a reply to what that turn sent).
+        let lone_udp = slept || self.udp_quiet;
+        let lone_tun = slept || self.tun_sparse;
         // Any event, errors and hang-ups included, is worth a read: the read
         // reports it. A descriptor without an event is not read this turn;
         // the next wait returns at once if data arrived since.
-        let tun_ready = self.events.iter().any(|e| e.data.u64() == SOURCE_TUN);
-        if self.events.iter().any(|e| e.data.u64() == SOURCE_WAKER) {
+        let mut tun_ready = false;
+        let mut timer_due = false;
+        let mut commands = false;
+        for event in &self.events {
+            match event.data.u64() {
+                SOURCE_TUN => tun_ready = true,
+                SOURCE_TIMER => timer_due = true,
+                SOURCE_WAKER => commands = true,
+                _ => {}
+            }
+        }
+        // Packets are handled with the time of the last clock reading, taken
+        // when the timers ran (every 250 ms) or a command came, as boringtun
+        // keeps time for its own timers. Reading the clock after a sleep
+        // costs a lone packet about 3 µs (the vDSO's code and data are no
+        // longer cached), a tenth of its way through the engine; WireGuard's
+        // timers, keepalives and handshakes count in seconds.
+        if timer_due || commands {
+            self.now = Instant::now();
+        }
+        if timer_due {
+            let _ = rustix::io::read(&self.timer, &mut [0u8; 8]);
+        }
+        if commands {
             // Reset the counter, then drain the channel. A handle queues its
             // command before it writes the eventfd, so a command that this
             // drain misses has a write still to come, which the next wait
@@ -443,8 +519,7 @@ impl Engine {
                 self.execute(command);
             }
         }
-        let now = Instant::now();
-        self.now = now;
+        let now = self.now;
         let Engine {
             node,
             tun,
@@ -456,6 +531,7 @@ impl Engine {
             udp_out,
             counters,
             tun_sparse,
+            udp_quiet,
             events,
             ..
         } = self;
@@ -471,6 +547,7 @@ impl Engine {
 
         // Shared by all UDP sockets: many ready peers must not starve the TUN.
         let mut budget = BUDGET;
+        *udp_quiet = true;
         for event in events.iter() {
             let sock = match event.data.u64() {
                 SOURCE_UDP => out.udp_dev,
@@ -482,7 +559,12 @@ impl Engine {
                     None => continue,
                 },
             };
-            receive_datagrams(sock, udp_in, node, &mut out, now, &mut budget);
+            *udp_quiet = false;
+            if lone_udp {
+                receive_one(sock, udp_in, node, &mut out, now);
+            } else {
+                receive_datagrams(sock, udp_in, node, &mut out, now, &mut budget);
+            }
         }
         // Does nothing when nothing was received.
         out.flush_tun();
@@ -494,7 +576,12 @@ impl Engine {
             let mut reads = 0;
             for _ in 0..BUDGET {
                 tun_in.clear();
-                match out.tun_dev.recv_batch(tun_in) {
+                let read = if reads == 0 && lone_tun {
+                    out.tun_dev.recv_one(tun_in)
+                } else {
+                    out.tun_dev.recv_batch(tun_in)
+                };
+                match read {
                     Ok(0) => break,
                     Ok(_) => {
                         for packet in tun_in.iter() {
@@ -520,13 +607,57 @@ impl Engine {
             *tun_sparse = reads <= 1;
         }
 
-        node.handle_timeout(&mut out, now);
+        if timer_due {
+            node.handle_timeout(&mut out, now);
+        }
         out.flush_udp();
         out.flush_tun();
         // After a roaming or a handshake from a new address. The datagrams
         // just sent there left through the main socket, which is as good.
         self.sync_peer_sockets(now);
+        if timer_due || self.node.poll_timeout() != self.timer_deadline {
+            self.set_timer()?;
+        }
         Ok(())
+    }
+}
+
+/// Reads one message from `sock` (see [`UdpSocket::recv_one`]) and hands its
+/// datagrams to the node. More queued behind it are read in the next turn,
+/// which finds them without waiting.
+fn receive_one(
+    sock: &UdpSocket,
+    batch: &mut UdpRecvBatch,
+    node: &mut Node,
+    out: &mut Outbox<'_>,
+    now: Instant,
+) {
+    match sock.recv_one(batch) {
+        Ok(_) => handle_received(sock, batch, node, out, now),
+        Err(e) => {
+            tracing::debug!(error = %e, "UDP receive failed");
+            out.counters.udp_recv_errors += 1;
+        }
+    }
+}
+
+/// Hands every datagram of `batch`, read from `sock`, to the node.
+fn handle_received(
+    sock: &UdpSocket,
+    batch: &UdpRecvBatch,
+    node: &mut Node,
+    out: &mut Outbox<'_>,
+    now: Instant,
+) {
+    let mut last_from = None;
+    for (from, datagram) in batch.iter() {
+        // From an endpoint with a socket of its own, which should have
+        // received it: that socket is stale.
+        if sock.peer().is_none() && last_from != Some(from) {
+            last_from = Some(from);
+            out.peer_sockets.mark_stale(from);
+        }
+        node.handle_datagram(from, datagram, out, now);
     }
 }
 
@@ -545,16 +676,7 @@ fn receive_datagrams(
         match sock.recv_batch(batch) {
             Ok(0) => break,
             Ok(n) => {
-                let mut last_from = None;
-                for (from, datagram) in batch.iter() {
-                    // From an endpoint with a socket of its own, which should
-                    // have received it: that socket is stale.
-                    if sock.peer().is_none() && last_from != Some(from) {
-                        last_from = Some(from);
-                        out.peer_sockets.mark_stale(from);
-                    }
-                    node.handle_datagram(from, datagram, out, now);
-                }
+                handle_received(sock, batch, node, out, now);
                 // A short batch means the queue was empty: asking again
                 // would only delay the TUN write by one system call.
                 if n < batch.capacity() {

@@ -21,7 +21,15 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::process::Command;
 
 use ipnet::IpNet;
-use tun_rs::{DeviceBuilder, ExpandBuffer, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{
+    gso_split, DeviceBuilder, ExpandBuffer, GROTable, SyncDevice, VirtioNetHdr,
+    VIRTIO_NET_HDR_GSO_UDP_L4, VIRTIO_NET_HDR_LEN,
+};
+
+/// virtio-net header values (linux/virtio_net.h) that tun-rs does not export.
+const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 
 /// The largest IP packet (and super-packet) the kernel can hand over or accept.
 pub const MAX_PACKET: usize = 65535;
@@ -280,17 +288,7 @@ impl Tun {
     /// first; nothing is read then).
     pub fn recv_batch(&mut self, batch: &mut TunBatch) -> Result<usize, TunError> {
         let start = batch.len;
-        let free = batch.bufs.len() - start;
-        // A super-packet must land in one call, so require room for the worst
-        // case at full-sized segments. (A flow with a tiny MSS could need more
-        // than a whole batch; tun-rs then rejects that super-packet, as
-        // wireguard-go does.)
-        let needed = if self.offload {
-            MAX_PACKET / usize::from(self.mtu - 40) + 1
-        } else {
-            1
-        };
-        if free < needed {
+        if batch.bufs.len() - start < self.room_needed() {
             return Ok(0);
         }
         for buf in batch.bufs.iter_mut().take(batch.full_from).skip(start) {
@@ -312,6 +310,73 @@ impl Tun {
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
             Err(e) => Err(TunError::classify(e)),
+        }
+    }
+
+    /// Reads one packet like [`Tun::recv_batch`], but straight into the
+    /// batch's next buffer, the virtio-net header landing in its headroom.
+    /// tun-rs reads into a buffer of its own, checks every buffer of the batch
+    /// and copies the packet over: for a lone packet (a ping, a request) after
+    /// an idle wait that is microseconds of cache misses. A super-packet is
+    /// split into the batch as `recv_batch` splits it.
+    pub fn recv_one(&mut self, batch: &mut TunBatch) -> Result<usize, TunError> {
+        if !self.offload {
+            // tun-rs reads a plain packet straight into the buffer already.
+            return self.recv_batch(batch);
+        }
+        let start = batch.len;
+        if batch.bufs.len() - start < self.room_needed() {
+            return Ok(0);
+        }
+        let data = &mut batch.bufs[start].data;
+        let n = match self.dev.recv(data) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) => return Err(TunError::classify(e)),
+        };
+        if n <= HEADROOM {
+            return Err(malformed(format!(
+                "a read of {n} bytes has no packet after its virtio-net header"
+            )));
+        }
+        let hdr = VirtioNetHdr::decode(&data[..HEADROOM]).map_err(TunError::Malformed)?;
+        if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE {
+            if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+                complete_checksum(&mut data[HEADROOM..n], hdr)?;
+            }
+            batch.sizes[start] = n - HEADROOM;
+            batch.len += 1;
+            tracing::trace!(packets = 1, "TUN read");
+            return Ok(1);
+        }
+        // Split from the read buffer: swap it in (no copy), then give the
+        // split its output buffers' full length, as `recv_batch` does.
+        std::mem::swap(&mut self.raw, &mut batch.bufs[start].data);
+        for buf in batch.bufs.iter_mut().take(batch.full_from).skip(start) {
+            buf.len = HEADROOM + MAX_PACKET;
+        }
+        batch.full_from = batch.full_from.min(start);
+        let packets = split_super_packet(
+            hdr,
+            &mut self.raw[HEADROOM..n],
+            &mut batch.bufs[start..],
+            &mut batch.sizes[start..],
+        )
+        .map_err(TunError::Malformed)?;
+        batch.len += packets;
+        tracing::trace!(packets, "TUN read");
+        Ok(packets)
+    }
+
+    /// Free buffers a read needs in its batch: a super-packet must land in
+    /// one call, so room for the worst case at full-sized segments. (A flow
+    /// with a tiny MSS could need more than a whole batch; its super-packet is
+    /// then rejected, as wireguard-go does.)
+    fn room_needed(&self) -> usize {
+        if self.offload {
+            MAX_PACKET / usize::from(self.mtu - 40) + 1
+        } else {
+            1
         }
     }
 
@@ -372,6 +437,70 @@ impl AsFd for Tun {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.dev.as_fd()
     }
+}
+
+fn malformed(what: String) -> TunError {
+    TunError::Malformed(io::Error::new(io::ErrorKind::InvalidData, what))
+}
+
+/// Finishes the transport checksum of a packet the kernel left partial
+/// (`VIRTIO_NET_HDR_F_NEEDS_CSUM`): the field at `csum_start + csum_offset`
+/// holds the pseudo-header's sum, to which the sum from `csum_start` on is
+/// added.
+fn complete_checksum(packet: &mut [u8], hdr: VirtioNetHdr) -> Result<(), TunError> {
+    let from = usize::from(hdr.csum_start);
+    let at = from + usize::from(hdr.csum_offset);
+    if at + 2 > packet.len() {
+        return Err(malformed(format!(
+            "checksum field at {at} is outside the {}-byte packet",
+            packet.len()
+        )));
+    }
+    let partial = u16::from_be_bytes([packet[at], packet[at + 1]]);
+    packet[at..at + 2].fill(0);
+    let sum = tun_rs::checksum(&packet[from..], u64::from(partial));
+    packet[at..at + 2].copy_from_slice(&(!sum).to_be_bytes());
+    Ok(())
+}
+
+/// Splits a TCP or UDP super-packet (without its virtio-net header) into
+/// MTU-sized packets in `bufs`, making the checks tun-rs's own read path
+/// makes before its `gso_split`. As there, the header length is taken from
+/// the transport header, not from the kernel: for forwarded packets the
+/// kernel's can cover the whole first segment.
+fn split_super_packet(
+    mut hdr: VirtioNetHdr,
+    packet: &mut [u8],
+    bufs: &mut [PacketBuf],
+    sizes: &mut [usize],
+) -> io::Result<usize> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let is_v6 = match packet.first().map(|b| b >> 4) {
+        Some(4) => false,
+        Some(6) => true,
+        _ => return Err(invalid("super-packet is neither IPv4 nor IPv6")),
+    };
+    let transport_start = usize::from(hdr.csum_start);
+    let transport_len = if hdr.gso_type & !VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_UDP_L4 {
+        8
+    } else {
+        let offset = packet
+            .get(transport_start + 12)
+            .ok_or_else(|| invalid("super-packet ends inside its TCP header"))?;
+        let len = u16::from(offset >> 4) * 4;
+        if !(20..=60).contains(&len) {
+            return Err(invalid("TCP header length outside 20..=60"));
+        }
+        len
+    };
+    hdr.hdr_len = hdr
+        .csum_start
+        .checked_add(transport_len)
+        .ok_or_else(|| invalid("header length overflows"))?;
+    if transport_start + usize::from(hdr.csum_offset) + 2 > packet.len() {
+        return Err(invalid("checksum field outside the super-packet"));
+    }
+    gso_split(packet, hdr, bufs, sizes, HEADROOM, is_v6)
 }
 
 /// Gives the device its addresses, brings it up and routes `routes` into it,
@@ -464,5 +593,136 @@ mod tests {
         batch.clear();
         assert!(batch.is_empty());
         assert_eq!(batch.get(0), None);
+    }
+
+    fn hdr(gso_type: u8, csum_start: u16, csum_offset: u16) -> VirtioNetHdr {
+        VirtioNetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type,
+            hdr_len: 0,
+            gso_size: 1000,
+            csum_start,
+            csum_offset,
+        }
+    }
+
+    /// A 20-byte IPv4 header with `proto`, then `transport`.
+    fn ipv4(proto: u8, transport: &[u8]) -> Vec<u8> {
+        let mut p = vec![
+            0x45, 0, 0, 0, 0, 0, 0, 0, 64, proto, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        let total = (p.len() + transport.len()) as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p.extend_from_slice(transport);
+        p
+    }
+
+    #[test]
+    fn partial_checksum_is_completed() {
+        // A UDP datagram whose checksum field holds a partial sum, as the
+        // kernel leaves it: the result adds the datagram's words to it.
+        let mut udp = vec![
+            0x30, 0x39, 0x00, 0x35, 0x00, 0x0d, 0x12, 0x34, b'h', b'e', b'l', b'l', b'o',
+        ];
+        let partial = 0x1234u16;
+        let mut zeroed = udp.clone();
+        zeroed[6..8].fill(0);
+        let want = !tun_rs::checksum(&zeroed, u64::from(partial));
+        let mut packet = ipv4(17, &udp);
+        complete_checksum(&mut packet, hdr(0, 20, 6)).unwrap();
+        udp[6..8].copy_from_slice(&want.to_be_bytes());
+        assert_eq!(&packet[20..], &udp[..]);
+    }
+
+    #[test]
+    fn checksum_fields_outside_the_packet_are_refused() {
+        let packet = ipv4(17, &[0; 8]);
+        for (start, offset) in [(20, 7), (27, 0), (28, 6), (u16::MAX, u16::MAX), (0, 27)] {
+            let mut p = packet.clone();
+            assert!(
+                complete_checksum(&mut p, hdr(0, start, offset)).is_err(),
+                "csum_start {start} csum_offset {offset}"
+            );
+            assert_eq!(p, packet, "a refused packet is left alone");
+        }
+    }
+
+    #[test]
+    fn malformed_super_packets_are_refused() {
+        let mut bufs: Vec<PacketBuf> = (0..BATCH_PACKETS)
+            .map(|_| {
+                let mut b = PacketBuf::new();
+                b.len = HEADROOM + MAX_PACKET;
+                b
+            })
+            .collect();
+        let mut sizes = vec![0; BATCH_PACKETS];
+        let tcp = |offset_byte: u8, len: usize| {
+            let mut t = vec![0u8; len];
+            if len > 12 {
+                t[12] = offset_byte;
+            }
+            ipv4(6, &t)
+        };
+        let tcpv4 = tun_rs::VIRTIO_NET_HDR_GSO_TCPV4;
+        let cases: Vec<(&str, Vec<u8>, VirtioNetHdr)> = vec![
+            ("empty", vec![], hdr(tcpv4, 20, 16)),
+            ("IP version 5", vec![0x55; 60], hdr(tcpv4, 20, 16)),
+            (
+                "cut inside the TCP header",
+                tcp(0x50, 10),
+                hdr(tcpv4, 20, 16),
+            ),
+            (
+                "TCP header of 16 bytes",
+                tcp(0x40, 2000),
+                hdr(tcpv4, 20, 16),
+            ),
+            (
+                "TCP header beyond the packet",
+                tcp(0xf0, 40),
+                hdr(tcpv4, 20, 16),
+            ),
+            (
+                "checksum beyond the packet",
+                tcp(0x50, 20),
+                hdr(tcpv4, 20, 40),
+            ),
+            (
+                "IPv4 packet, IPv6 type",
+                tcp(0x50, 2000),
+                hdr(tun_rs::VIRTIO_NET_HDR_GSO_TCPV6, 20, 16),
+            ),
+            ("unknown type", tcp(0x50, 2000), hdr(9, 20, 16)),
+            (
+                "transport inside the IP header",
+                tcp(0x50, 2000),
+                hdr(tcpv4, 4, 16),
+            ),
+            (
+                "csum_start past the end",
+                tcp(0x50, 100),
+                hdr(tcpv4, u16::MAX, 16),
+            ),
+            (
+                "segment size 0",
+                tcp(0x50, 2000),
+                VirtioNetHdr {
+                    gso_size: 0,
+                    ..hdr(tcpv4, 20, 16)
+                },
+            ),
+        ];
+        for (what, mut packet, h) in cases {
+            assert!(
+                split_super_packet(h, &mut packet, &mut bufs, &mut sizes).is_err(),
+                "{what} was accepted"
+            );
+        }
+        // A well-formed one splits.
+        let mut packet = tcp(0x50, 20 + 3000);
+        let n = split_super_packet(hdr(tcpv4, 20, 16), &mut packet, &mut bufs, &mut sizes).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(&sizes[..3], &[1040, 1040, 1040]);
     }
 }

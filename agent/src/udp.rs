@@ -29,10 +29,12 @@
 use std::collections::BTreeMap;
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::net::{sockopt, AddressFamily, SendFlags, SocketFlags, SocketType};
@@ -263,6 +265,16 @@ impl UdpSocket {
         if family == AddressFamily::INET6 {
             let _ = sockopt::set_ipv6_recvtclass(&sock, false);
         }
+        {
+            use nix::sys::socket::{setsockopt, sockopt as nso};
+            let _ = setsockopt(&sock, nso::ReceiveTimestampns, &false);
+            if family == AddressFamily::INET || dual_stack {
+                let _ = setsockopt(&sock, nso::Ipv4PacketInfo, &false);
+            }
+            if family == AddressFamily::INET6 {
+                let _ = setsockopt(&sock, nso::Ipv6RecvPacketInfo, &false);
+            }
+        }
         // A connected socket reports the address it is bound to, not the
         // wildcard it was bound with.
         let local = match how.connect {
@@ -331,6 +343,53 @@ impl UdpSocket {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Receives one message (a datagram, or a run of them that the kernel
+    /// coalesced) into `batch`, replacing its contents, with a plain
+    /// `recvmsg`. After an idle wait a datagram most likely arrives alone,
+    /// and then this is cheaper than [`UdpSocket::recv_batch`], whose
+    /// 32-message `recvmmsg` first sets up headers in memory that the wait
+    /// left uncached. Returns 1, or 0 when nothing is queued.
+    pub fn recv_one(&self, batch: &mut UdpRecvBatch) -> Result<usize, UdpError> {
+        batch.count = 0;
+        let mut iov = [IoSliceMut::new(&mut batch.bufs[..RECV_BUF])];
+        let msg = match recvmsg::<SockaddrStorage>(
+            self.sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut batch.control),
+            MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(msg) => msg,
+            Err(Errno::EAGAIN) => return Ok(0),
+            Err(e) => return Err(io::Error::from(e).into()),
+        };
+        if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+            return Err(io::Error::other("datagram larger than the receive buffer").into());
+        }
+        // Coalesced datagrams come with the size to split them at.
+        let mut stride = msg.bytes;
+        // Truncated control data could have hidden that size.
+        let cmsgs = msg
+            .cmsgs()
+            .map_err(|_| io::Error::other("control messages truncated"))?;
+        for cmsg in cmsgs {
+            if let ControlMessageOwned::UdpGroSegments(size) = cmsg {
+                stride = usize::try_from(size).unwrap_or(0);
+            }
+        }
+        let from = msg
+            .address
+            .as_ref()
+            .and_then(std_addr)
+            .ok_or_else(|| io::Error::other("datagram without a sender address"))?;
+        let meta = &mut batch.meta[0];
+        meta.addr = canonical(from);
+        meta.len = msg.bytes;
+        meta.stride = stride;
+        batch.count = 1;
+        tracing::trace!(bytes = meta.len, "UDP recv");
+        Ok(1)
     }
 
     /// The endpoint this socket is connected to, for a peer socket.
@@ -661,6 +720,15 @@ fn set_buffer_sizes(sock: &std::net::UdpSocket, bytes: usize) {
 }
 
 /// IPv4 peers on a dual-stack socket show up as `::ffff:a.b.c.d`.
+/// A received datagram's sender as a standard address.
+fn std_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    addr.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6((*v6).into()))
+}
+
 fn canonical(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
@@ -809,6 +877,9 @@ pub struct UdpRecvBatch {
     bufs: Box<[u8]>,
     meta: [RecvMeta; RECV_MESSAGES],
     count: usize,
+    /// Control-message space for [`UdpSocket::recv_one`]: the GRO segment
+    /// size, with room to spare for messages the socket should not send.
+    control: Vec<u8>,
 }
 
 impl Default for UdpRecvBatch {
@@ -823,6 +894,12 @@ impl UdpRecvBatch {
             bufs: vec![0; RECV_MESSAGES * RECV_BUF].into_boxed_slice(),
             meta: [RecvMeta::default(); RECV_MESSAGES],
             count: 0,
+            control: nix::cmsg_space!(
+                nix::libc::c_int,
+                nix::libc::in6_pktinfo,
+                nix::libc::timespec,
+                nix::libc::c_int
+            ),
         }
     }
 
