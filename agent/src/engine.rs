@@ -479,10 +479,6 @@ impl Engine {
         if slept {
             self.wait(&max_wait)?;
         }
-        // A datagram that arrives after a turn which received none is as
-        // likely to be alone (a reply to what that turn sent).
-        let lone_udp = slept || self.udp_quiet;
-        let lone_tun = slept || self.tun_sparse;
         // Any event, errors and hang-ups included, is worth a read: the read
         // reports it. A descriptor without an event is not read this turn;
         // the next wait returns at once if data arrived since.
@@ -497,6 +493,12 @@ impl Engine {
                 _ => {}
             }
         }
+        // Also alone, most likely: a datagram after a turn that received
+        // none (a reply to what that turn sent), and what the TUN holds after
+        // a turn that read at most one packet when the wait did not report
+        // the TUN (the local stack's answer to a packet just written).
+        let lone_udp = slept || self.udp_quiet;
+        let lone_tun = slept || (self.tun_sparse && !tun_ready);
         // Packets are handled with the time of the last clock reading, taken
         // when the timers ran (every 250 ms) or a command came, as boringtun
         // keeps time for its own timers. Reading the clock after a sleep
@@ -573,29 +575,32 @@ impl Engine {
         // a TCP ACK) inside that write, so the answer is queued already though
         // the wait did not see it: read it now rather than after another wait.
         if tun_ready || out.tun_written {
-            let mut reads = 0;
-            for _ in 0..BUDGET {
+            let mut packets = 0;
+            for read_no in 0..BUDGET {
                 tun_in.clear();
-                let read = if reads == 0 && lone_tun {
+                let read = if read_no == 0 && lone_tun {
                     out.tun_dev.recv_one(tun_in)
                 } else {
                     out.tun_dev.recv_batch(tun_in)
                 };
                 match read {
                     Ok(0) => break,
-                    Ok(_) => {
+                    Ok(n) => {
                         for packet in tun_in.iter() {
                             node.handle_tun_packet(packet, &mut out, now);
                         }
-                        // When the last turn found nothing after its first
-                        // read, traffic is sparse and so will this read's
-                        // successor most likely be: send now instead of after
-                        // that empty read. Under load, reads keep batching
-                        // equal-sized datagrams into one GSO send.
-                        if reads == 0 && *tun_sparse {
+                        packets += n;
+                        if read_no == 0 && lone_tun {
+                            // Send it now. Another packet would have had to
+                            // arrive during this turn: the next wait reports
+                            // it at once, so no read is spent on finding the
+                            // device empty. Under load, reads go on and keep
+                            // batching equal-sized datagrams into GSO sends.
                             out.flush_udp();
+                            if n == 1 {
+                                break;
+                            }
                         }
-                        reads += 1;
                     }
                     Err(TunError::Malformed(e)) => {
                         tracing::debug!(error = %e, "TUN read dropped");
@@ -604,7 +609,7 @@ impl Engine {
                     Err(e) => return Err(e.into()),
                 }
             }
-            *tun_sparse = reads <= 1;
+            *tun_sparse = packets <= 1;
         }
 
         if timer_due {
@@ -612,9 +617,12 @@ impl Engine {
         }
         out.flush_udp();
         out.flush_tun();
-        // After a roaming or a handshake from a new address. The datagrams
-        // just sent there left through the main socket, which is as good.
-        self.sync_peer_sockets(now);
+        // After a roaming or a handshake from a new address (the datagrams
+        // just sent there left through the main socket, which is as good),
+        // and at each timer tick for sockets found stale.
+        if timer_due || self.peer_sockets_generation != Some(self.node.endpoint_generation()) {
+            self.sync_peer_sockets(now);
+        }
         if timer_due || self.node.poll_timeout() != self.timer_deadline {
             self.set_timer()?;
         }

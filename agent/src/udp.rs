@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, RecvMsg, SockaddrStorage};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::net::{sockopt, AddressFamily, SendFlags, SocketFlags, SocketType};
@@ -354,38 +354,27 @@ impl UdpSocket {
     pub fn recv_one(&self, batch: &mut UdpRecvBatch) -> Result<usize, UdpError> {
         batch.count = 0;
         let mut iov = [IoSliceMut::new(&mut batch.bufs[..RECV_BUF])];
-        let msg = match recvmsg::<SockaddrStorage>(
-            self.sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut batch.control),
-            MsgFlags::MSG_DONTWAIT,
-        ) {
-            Ok(msg) => msg,
+        let fd = self.sock.as_raw_fd();
+        let flags = MsgFlags::MSG_DONTWAIT;
+        let control = Some(&mut batch.control[..]);
+        // A connected socket's datagrams all come from its endpoint: the
+        // kernel need not write the address.
+        let received = match self.peer {
+            Some(endpoint) => {
+                recvmsg::<()>(fd, &mut iov, control, flags).map(|msg| (Some(endpoint), sizes(&msg)))
+            }
+            None => recvmsg::<SockaddrStorage>(fd, &mut iov, control, flags)
+                .map(|msg| (msg.address.as_ref().and_then(std_addr), sizes(&msg))),
+        };
+        let (from, (len, stride)) = match received {
+            Ok((from, sizes)) => (from, sizes?),
             Err(Errno::EAGAIN) => return Ok(0),
             Err(e) => return Err(io::Error::from(e).into()),
         };
-        if msg.flags.contains(MsgFlags::MSG_TRUNC) {
-            return Err(io::Error::other("datagram larger than the receive buffer").into());
-        }
-        // Coalesced datagrams come with the size to split them at.
-        let mut stride = msg.bytes;
-        // Truncated control data could have hidden that size.
-        let cmsgs = msg
-            .cmsgs()
-            .map_err(|_| io::Error::other("control messages truncated"))?;
-        for cmsg in cmsgs {
-            if let ControlMessageOwned::UdpGroSegments(size) = cmsg {
-                stride = usize::try_from(size).unwrap_or(0);
-            }
-        }
-        let from = msg
-            .address
-            .as_ref()
-            .and_then(std_addr)
-            .ok_or_else(|| io::Error::other("datagram without a sender address"))?;
+        let from = from.ok_or_else(|| io::Error::other("datagram without a sender address"))?;
         let meta = &mut batch.meta[0];
         meta.addr = canonical(from);
-        meta.len = msg.bytes;
+        meta.len = len;
         meta.stride = stride;
         batch.count = 1;
         tracing::trace!(bytes = meta.len, "UDP recv");
@@ -720,6 +709,25 @@ fn set_buffer_sizes(sock: &std::net::UdpSocket, bytes: usize) {
 }
 
 /// IPv4 peers on a dual-stack socket show up as `::ffff:a.b.c.d`.
+/// The length of a message `recvmsg` received, and the size of the datagrams
+/// it coalesces.
+fn sizes<S>(msg: &RecvMsg<'_, '_, S>) -> io::Result<(usize, usize)> {
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+        return Err(io::Error::other("datagram larger than the receive buffer"));
+    }
+    let mut stride = msg.bytes;
+    // Truncated control data could have hidden the segment size.
+    let cmsgs = msg
+        .cmsgs()
+        .map_err(|_| io::Error::other("control messages truncated"))?;
+    for cmsg in cmsgs {
+        if let ControlMessageOwned::UdpGroSegments(size) = cmsg {
+            stride = usize::try_from(size).unwrap_or(0);
+        }
+    }
+    Ok((msg.bytes, stride))
+}
+
 /// A received datagram's sender as a standard address.
 fn std_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = addr.as_sockaddr_in() {
