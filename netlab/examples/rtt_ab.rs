@@ -73,6 +73,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ),
                 other => {
                     let (name, path) = other.split_once('=').ok_or("NAME=PATH")?;
+                    if round == 0 {
+                        println!("{name}: {}", meshd_netlab::layout::check(Path::new(path))?);
+                    }
                     let _ = std::fs::remove_file(CURRENT);
                     std::os::unix::fs::symlink(Path::new(path), CURRENT)?;
                     (name.to_owned(), Impl::Meshd)
