@@ -124,9 +124,16 @@ fn parse_annotate(report: &str, binary: &Path) -> Vec<(String, u64)> {
             // callgrind's pseudo-entries, such as "(below main)", are no symbols;
             // names LLVM made unique with a `.llvm.HASH` suffix change with
             // every edit of their module, so a list cannot keep them.
+            // Nor can it keep code compiled in the `meshd` binary crate: its own
+            // functions (`_ZN5meshd…`) and std's `lang_start` instance, which
+            // callgrind counts because the engine runs on the main thread. Their
+            // hashes differ between `cargo build -p meshd` and `cargo build
+            // --workspace` (seen with rustc 1.95), the library crates' do not.
             let usable = !symbol.is_empty()
                 && !symbol.contains(char::is_whitespace)
-                && !symbol.contains(".llvm.");
+                && !symbol.contains(".llvm.")
+                && !symbol.starts_with("_ZN5meshd")
+                && !symbol.starts_with("_ZN3std2rt10lang_start");
             usable.then(|| (symbol.to_owned(), ir))
         })
         .collect()
