@@ -2,8 +2,10 @@
 //! implementations over one veth pair: A B A B … so machine load drifts hit every
 //! variant alike.
 //!
-//! `rtt_ab ROUNDS PINGS INTERVAL_MS IPERF_SECS VARIANT...` where a variant is `bt1`
-//! (boringtun-cli --threads 1), `btd` (boringtun-cli default) or `NAME=PATH` (a meshd binary).
+//! `rtt_ab ROUNDS PINGS INTERVAL_MS IPERF_SECS VARIANT...` where a variant is `btN`
+//! (boringtun-cli --threads N), `btd` (boringtun-cli default), `NAME=PATH` (a meshd binary)
+//! or `LEFT/RIGHT`, a mixed pair of those ends (`meshd`: the last NAME=PATH binary), the
+//! left end the pinging one.
 #![allow(clippy::print_stdout)] // a command-line benchmark: its report is its output
 
 use std::collections::BTreeMap;
@@ -32,6 +34,28 @@ fn quantile(v: &[f64], q: f64) -> f64 {
     v[i]
 }
 
+/// `bt1`, `bt2`, … (boringtun-cli `--threads N`), `btd` (its default), or `meshd`
+/// (the binary of the last `NAME=PATH` variant).
+fn end_impl(spec: &str) -> Result<Impl, Box<dyn std::error::Error>> {
+    match spec {
+        "btd" => Ok(Impl::BoringtunCli { threads: None }),
+        "meshd" if Path::new(CURRENT).exists() => Ok(Impl::Meshd),
+        "meshd" => Err("`meshd` in a mixed pair needs a NAME=PATH variant before it".into()),
+        _ => match spec.strip_prefix("bt").map(str::parse::<u32>) {
+            Some(Ok(n)) if n > 0 => Ok(Impl::BoringtunCli { threads: Some(n) }),
+            _ => Err(format!("unknown variant end `{spec}`: btN, btd or meshd").into()),
+        },
+    }
+}
+
+/// The names earlier reports used.
+fn bt_name(spec: &str) -> String {
+    match spec {
+        "btd" => "boringtun-default".to_owned(),
+        _ => format!("boringtun-{}", spec.trim_start_matches("bt")),
+    }
+}
+
 fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -46,7 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if args.len() < 5 {
         return Err(
             "usage: rtt_ab ROUNDS PINGS INTERVAL_MS IPERF_SECS VARIANT... \
-                    (VARIANT: bt1 | btd | NAME=PATH-TO-MESHD)"
+                    (VARIANT: btN | btd | NAME=PATH-TO-MESHD | LEFT/RIGHT of btN, btd, meshd)"
                 .into(),
         );
     }
@@ -56,32 +80,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let iperf_secs: u32 = args[3].parse()?;
     let variants: Vec<String> = args[4..].to_vec();
     peers::use_meshd_binary(CURRENT);
+    // Made by a NAME=PATH variant; a mixed pair's `meshd` end uses the last one.
+    let _ = std::fs::remove_file(CURRENT);
     let lab = Lab::veth_pair()?;
     let underlay = lab.addr("right")?;
     // name -> (added median, added p10, tcp Gbit/s, added p90) per round
     let mut results: BTreeMap<String, Vec<(f64, f64, f64, f64)>> = BTreeMap::new();
     for round in 0..rounds {
         for v in &variants {
-            let (name, imp) = match v.as_str() {
-                "bt1" => (
-                    "boringtun-1".to_owned(),
-                    Impl::BoringtunCli { threads: Some(1) },
-                ),
-                "btd" => (
-                    "boringtun-default".to_owned(),
-                    Impl::BoringtunCli { threads: None },
-                ),
-                other => {
-                    let (name, path) = other.split_once('=').ok_or("NAME=PATH")?;
-                    if round == 0 {
-                        println!("{name}: {}", meshd_netlab::layout::check(Path::new(path))?);
-                    }
-                    let _ = std::fs::remove_file(CURRENT);
-                    std::os::unix::fs::symlink(Path::new(path), CURRENT)?;
-                    (name.to_owned(), Impl::Meshd)
+            let (name, left, right) = if let Some((name, path)) = v.split_once('=') {
+                if round == 0 {
+                    println!("{name}: {}", meshd_netlab::layout::check(Path::new(path))?);
                 }
+                let _ = std::fs::remove_file(CURRENT);
+                std::os::unix::fs::symlink(Path::new(path), CURRENT)?;
+                (name.to_owned(), Impl::Meshd, Impl::Meshd)
+            } else if let Some((l, r)) = v.split_once('/') {
+                // A mixed pair: the pinging (left) end runs one implementation, the
+                // answering end another, to tell on which side a difference lies.
+                (v.clone(), end_impl(l)?, end_impl(r)?)
+            } else {
+                let imp = end_impl(v)?;
+                (bt_name(v), imp, imp)
             };
-            let pair = TunnelPair::up(&lab, "left", "right", imp, &TunnelOptions::default())?;
+            let pair = TunnelPair::up_mixed(
+                &lab,
+                ("left", left),
+                ("right", right),
+                &TunnelOptions::default(),
+            )?;
             if let Some(secs) = std::env::var("HOLD_SECS").ok().and_then(|v| v.parse().ok()) {
                 println!(
                     "holding {name}: {} {} pids {:?}",
