@@ -14,6 +14,7 @@
 //! drains at the start of every turn, and an eventfd in the engine's epoll
 //! set wakes it for them. The engine's state stays on its own thread.
 
+mod answer_wait;
 pub mod node;
 
 use std::collections::BTreeSet;
@@ -31,6 +32,7 @@ use rustix::time::{
     timerfd_create, timerfd_settime, Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags,
 };
 
+use self::answer_wait::AnswerWait;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::peers::{PeerConfig, PeerError};
 use crate::tun::{self, Tun, TunBatch, TunError};
@@ -214,6 +216,8 @@ pub struct Engine {
     tun_sparse: bool,
     /// The last turn read no UDP socket.
     udp_quiet: bool,
+    /// Whether to poll for the answer to a lone packet just sent.
+    answer_wait: AnswerWait,
     /// The last clock reading: when the timers last ran or a command
     /// came (see [`Engine::turn`]).
     now: Instant,
@@ -299,6 +303,7 @@ impl Engine {
             counters: EngineCounters::default(),
             tun_sparse: true,
             udp_quiet: true,
+            answer_wait: AnswerWait::default(),
             now,
             timer,
             timer_deadline: now,
@@ -481,6 +486,20 @@ impl Engine {
             tv_sec: 0,
             tv_nsec: 0,
         })?;
+        // After a lone packet from the TUN, its answer is polled for before
+        // sleeping (see `answer_wait`).
+        if let Some(deadline) = self.answer_wait.deadline(!self.events.is_empty()) {
+            let mut answered = false;
+            while !answered && Instant::now() < deadline {
+                std::hint::spin_loop();
+                self.wait(&Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                })?;
+                answered = !self.events.is_empty();
+            }
+            self.answer_wait.ended(answered);
+        }
         let slept = self.events.is_empty();
         if slept {
             self.wait(&max_wait)?;
@@ -540,6 +559,7 @@ impl Engine {
             counters,
             tun_sparse,
             udp_quiet,
+            answer_wait,
             events,
             ..
         } = self;
@@ -616,6 +636,10 @@ impl Engine {
                 }
             }
             *tun_sparse = packets <= 1;
+            // A lone packet out, nothing in: an answer may be on its way.
+            if packets == 1 && *udp_quiet {
+                answer_wait.sent(Instant::now());
+            }
         }
 
         if timer_due {
