@@ -194,6 +194,12 @@ impl EngineHandle {
     }
 }
 
+/// A wait that only looks; also a timer interval of none.
+const ZERO: Timespec = Timespec {
+    tv_sec: 0,
+    tv_nsec: 0,
+};
+
 pub struct Engine {
     node: Node,
     tun: Tun,
@@ -326,10 +332,7 @@ impl Engine {
             .saturating_duration_since(self.now)
             .max(Duration::from_nanos(1));
         let value = Itimerspec {
-            it_interval: Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
+            it_interval: ZERO,
             it_value: Timespec::try_from(wait)
                 .map_err(|e| EngineError::Timer(io::Error::other(e)))?,
         };
@@ -482,20 +485,14 @@ impl Engine {
         // sleep. What wakes the engine then is most likely a lone packet, and
         // lone packets are read with plain reads instead of the batch reads,
         // whose set-up touches memory that the sleep left uncached.
-        self.wait(&Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        })?;
+        self.wait(&ZERO)?;
         // After a lone packet from the TUN, its answer is polled for before
         // sleeping (see `answer_wait`).
         if let Some(deadline) = self.answer_wait.deadline(!self.events.is_empty()) {
             let mut answered = false;
             while !answered && Instant::now() < deadline {
                 std::hint::spin_loop();
-                self.wait(&Timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                })?;
+                self.wait(&ZERO)?;
                 answered = !self.events.is_empty();
             }
             self.answer_wait.ended(answered);

@@ -48,10 +48,11 @@ fn end_impl(spec: &str) -> Result<Impl, Box<dyn std::error::Error>> {
     }
 }
 
-/// The names earlier reports used.
-fn bt_name(spec: &str) -> String {
+/// A variant's name in the report: the names earlier reports used.
+fn end_name(spec: &str) -> String {
     match spec {
         "btd" => "boringtun-default".to_owned(),
+        "meshd" => "meshd".to_owned(),
         _ => format!("boringtun-{}", spec.trim_start_matches("bt")),
     }
 }
@@ -101,7 +102,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 (v.clone(), end_impl(l)?, end_impl(r)?)
             } else {
                 let imp = end_impl(v)?;
-                (bt_name(v), imp, imp)
+                (end_name(v), imp, imp)
             };
             let pair = TunnelPair::up_mixed(
                 &lab,
