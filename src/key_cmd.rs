@@ -5,7 +5,7 @@
 use std::io::Read;
 
 use anyhow::{Context, Result};
-use meshd_agent::keys::{PresharedKey, PrivateKey};
+use meshd_dataplane::keys::{PresharedKey, PrivateKey};
 
 pub fn genkey() -> Result<()> {
     println!("{}", PrivateKey::generate().to_base64().as_str());

@@ -13,7 +13,7 @@ use clap::Args;
 use meshd_agent::control::ipc::NodeStatus;
 use meshd_agent::control::state_dir::{StateDir, DEFAULT_STATE_DIR};
 use meshd_agent::node_runtime::{self, UpOptions};
-use meshd_agent::standalone;
+use meshd_dataplane::standalone;
 use meshd_proto::token::JoinToken;
 use zeroize::Zeroizing;
 

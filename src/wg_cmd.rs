@@ -1,5 +1,5 @@
 //! `meshd wg …`: a userspace WireGuard interface from a wg-quick file, run by
-//! `meshd_agent::standalone`. See docs/wg-standalone.md.
+//! `meshd_dataplane::standalone`. See docs/wg-standalone.md.
 #![allow(clippy::print_stdout)] // a CLI talks to its user on stdout
 
 use std::io::Read;
@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
-use meshd_agent::standalone::{self, show};
-use meshd_agent::wgconf::{self, WgConfig};
+use meshd_dataplane::standalone::{self, show};
+use meshd_dataplane::wgconf::{self, WgConfig};
 
 use crate::daemon::{self, Started};
 

@@ -1,12 +1,6 @@
-//! The node agent behind `meshd up`: data plane, NAT traversal, invoker.
+//! The node agent behind `meshd up`: the control connection to the
+//! coordinator, the node's state directory and its daemon, over the data
+//! plane of `meshd-dataplane`.
 
-pub mod allowed_ips;
 pub mod control;
-pub mod engine;
-pub mod keys;
 pub mod node_runtime;
-pub mod peers;
-pub mod standalone;
-pub mod tun;
-pub mod udp;
-pub mod wgconf;

@@ -28,7 +28,6 @@ use meshd_proto::client::{Client, ClientError, ClientEvent, Join};
 use meshd_proto::token::JoinToken;
 use meshd_proto::{NodeId, NodeInfo, Peer, MAX_ENDPOINTS};
 use rand::RngCore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::control::ipc::{self, ControlStatus, NodeStatus, PeerLine, Reply, Request};
@@ -37,12 +36,12 @@ use crate::control::state_dir::{CoordinatorFile, NodeFile, NodeRecordFile, State
 use crate::control::supervisor::{
     Command, ControlState, Identity, Input, JoinKind, KeyChoice, Supervisor, SupervisorConfig,
 };
-use crate::engine::{ControlError, Engine, EngineConfig, EngineError, EngineHandle, EngineStatus};
-use crate::keys::{PrivateKey, PublicKey};
-use crate::standalone::{
-    claim_socket_at, connect_control, protocol::message_end, protocol::MAX_MESSAGE, ClaimError,
-    SocketFile, DEFAULT_MTU,
+use meshd_dataplane::control_socket::{self, Answer, ClaimError};
+use meshd_dataplane::engine::{
+    ControlError, Engine, EngineConfig, EngineError, EngineHandle, EngineStatus,
 };
+use meshd_dataplane::keys::{PrivateKey, PublicKey};
+use meshd_dataplane::standalone::DEFAULT_MTU;
 
 /// How often the driver looks at the stop flag and the engine thread.
 const TICK: Duration = Duration::from_millis(200);
@@ -50,8 +49,6 @@ const TICK: Duration = Duration::from_millis(200);
 const ENDPOINT_SCAN: Duration = Duration::from_secs(10);
 /// How long `meshd rotate-key` waits for the coordinator's confirmation.
 const ROTATE_WAIT: Duration = Duration::from_secs(20);
-/// How long a control-socket client and the daemon wait for each other.
-const IPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `meshd down` waits for the daemon to remove its interface.
 const DOWN_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -169,40 +166,60 @@ pub fn run(
     ready: impl FnOnce(&NodeStatus),
 ) -> Result<(), NodeError> {
     let state = StateDir::open(&opts.state_dir)?;
-    let listener = claim_socket(&state)?;
+    let path = state.socket_path();
+    let (listener, socket_file) = control_socket::claim(&path).map_err(|e| match e {
+        ClaimError::Running(socket) => NodeError::AlreadyRunning {
+            state: state.path().to_owned(),
+            socket,
+        },
+        ClaimError::Io { what, source } => NodeError::Io { what, source },
+    })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(io_err("starting the runtime"))?;
-    let result = rt.block_on(async {
-        let listener = tokio::net::UnixListener::from_std(listener.0.try_clone().map_err(
-            io_err(format!("control socket {}", listener.1.path().display())),
-        )?)
-        .map_err(io_err("control socket"))?;
-        let mut runtime = Runtime::new(opts, state, stop.clone(), Box::new(ready))?;
-        runtime.run(listener).await
+    let (calls, ipc_rx) = mpsc::channel::<(Request, oneshot::Sender<Reply>)>(16);
+    // The socket is served on threads of its own (the same server as
+    // `meshd wg`'s); each request waits for the runtime's answer.
+    let serving = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        let server = std::thread::Builder::new()
+            .name("meshd-control".into())
+            .spawn_scoped(s, || {
+                control_socket::serve(&listener, &serving, &|text: &str| answer(text, &calls))
+            })
+            .map_err(io_err("starting the control-socket thread"))?;
+        let result = rt.block_on(async {
+            let mut runtime = Runtime::new(opts, state, stop.clone(), Box::new(ready))?;
+            runtime.run(ipc_rx).await
+        });
+        serving.store(true, Ordering::Relaxed);
+        let _ = server.join();
+        result
     });
     drop(rt);
-    drop(listener);
+    drop(socket_file);
     result
 }
 
-/// The bound control socket; the file is removed on drop.
-struct Socket(std::os::unix::net::UnixListener, SocketFile);
-
-fn claim_socket(state: &StateDir) -> Result<Socket, NodeError> {
-    let path = state.socket_path();
-    let (listener, file) = claim_socket_at(&path).map_err(|e| match e {
-        ClaimError::Running => NodeError::AlreadyRunning {
-            state: state.path().to_owned(),
-            socket: path.clone(),
+/// Answers one control-socket request through the runtime.
+fn answer(text: &str, calls: &mpsc::Sender<(Request, oneshot::Sender<Reply>)>) -> Answer {
+    let stopping = || Answer::reply(Reply::Error("meshd is stopping".into()).encode());
+    let request = match Request::parse(text) {
+        Ok(r) => r,
+        Err(e) => return Answer::reply(Reply::Error(e.to_string()).encode()),
+    };
+    let (tx, rx) = oneshot::channel();
+    if calls.blocking_send((request, tx)).is_err() {
+        return stopping();
+    }
+    match rx.blocking_recv() {
+        Ok(reply) => Answer {
+            reply: Reply::encode(&reply).into(),
+            close: request == Request::Stop,
         },
-        ClaimError::Io { what, source } => NodeError::Io { what, source },
-    })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(io_err("control socket"))?;
-    Ok(Socket(listener, file))
+        Err(_) => stopping(),
+    }
 }
 
 /// The data-plane engine on its own thread.
@@ -217,7 +234,7 @@ struct EngineRunner {
 impl EngineRunner {
     fn start(
         config: EngineConfig,
-        peers: Vec<crate::peers::PeerConfig>,
+        peers: Vec<meshd_dataplane::peers::PeerConfig>,
     ) -> Result<Self, NodeError> {
         let plan = TunPlan {
             addresses: config.addresses.clone(),
@@ -406,15 +423,16 @@ impl<'r> Runtime<'r> {
         self
     }
 
-    async fn run(&mut self, listener: tokio::net::UnixListener) -> Result<(), NodeError> {
+    async fn run(
+        &mut self,
+        mut ipc_rx: mpsc::Receiver<(Request, oneshot::Sender<Reply>)>,
+    ) -> Result<(), NodeError> {
         // A registered node brings its tunnels up from the cached state at
         // once; the coordinator's map follows when it answers.
         if let Some(info) = self.info.clone() {
             self.ensure_engine(&info)?;
             self.signal_ready();
         }
-        let (ipc_tx, mut ipc_rx) = mpsc::channel::<(Request, oneshot::Sender<Reply>)>(16);
-        let accept = tokio::spawn(serve_socket(listener, ipc_tx));
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
@@ -429,7 +447,6 @@ impl<'r> Runtime<'r> {
                 break Err(e);
             }
         };
-        accept.abort();
         if let Some(s) = self.session.take() {
             s.conn.close().await;
         }
@@ -942,82 +959,11 @@ pub fn local_endpoints(port: u16, mesh_interface: &str) -> Vec<SocketAddr> {
     out
 }
 
-// ---- the control socket ----
-
-async fn serve_socket(
-    listener: tokio::net::UnixListener,
-    calls: mpsc::Sender<(Request, oneshot::Sender<Reply>)>,
-) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "control socket accept");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let calls = calls.clone();
-        tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(IPC_TIMEOUT, serve_one(stream, calls)).await {
-                tracing::debug!(error = %e, "control connection timed out");
-            }
-        });
-    }
-}
-
-async fn serve_one(
-    mut stream: tokio::net::UnixStream,
-    calls: mpsc::Sender<(Request, oneshot::Sender<Reply>)>,
-) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    let text = loop {
-        if let Some(end) = message_end(&buf) {
-            buf.truncate(end);
-            break String::from_utf8(buf).unwrap_or_default();
-        }
-        if buf.len() > MAX_MESSAGE {
-            return;
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) => break String::from_utf8(buf).unwrap_or_default(),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(_) => return,
-        }
-    };
-    let reply = match Request::parse(&text) {
-        Err(e) => Reply::Error(e.to_string()),
-        // Answered before the daemon starts stopping, which ends this task.
-        Ok(Request::Stop) => {
-            let _ = stream
-                .write_all(Reply::Ok(Vec::new()).encode().as_bytes())
-                .await;
-            let _ = stream.shutdown().await;
-            let (tx, _) = oneshot::channel();
-            let _ = calls.send((Request::Stop, tx)).await;
-            return;
-        }
-        Ok(req) => {
-            let (tx, rx) = oneshot::channel();
-            if calls.send((req, tx)).await.is_err() {
-                Reply::Error("meshd is stopping".into())
-            } else {
-                rx.await
-                    .unwrap_or_else(|_| Reply::Error("meshd is stopping".into()))
-            }
-        }
-    };
-    let _ = stream.write_all(reply.encode().as_bytes()).await;
-}
-
 // ---- clients of a running daemon ----
 
 fn request(state_dir: &Path, req: Request) -> Result<Vec<(String, String)>, NodeError> {
-    use std::io::{Read, Write};
-    use std::os::unix::net::UnixStream;
     let path = StateDir::at(state_dir).socket_path();
-    let mut stream = match connect_control(&path) {
+    let mut stream = match control_socket::connect(&path) {
         Ok(Some(s)) => s,
         Ok(None) => {
             return Err(NodeError::NotRunning {
@@ -1027,15 +973,8 @@ fn request(state_dir: &Path, req: Request) -> Result<Vec<(String, String)>, Node
         }
         Err(e) => return Err(io_err(format!("connecting to {}", path.display()))(e)),
     };
-    let talk = |s: &mut UnixStream| -> io::Result<String> {
-        s.set_read_timeout(Some(IPC_TIMEOUT))?;
-        s.set_write_timeout(Some(IPC_TIMEOUT))?;
-        s.write_all(req.encode().as_bytes())?;
-        let mut text = String::new();
-        s.take(MAX_MESSAGE as u64).read_to_string(&mut text)?;
-        Ok(text)
-    };
-    let text = talk(&mut stream).map_err(io_err(format!("talking to {}", path.display())))?;
+    let text = control_socket::exchange(&mut stream, &req.encode())
+        .map_err(io_err(format!("talking to {}", path.display())))?;
     match Reply::parse(&text)? {
         Reply::Ok(fields) => Ok(fields),
         Reply::Error(message) => Err(NodeError::Daemon(message)),

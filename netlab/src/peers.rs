@@ -790,7 +790,7 @@ fn parse_wg_peer_field(out: &str, field: usize) -> Option<u64> {
         .ok()
 }
 
-/// Where `meshd wg` keeps its control sockets (`meshd_agent::standalone::SOCKET_DIR`).
+/// Where `meshd wg` keeps its control sockets (`meshd_dataplane::standalone::SOCKET_DIR`).
 const MESHD_SOCKET_DIR: &str = "/run/meshd/wg";
 
 static MESHD_BINARY: OnceLock<PathBuf> = OnceLock::new();

@@ -1,6 +1,6 @@
 //! The protocol of the node daemon's control socket (`control.sock` in the
-//! state directory), without I/O: the same framing as `meshd wg`'s socket
-//! (docs/wg-standalone.md) — a head line, `key=value` lines, an empty line.
+//! state directory), without I/O: a head line, `key=value` lines, an empty
+//! line (served by `meshd_dataplane::control_socket`).
 //!
 //! Requests: `status`, `rotate_key`, `stop`. Replies: `ok` (with the
 //! status's fields for `status`, `public_key=` for `rotate_key`) or `error`
@@ -9,8 +9,8 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
-use crate::keys::PublicKey;
-use crate::standalone::protocol::{self, Field};
+use meshd_dataplane::control_socket::{self, Field};
+use meshd_dataplane::keys::PublicKey;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
@@ -113,17 +113,24 @@ fn push(out: &mut String, key: &str, value: &str) {
     out.push('\n');
 }
 
-/// The framing of `meshd wg`'s socket, with digits allowed in keys.
+/// A head line, then `key=value` fields (keys of lower-case letters,
+/// digits and `_`).
 fn split(text: &str) -> Result<(&str, Vec<Field<'_>>), IpcError> {
+    let (head, rest) = text.split_once('\n').unwrap_or((text, ""));
+    if head.is_empty() {
+        return Err(err(1, "empty message"));
+    }
     let key_byte = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
-    protocol::split_with(text, key_byte, QUOTE_CHARS).map_err(|e| err(e.line, e.message))
+    let fields = control_socket::fields(rest, 2, key_byte, QUOTE_CHARS)
+        .map_err(|e| err(e.line, e.message))?;
+    Ok((head, fields))
 }
 
 /// How much of a bad word this socket's errors quote.
 const QUOTE_CHARS: usize = 24;
 
 fn short(s: &str) -> String {
-    protocol::shorten_to(s, QUOTE_CHARS)
+    control_socket::shorten(s, QUOTE_CHARS)
 }
 
 /// What `meshd status` shows.

@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use meshd_proto::{NodeId, NodeInfo, Peer};
 
-use crate::keys::PublicKey;
-use crate::peers::PeerConfig;
+use meshd_dataplane::keys::PublicKey;
+use meshd_dataplane::peers::PeerConfig;
 
 /// The TUN's addresses (the node's own, as /32 and /128) and the routes
 /// into it (the mesh's whole ranges), so one route covers every peer.
@@ -117,7 +117,7 @@ mod tests {
             Some("192.0.2.2:41641".parse().unwrap())
         );
         assert_eq!(configs[1].endpoint, None);
-        crate::peers::validate(&configs).unwrap();
+        meshd_dataplane::peers::validate(&configs).unwrap();
     }
 
     #[test]

@@ -23,7 +23,7 @@ use meshd_proto::token::{Hex, JoinToken};
 use meshd_proto::{NodeId, NodeInfo, NodeKey, Peer};
 use serde::{Deserialize, Serialize};
 
-use crate::keys::{self, KeyError, PrivateKey, PublicKey};
+use meshd_dataplane::keys::{self, KeyError, PrivateKey, PublicKey};
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
 

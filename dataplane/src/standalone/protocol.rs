@@ -13,12 +13,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use zeroize::Zeroizing;
 
+use crate::control_socket::{self, Field};
 use crate::engine::{EngineCounters, EngineStatus, PeerStatus};
 use crate::keys::{PresharedKey, PublicKey};
 use crate::peers::{self, PeerConfig};
-
-/// The largest message either side reads: a set of ~10 000 peers.
-pub const MAX_MESSAGE: usize = 4 << 20;
 
 /// A message that does not follow the protocol. `line` is 1-based.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,58 +43,16 @@ pub enum Request {
     Stop,
 }
 
-/// The offset just past the empty line that ends the first message in
-/// `buf`, if it holds a whole one.
-pub fn message_end(buf: &[u8]) -> Option<usize> {
-    if buf.starts_with(b"\n") {
-        return Some(1);
-    }
-    buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
-}
-
-/// One `key=value` line, with its line number.
-pub(crate) struct Field<'a> {
-    pub(crate) line: usize,
-    pub(crate) key: &'a str,
-    pub(crate) value: &'a str,
-}
-
-/// Splits a message (with or without its final empty line) into its head
-/// and fields; keys are lower-case letters and `_`.
+/// Splits a message into its head line and `key=value` fields; keys are
+/// lower-case letters and `_`.
 fn split(text: &str) -> Result<(&str, Vec<Field<'_>>), ProtocolError> {
-    split_with(text, |b| b.is_ascii_lowercase() || b == b'_', QUOTE_CHARS)
-}
-
-/// [`split`] with other keys, for the node daemon's control socket, which
-/// shares the framing: `key_byte` says which bytes a key may hold, and
-/// a bad key is quoted in the error up to `quote_chars` characters.
-pub(crate) fn split_with<'a>(
-    text: &'a str,
-    key_byte: fn(u8) -> bool,
-    quote_chars: usize,
-) -> Result<(&'a str, Vec<Field<'a>>), ProtocolError> {
-    let body = text
-        .strip_suffix("\n\n")
-        .or_else(|| text.strip_suffix('\n'))
-        .unwrap_or(text);
-    let mut lines = body.split('\n').enumerate().map(|(i, l)| (i + 1, l));
-    let head = match lines.next() {
-        Some((_, head)) if !head.is_empty() => head,
-        _ => return Err(err(1, "empty message")),
-    };
-    let mut fields = Vec::new();
-    for (line, text) in lines {
-        let Some((key, value)) = text.split_once('=') else {
-            return Err(err(line, "expected key=value"));
-        };
-        if key.is_empty() || !key.bytes().all(key_byte) {
-            return Err(err(
-                line,
-                format!("bad key {:?}", shorten_to(key, quote_chars)),
-            ));
-        }
-        fields.push(Field { line, key, value });
+    let (head, rest) = text.split_once('\n').unwrap_or((text, ""));
+    if head.is_empty() {
+        return Err(err(1, "empty message"));
     }
+    let key_byte = |b: u8| b.is_ascii_lowercase() || b == b'_';
+    let fields = control_socket::fields(rest, 2, key_byte, QUOTE_CHARS)
+        .map_err(|e| err(e.line, e.message))?;
     Ok((head, fields))
 }
 
@@ -104,17 +60,7 @@ pub(crate) fn split_with<'a>(
 const QUOTE_CHARS: usize = 16;
 
 fn shorten(s: &str) -> String {
-    shorten_to(s, QUOTE_CHARS)
-}
-
-/// The first `max` characters of `s`, with "…" when it is longer. Quoted
-/// text in errors is cut short, so a message never echoes a long value
-/// (which might be a key) back.
-pub(crate) fn shorten_to(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
+    control_socket::shorten(s, QUOTE_CHARS)
 }
 
 fn parse_value<T: std::str::FromStr>(f: &Field<'_>, what: &str) -> Result<T, ProtocolError> {
@@ -402,6 +348,7 @@ pub fn parse_status(text: &str) -> Result<EngineStatus, ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control_socket::message_end;
     use crate::engine::Counters;
 
     fn key(n: u8) -> PublicKey {
@@ -567,13 +514,5 @@ mod tests {
             .unwrap_err()
             .message
             .contains("public_key"));
-    }
-
-    #[test]
-    fn message_ends_at_the_first_empty_line() {
-        assert_eq!(message_end(b"get\n"), None);
-        assert_eq!(message_end(b"get\n\nmore"), Some(5));
-        assert_eq!(message_end(b"\n"), Some(1));
-        assert_eq!(message_end(b""), None);
     }
 }

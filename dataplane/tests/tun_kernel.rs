@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use meshd_agent::tun::{configure, Tun, TunBatch, TunError};
+use meshd_dataplane::tun::{configure, Tun, TunBatch, TunError};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use support::*;

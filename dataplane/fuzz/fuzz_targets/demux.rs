@@ -14,11 +14,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use meshd_agent::engine::{Node, Sink};
-use meshd_agent::keys::{PresharedKey, PrivateKey, PublicKey};
-use meshd_agent::peers::PeerConfig;
-use meshd_agent::tun::TunBatch;
-use meshd_agent::udp::UdpSendBatch;
+use meshd_dataplane::engine::{Node, Sink};
+use meshd_dataplane::keys::{PresharedKey, PrivateKey, PublicKey};
+use meshd_dataplane::peers::PeerConfig;
+use meshd_dataplane::tun::TunBatch;
+use meshd_dataplane::udp::UdpSendBatch;
 
 const A_IP: [u8; 4] = [10, 0, 0, 1];
 const B_IP: [u8; 4] = [10, 0, 0, 2];

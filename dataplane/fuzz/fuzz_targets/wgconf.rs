@@ -1,14 +1,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshd_agent::wgconf;
+use meshd_dataplane::wgconf;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let lines = text.lines().count().max(1);
     match wgconf::parse(&text) {
         Ok(config) => {
-            meshd_agent::peers::validate(&config.peers).expect("parsed peers are valid");
+            meshd_dataplane::peers::validate(&config.peers).expect("parsed peers are valid");
             for (line, _) in &config.warnings {
                 assert!(
                     (1..=lines).contains(line),

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs each fuzz target of meshd-agent for a bounded time and exits non-zero
+# Runs each fuzz target of meshd-dataplane for a bounded time and exits non-zero
 # on the first crash (the crashing input is saved under fuzz/artifacts/).
 #
-#   agent/fuzz/run.sh [SECONDS_PER_TARGET]     (default 60)
+#   dataplane/fuzz/run.sh [SECONDS_PER_TARGET]     (default 60)
 #
 # cargo-fuzz wants nightly for its -Z flags; RUSTC_BOOTSTRAP=1 lets the stable
 # toolchain accept them. No sanitizer: the fuzzed code has no `unsafe`, and

@@ -11,16 +11,15 @@
 pub mod protocol;
 pub mod show;
 
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustix::event::{PollFd, PollFlags, Timespec};
-
+use crate::control_socket::{self, Answer, ClaimError, SocketFile};
 use crate::engine::{Engine, EngineConfig, EngineError, EngineHandle, EngineStatus};
 use crate::peers::PeerConfig;
 use crate::wgconf::WgConfig;
@@ -35,14 +34,8 @@ pub const SOCKET_DIR: &str = "/run/meshd/wg";
 /// route to the endpoint; set `MTU = 1420` for the same.)
 pub const DEFAULT_MTU: u16 = 1280;
 
-/// How long a client waits for a reply, and the daemon for a request.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How long `down` waits for the daemon to remove its interface.
 const DOWN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How often the control thread looks at the stop flag.
-const STOP_CHECK: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StandaloneError {
@@ -111,59 +104,7 @@ pub fn socket_path(name: &str) -> PathBuf {
     Path::new(SOCKET_DIR).join(format!("{name}.sock"))
 }
 
-/// Removes the control socket when the daemon ends, also on error paths.
-pub(crate) struct SocketFile(PathBuf);
-
-impl SocketFile {
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Why [`claim_socket_at`] failed.
-pub(crate) enum ClaimError {
-    /// A daemon answers on the socket.
-    Running,
-    Io {
-        what: String,
-        source: io::Error,
-    },
-}
-
-/// Binds a control socket at `path`, mode 0600, removed again when the
-/// returned [`SocketFile`] drops. A socket that nothing answers on is left
-/// over from a daemon that was killed, and replaced. The node daemon's
-/// socket is claimed the same way.
-pub(crate) fn claim_socket_at(path: &Path) -> Result<(UnixListener, SocketFile), ClaimError> {
-    let io_err = |what: String| move |source| ClaimError::Io { what, source };
-    match UnixStream::connect(path) {
-        Ok(_) => return Err(ClaimError::Running),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            tracing::info!(path = %path.display(), "removing a stale control socket");
-            std::fs::remove_file(path)
-                .map_err(io_err(format!("removing stale {}", path.display())))?;
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(format!("checking {}", path.display()))(e)),
-    }
-    let listener = match UnixListener::bind(path) {
-        // Another daemon bound it after our check.
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(ClaimError::Running),
-        other => other.map_err(io_err(format!("binding {}", path.display())))?,
-    };
-    let file = SocketFile(path.to_owned());
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io_err(format!("chmod 600 {}", path.display())))?;
-    Ok((listener, file))
-}
-
-/// Binds the control socket of `name` (see [`claim_socket_at`]).
+/// Binds the control socket of `name` (see [`control_socket::claim`]).
 fn claim_socket(name: &str) -> Result<(UnixListener, SocketFile), StandaloneError> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -171,8 +112,8 @@ fn claim_socket(name: &str) -> Result<(UnixListener, SocketFile), StandaloneErro
         .create(SOCKET_DIR)
         .map_err(io_err(format!("creating {SOCKET_DIR}")))?;
     let path = socket_path(name);
-    claim_socket_at(&path).map_err(|e| match e {
-        ClaimError::Running => StandaloneError::AlreadyRunning {
+    control_socket::claim(&path).map_err(|e| match e {
+        ClaimError::Running(path) => StandaloneError::AlreadyRunning {
             name: name.to_owned(),
             path,
         },
@@ -208,7 +149,9 @@ pub fn run(
     let result = std::thread::scope(|s| {
         let control = std::thread::Builder::new()
             .name("meshd-control".into())
-            .spawn_scoped(s, || serve_control(&listener, &handle, stop))
+            .spawn_scoped(s, || {
+                control_socket::serve(&listener, stop, &|text: &str| answer(text, &handle, stop))
+            })
             .map_err(io_err("starting the control thread"))?;
         ready(&engine.status());
         let result = engine.run(stop);
@@ -222,41 +165,9 @@ pub fn run(
     result
 }
 
-fn serve_control(listener: &UnixListener, handle: &EngineHandle, stop: &AtomicBool) {
-    if let Err(e) = listener.set_nonblocking(true) {
-        tracing::error!(error = %e, "control socket unusable");
-        return;
-    }
-    let wait = Timespec::try_from(STOP_CHECK).unwrap_or(Timespec {
-        tv_sec: 0,
-        tv_nsec: 100_000_000,
-    });
-    while !stop.load(Ordering::Relaxed) {
-        let mut fds = [PollFd::new(listener, PollFlags::IN)];
-        if let Err(e) = rustix::event::poll(&mut fds, Some(&wait)) {
-            if e != rustix::io::Errno::INTR {
-                tracing::error!(error = %e, "control socket poll");
-                return;
-            }
-        }
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if let Err(e) = serve_one(stream, handle, stop) {
-                    tracing::debug!(error = %e, "control connection");
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => tracing::warn!(error = %e, "control socket accept"),
-        }
-    }
-}
-
-fn serve_one(mut stream: UnixStream, handle: &EngineHandle, stop: &AtomicBool) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let text = read_message(&mut stream)?;
-    let reply = match Request::parse(&text) {
+/// Answers one control request.
+fn answer(text: &str, handle: &EngineHandle, stop: &AtomicBool) -> Answer {
+    let reply = match Request::parse(text) {
         Err(e) => protocol::encode_error(&e.to_string()),
         Ok(Request::Get) => match handle.status() {
             Ok(status) => protocol::encode_status(&status),
@@ -275,51 +186,7 @@ fn serve_one(mut stream: UnixStream, handle: &EngineHandle, stop: &AtomicBool) -
             protocol::encode_ok()
         }
     };
-    stream.write_all(reply.as_bytes())
-}
-
-/// Reads one message: up to its empty line, or to the end of the stream.
-fn read_message(stream: &mut UnixStream) -> io::Result<zeroize::Zeroizing<String>> {
-    let mut buf = zeroize::Zeroizing::new(Vec::new());
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = protocol::message_end(&buf) {
-            buf.truncate(end);
-            break;
-        }
-        if buf.len() > protocol::MAX_MESSAGE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "control message too long",
-            ));
-        }
-        match stream.read(&mut chunk)? {
-            0 => break,
-            n => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    chunk.fill(0);
-    String::from_utf8(std::mem::take(&mut *buf))
-        .map(zeroize::Zeroizing::new)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "control message is not UTF-8"))
-}
-
-/// Connects to the control socket at `path`; `None` when no daemon listens
-/// there (no socket, or one left by a daemon that was killed). The node
-/// daemon's clients connect the same way.
-pub(crate) fn connect_control(path: &Path) -> io::Result<Option<UnixStream>> {
-    match UnixStream::connect(path) {
-        Ok(s) => Ok(Some(s)),
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
+    Answer::reply(reply)
 }
 
 /// Sends one request to interface `name`'s daemon and returns the text of
@@ -327,7 +194,7 @@ pub(crate) fn connect_control(path: &Path) -> io::Result<Option<UnixStream>> {
 pub fn request(name: &str, request: &Request) -> Result<String, StandaloneError> {
     validate_name(name)?;
     let path = socket_path(name);
-    let mut stream = match connect_control(&path) {
+    let mut stream = match control_socket::connect(&path) {
         Ok(Some(s)) => s,
         Ok(None) => {
             return Err(StandaloneError::NotRunning {
@@ -337,13 +204,8 @@ pub fn request(name: &str, request: &Request) -> Result<String, StandaloneError>
         }
         Err(e) => return Err(io_err(format!("connecting to {}", path.display()))(e)),
     };
-    let talk = |stream: &mut UnixStream| -> io::Result<zeroize::Zeroizing<String>> {
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        stream.write_all(request.encode().as_bytes())?;
-        read_message(stream)
-    };
-    let text = talk(&mut stream).map_err(io_err(format!("talking to {}", path.display())))?;
+    let text = control_socket::exchange(&mut stream, &request.encode())
+        .map_err(io_err(format!("talking to {}", path.display())))?;
     match protocol::parse_reply(&text)? {
         Reply::Ok(text) => Ok(text),
         Reply::Error(message) => Err(StandaloneError::Daemon {

@@ -29,11 +29,11 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use meshd_agent::engine::{Engine, EngineConfig};
-use meshd_agent::keys::PrivateKey;
-use meshd_agent::peers::PeerConfig;
-use meshd_agent::tun::{configure, Tun, TunBatch};
-use meshd_agent::udp::{UdpSendBatch, UdpSocket};
+use meshd_dataplane::engine::{Engine, EngineConfig};
+use meshd_dataplane::keys::PrivateKey;
+use meshd_dataplane::peers::PeerConfig;
+use meshd_dataplane::tun::{configure, Tun, TunBatch};
+use meshd_dataplane::udp::{UdpSendBatch, UdpSocket};
 use rustix::event::{PollFd, PollFlags, Timespec};
 
 type Result<T> = std::result::Result<T, Box<dyn Error + Send + Sync>>;

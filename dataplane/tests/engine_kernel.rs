@@ -13,9 +13,9 @@ use std::sync::mpsc;
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
-use meshd_agent::engine::{Engine, EngineConfig, EngineCounters};
-use meshd_agent::keys::{PresharedKey, PrivateKey};
-use meshd_agent::peers::PeerConfig;
+use meshd_dataplane::engine::{Engine, EngineConfig, EngineCounters};
+use meshd_dataplane::keys::{PresharedKey, PrivateKey};
+use meshd_dataplane::peers::PeerConfig;
 use support::*;
 
 struct Side {

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use meshd_agent::engine::{ControlError, Engine, EngineConfig, EngineError};
-use meshd_agent::keys::{PrivateKey, PublicKey};
-use meshd_agent::peers::{PeerConfig, PeerError};
+use meshd_dataplane::engine::{ControlError, Engine, EngineConfig, EngineError};
+use meshd_dataplane::keys::{PrivateKey, PublicKey};
+use meshd_dataplane::peers::{PeerConfig, PeerError};
 use support::*;
 
 fn peer(n: u8, allowed: &str) -> PeerConfig {

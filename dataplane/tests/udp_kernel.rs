@@ -10,7 +10,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use meshd_agent::udp::{
+use meshd_dataplane::udp::{
     send_batch_via, udp_drop_counters, PeerSockets, UdpRecvBatch, UdpSendBatch, UdpSocket,
     SOCKET_BUFFER,
 };

@@ -8,11 +8,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use meshd_agent::engine::{Node, Sink};
-use meshd_agent::keys::{PresharedKey, PrivateKey};
-use meshd_agent::peers::PeerConfig;
-use meshd_agent::tun::TunBatch;
-use meshd_agent::udp::UdpSendBatch;
+use meshd_dataplane::engine::{Node, Sink};
+use meshd_dataplane::keys::{PresharedKey, PrivateKey};
+use meshd_dataplane::peers::PeerConfig;
+use meshd_dataplane::tun::TunBatch;
+use meshd_dataplane::udp::UdpSendBatch;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
