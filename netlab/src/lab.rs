@@ -350,6 +350,28 @@ impl Lab {
         self.member(name).map(|m| m.addr)
     }
 
+    /// How many packets from the internet a site's router has dropped that were addressed to
+    /// the router itself (unsolicited input on its WAN address). Errors for a site without rules
+    /// (`nat = "none"`, `firewall = "open"`), whose router accepts everything.
+    pub fn wan_input_drops(&self, site: &str) -> Result<u64, LabError> {
+        let m = self.member(site)?;
+        if m.role != Role::Router {
+            return Err(LabError::Lab(format!("{site} is not a site")));
+        }
+        let chain = self
+            .exec(site, &["nft", "list", "chain", "inet", "netlab", "input"])?
+            .ok()?;
+        chain
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("iifname \"wan\" counter packets "))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| {
+                LabError::Lab(format!(
+                    "no WAN drop counter in {site}'s input chain: {chain}"
+                ))
+            })
+    }
+
     /// Names of the site nodes and public hosts, in order.
     pub fn endpoints(&self) -> Vec<&str> {
         self.members
@@ -560,8 +582,14 @@ fn router_ruleset(nat: Nat, fw: Firewall) -> Option<String> {
     if nat == Nat::None && fw == Firewall::Open {
         return None;
     }
+    // Input: a datagram from the internet to the router's own address and a port must not be
+    // accepted: its conntrack entry would hold that public port for that remote, so a node's
+    // later flow to the same remote would be moved to another port (a broken hole punch).
+    // Real routers drop unsolicited input on the WAN; the counter tells tests it happened.
     let mut r = String::from(
-        "table inet netlab {\n  chain forward {\n    type filter hook forward priority filter; policy accept;\n    \
+        "table inet netlab {\n  chain input {\n    type filter hook input priority filter; policy accept;\n    \
+         ct state established,related accept\n    iifname \"wan\" counter drop\n  }\n  \
+         chain forward {\n    type filter hook forward priority filter; policy accept;\n    \
          ct state established,related accept\n    iifname \"wan\" drop\n",
     );
     match fw {
@@ -701,6 +729,7 @@ mod tests {
         ] {
             let r = router_ruleset(nat, fw).unwrap();
             assert!(r.contains("iifname \"wan\" drop"), "{r}");
+            assert!(r.contains("iifname \"wan\" counter drop"), "{r}");
             assert_eq!(r.contains("masquerade"), nat != Nat::None);
             assert_eq!(r.contains("fully-random"), nat == Nat::Symmetric);
         }

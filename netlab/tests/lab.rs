@@ -1,8 +1,10 @@
 //! netlab behaviour, proven in real namespaces (needs root; fails without it).
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use meshd_netlab::tools::{self, TcpAcceptor, UdpReflector};
 use meshd_netlab::{registry, Firewall, Lab, Nat, Site, Topology, RESOLVER_ADDR};
@@ -39,25 +41,28 @@ fn endpoint_independent_nat_keeps_one_mapping_and_symmetric_does_not() {
     let lab = nat_lab();
     let r1 = UdpReflector::start(&lab, "refl1", 3478).unwrap();
     let r2 = UdpReflector::start(&lab, "refl2", 3478).unwrap();
+    // Another port of the same host is another destination.
+    let r1b = UdpReflector::start(&lab, "refl1", 3479).unwrap();
+    let servers = [&r1, &r2, &r1b, &r1];
 
-    let eim = mapped(&lab, "eim1", 40000, &[&r1, &r2]);
+    let eim = mapped(&lab, "eim1", 40000, &servers);
+    let home = SocketAddr::from((lab.addr("home").unwrap(), 40000));
     assert_eq!(
-        eim[0], eim[1],
-        "behind endpoint-independent NAT both reflectors must see one mapping"
-    );
-    assert_eq!(
-        eim[0].ip(),
-        lab.addr("home").unwrap(),
-        "mapped to the router's public address"
+        eim,
+        vec![home; 4],
+        "behind endpoint-independent NAT every destination sees one mapping, the router's \
+         address and the socket's port"
     );
 
-    let sym = mapped(&lab, "sym1", 40000, &[&r1, &r2]);
-    assert_eq!(sym[0].ip(), lab.addr("carrier").unwrap());
-    assert_ne!(
-        sym[0].port(),
-        sym[1].port(),
-        "behind symmetric NAT each destination gets its own port"
+    let sym = mapped(&lab, "sym1", 40000, &servers);
+    assert!(sym.iter().all(|m| m.ip() == lab.addr("carrier").unwrap()));
+    assert!(
+        sym[0].port() != sym[1].port()
+            && sym[0].port() != sym[2].port()
+            && sym[1].port() != sym[2].port(),
+        "behind symmetric NAT each destination address and port gets its own port: {sym:?}"
     );
+    assert_eq!(sym[3], sym[0], "a destination seen again keeps its mapping");
 
     let public = mapped(&lab, "pub1", 40000, &[&r1, &r2]);
     let itself = SocketAddr::from((lab.addr("pub1").unwrap(), 40000));
@@ -68,26 +73,29 @@ fn endpoint_independent_nat_keeps_one_mapping_and_symmetric_does_not() {
 fn unsolicited_inbound_udp_to_a_natted_node_is_dropped() {
     let lab = nat_lab();
     let r1 = UdpReflector::start(&lab, "refl1", 3478).unwrap();
-    let node = tools::udp_socket(&lab, "eim1", 40001).unwrap();
-    let seen: SocketAddr = tools::udp_ask(&node, r1.addr(), ANSWER)
-        .unwrap()
-        .parse()
-        .unwrap();
-
-    // The mapping exists, but only the reflector's own address and port may use it.
     let stranger = tools::udp_socket(&lab, "refl2", 5555).unwrap();
-    stranger.send_to(b"knock", seen).unwrap();
     let same_host_other_port = tools::udp_socket(&lab, "refl1", 5556).unwrap();
-    same_host_other_port.send_to(b"knock", seen).unwrap();
-    // The node's private address is not routed on the internet at all.
-    let _ = stranger.send_to(b"knock", (lab.addr("eim1").unwrap(), 40001));
-    assert!(
-        !tools::udp_receives(&node, SHORT),
-        "unsolicited datagram reached a node behind NAT"
-    );
+    for name in ["eim1", "sym1"] {
+        let node = tools::udp_socket(&lab, name, 40001).unwrap();
+        let seen: SocketAddr = tools::udp_ask(&node, r1.addr(), ANSWER)
+            .unwrap()
+            .parse()
+            .unwrap();
 
-    // Positive controls: the reflector itself still gets through, and a public node is reachable.
-    assert!(tools::udp_ask(&node, r1.addr(), ANSWER).is_some());
+        // The mapping exists, but only the reflector's own address and port may use it.
+        stranger.send_to(b"knock", seen).unwrap();
+        same_host_other_port.send_to(b"knock", seen).unwrap();
+        // The node's private address is not routed on the internet at all.
+        let _ = stranger.send_to(b"knock", (lab.addr(name).unwrap(), 40001));
+        assert!(
+            !tools::udp_receives(&node, SHORT),
+            "unsolicited datagram reached {name} behind NAT"
+        );
+        // Positive control: the reflector itself still gets through.
+        assert!(tools::udp_ask(&node, r1.addr(), ANSWER).is_some());
+    }
+
+    // Positive control: a public node is reachable.
     let public = tools::udp_socket(&lab, "pub1", 40002).unwrap();
     stranger
         .send_to(b"hello", (lab.addr("pub1").unwrap(), 40002))
@@ -95,6 +103,164 @@ fn unsolicited_inbound_udp_to_a_natted_node_is_dropped() {
     assert!(
         tools::udp_receives(&public, ANSWER),
         "a node with a public address must be reachable"
+    );
+}
+
+/// The public address a reflector saw `sock` send from.
+fn seen_by(sock: &UdpSocket, reflector: &UdpReflector) -> SocketAddr {
+    let text = tools::udp_ask(sock, reflector.addr(), ANSWER)
+        .unwrap_or_else(|| panic!("no answer from the reflector at {}", reflector.addr()));
+    text.parse()
+        .unwrap_or_else(|_| panic!("the reflector's answer {text:?} is not an address"))
+}
+
+/// The UDP entries of a router's connection tracking table, one per line.
+fn conntrack(lab: &Lab, site: &str) -> String {
+    lab.exec(site, &["conntrack", "-L", "-p", "udp"])
+        .unwrap()
+        .ok()
+        .unwrap_or_else(|e| panic!("{e} (scripts/install-deps installs conntrack)"))
+}
+
+#[test]
+fn unsolicited_datagrams_to_a_router_do_not_move_mappings() {
+    let lab = Lab::up(
+        &Topology::new()
+            .host("refl1")
+            .host("refl2")
+            .site(Site::new("home", ["eim1"]).nat(Nat::EndpointIndependent)),
+    )
+    .unwrap();
+    let wan = lab.addr("home").unwrap();
+    let r1 = UdpReflector::start(&lab, "refl1", 3478).unwrap();
+    let node = tools::udp_socket(&lab, "eim1", 40000).unwrap();
+    let mapped = seen_by(&node, &r1);
+    assert_eq!(mapped, SocketAddr::from((wan, 40000)));
+
+    // Another public host knocks on the router's WAN address: on the mapped port, on the port
+    // the node's next socket will use, and on one no node uses; from the port its reflector
+    // will answer on and from another. Each knock is a remote the node may later send to.
+    let knocks: Vec<UdpSocket> = [3478, 5555]
+        .into_iter()
+        .map(|p| tools::udp_socket(&lab, "refl2", p).unwrap())
+        .collect();
+    for k in &knocks {
+        for port in [40000, 40001, 9] {
+            k.send_to(b"knock", (wan, port)).unwrap();
+        }
+    }
+    lab.wait_until("the router to drop the 6 knocks", ANSWER, || {
+        lab.wan_input_drops("home").unwrap() >= 6
+    })
+    .unwrap();
+    let table = conntrack(&lab, "home");
+    let stranger = lab.addr("refl2").unwrap();
+    assert!(
+        !table.contains(&format!("src={stranger} ")),
+        "the knocks left connection-tracking entries that hold public ports:\n{table}"
+    );
+    drop(knocks);
+
+    // The node's flows to the knocker keep the node's mapping.
+    let r2 = UdpReflector::start(&lab, "refl2", 3478).unwrap();
+    assert_eq!(
+        seen_by(&node, &r2),
+        mapped,
+        "a knock on the mapped port moved the mapping"
+    );
+    assert_eq!(seen_by(&node, &r1), mapped);
+    let next = tools::udp_socket(&lab, "eim1", 40001).unwrap();
+    assert_eq!(
+        seen_by(&next, &r2),
+        SocketAddr::from((wan, 40001)),
+        "a knock on a free port moved the next socket's mapping"
+    );
+}
+
+/// How often each side of a hole punch sends a probe, and how long it may take once both send.
+const PROBE_EVERY: Duration = Duration::from_millis(10);
+const PUNCH_WITHIN: Duration = Duration::from_secs(2);
+
+/// One side of a hole punch: its socket and the other side's public mapping.
+type Punch<'a> = (&'a UdpSocket, SocketAddr);
+
+/// Each side sends a probe to the other's public mapping every PROBE_EVERY until both have
+/// received one from the other's mapping, `second` starting `head_start` after `first`'s first
+/// probe. Returns whether `first` and `second` heard the other within PUNCH_WITHIN.
+fn punch(first: Punch<'_>, second: Punch<'_>, head_start: Duration) -> [bool; 2] {
+    let heard = [AtomicBool::new(false), AtomicBool::new(false)];
+    let both = || heard.iter().all(|h| h.load(Ordering::Relaxed));
+    let (started, go) = mpsc::channel();
+    let mut go = Some(go);
+    std::thread::scope(|s| {
+        for (me, (sock, peer)) in [first, second].into_iter().enumerate() {
+            let (heard, both, started) = (&heard, &both, started.clone());
+            let go = if me == 1 { go.take() } else { None };
+            s.spawn(move || {
+                if let Some(go) = go {
+                    let _ = go.recv();
+                    std::thread::sleep(head_start); // the one deliberate delay
+                }
+                sock.set_read_timeout(Some(PROBE_EVERY)).unwrap();
+                let deadline = Instant::now() + PUNCH_WITHIN;
+                let mut buf = [0u8; 64];
+                while !both() && Instant::now() < deadline {
+                    sock.send_to(b"punch", peer).unwrap();
+                    let _ = started.send(());
+                    if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                        if from == peer {
+                            heard[me].store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    heard.map(AtomicBool::into_inner)
+}
+
+#[test]
+fn endpoint_independent_sites_punch_through_whoever_starts_first() {
+    let lab = Lab::up(
+        &Topology::new()
+            .host("refl")
+            .site(Site::new("west", ["w1"]).nat(Nat::EndpointIndependent))
+            .site(Site::new("east", ["e1"]).nat(Nat::EndpointIndependent)),
+    )
+    .unwrap();
+    let r = UdpReflector::start(&lab, "refl", 3478).unwrap();
+    const TRIALS: usize = 20;
+    let mut report = Vec::new();
+    // 100 ms head start for either side, then random head starts of 0–100 ms for a random side.
+    for order in ["west first", "east first", "random"] {
+        let mut punched = 0;
+        for _ in 0..TRIALS {
+            // Fresh sockets (new ports, new mappings): trials share no NAT state.
+            let w = tools::udp_socket(&lab, "w1", 0).unwrap();
+            let e = tools::udp_socket(&lab, "e1", 0).unwrap();
+            let (wm, em) = (seen_by(&w, &r), seen_by(&e, &r));
+            let (west_first, head_start) = match order {
+                "west first" => (true, Duration::from_millis(100)),
+                "east first" => (false, Duration::from_millis(100)),
+                _ => (
+                    rand::random_bool(0.5),
+                    Duration::from_millis(rand::random_range(0..=100)),
+                ),
+            };
+            let heard = if west_first {
+                punch((&w, em), (&e, wm), head_start)
+            } else {
+                punch((&e, wm), (&w, em), head_start)
+            };
+            punched += usize::from(heard == [true, true]);
+        }
+        report.push(format!("{order}: {punched} of {TRIALS}"));
+    }
+    let all = format!("{TRIALS} of {TRIALS}");
+    assert!(
+        report.iter().all(|r| r.ends_with(&all)),
+        "hole punches that got datagrams both ways: {}",
+        report.join(", ")
     );
 }
 
