@@ -18,6 +18,10 @@ use crate::LabError;
 /// The lab resolver's address, on the core's loopback. The only DNS a `udp-blocked` site may reach.
 pub const RESOLVER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 53);
 const CORE: &str = "inet";
+/// Lifetime of a router's UDP mapping after its last packet, before and after it has carried
+/// traffic both ways (docs/netlab.md, "Semantics").
+const UDP_UNREPLIED_SECS: &str = "30";
+const UDP_REPLIED_SECS: &str = "120";
 
 /// How a lab keeps its logs.
 #[derive(Debug, Clone, Default)]
@@ -290,6 +294,18 @@ impl Lab {
                     "ip",
                     &["netns", "exec", &router, "nft", "-f", "-"],
                     Some(&rules),
+                )?;
+                // How long a UDP mapping lives is conntrack's per-namespace UDP timeouts; set
+                // here (after the ruleset has loaded conntrack) so that no host setting leaks in.
+                sys::sysctl(
+                    &router,
+                    "net.netfilter.nf_conntrack_udp_timeout",
+                    UDP_UNREPLIED_SECS,
+                )?;
+                sys::sysctl(
+                    &router,
+                    "net.netfilter.nf_conntrack_udp_timeout_stream",
+                    UDP_REPLIED_SECS,
                 )?;
             }
         }

@@ -118,13 +118,26 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T, La
     })
 }
 
-/// Writes a sysctl of the namespace (under /proc/sys, which follows the writer's namespace).
+/// Writes a sysctl of the namespace (under /proc/sys, which follows the writer's namespace)
+/// and reads it back: a key that is global, not per namespace, may refuse or ignore the write.
 pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<(), LabError> {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));
-    in_netns(ns, || std::fs::write(&path, value))?.map_err(|source| LabError::Io {
+    let now = in_netns(ns, || {
+        std::fs::write(&path, value)?;
+        std::fs::read_to_string(&path)
+    })?
+    .map_err(|source| LabError::Io {
         what: format!("setting {key}={value} in {ns}"),
         source,
-    })
+    })?;
+    if now.trim() == value {
+        Ok(())
+    } else {
+        Err(LabError::Lab(format!(
+            "set {key}={value} in {ns}, but it reads {:?}",
+            now.trim()
+        )))
+    }
 }
 
 /// Start time of a process in clock ticks since boot; with the pid it names a process uniquely.

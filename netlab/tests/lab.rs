@@ -265,6 +265,64 @@ fn endpoint_independent_sites_punch_through_whoever_starts_first() {
 }
 
 #[test]
+fn nat_mappings_live_30_s_unreplied_and_120_s_replied() {
+    let lab = Lab::up(
+        &Topology::new()
+            .host("refl")
+            .site(Site::new("home", ["n1"]).nat(Nat::EndpointIndependent)),
+    )
+    .unwrap();
+    let r = UdpReflector::start(&lab, "refl", 3478).unwrap();
+    let sock = tools::udp_socket(&lab, "n1", 40000).unwrap();
+    // Seconds left of the router's entry for the node's flow to `dport`, and its flags.
+    let entry = |dport: u16| {
+        let table = conntrack(&lab, "home");
+        let line = table
+            .lines()
+            .find(|l| l.contains("sport=40000 ") && l.contains(&format!("dport={dport} ")))
+            .unwrap_or_else(|| panic!("no entry for the flow to port {dport}:\n{table}"))
+            .to_owned();
+        let secs: u64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+        (secs, line)
+    };
+
+    // Nobody answers on port 9: the mapping has seen no reply.
+    sock.send_to(b"hello?", (lab.addr("refl").unwrap(), 9))
+        .unwrap();
+    lab.wait_until("the router to map the flow", ANSWER, || {
+        conntrack(&lab, "home").contains("dport=9 ")
+    })
+    .unwrap();
+    let (secs, line) = entry(9);
+    assert!(
+        line.contains("[UNREPLIED]") && (20..=30).contains(&secs),
+        "{line}"
+    );
+
+    // Traffic both ways: 30 s at first, 120 s once a packet crosses it more than 2 s after
+    // its first (conntrack's UDP stream rule).
+    let first = Instant::now();
+    seen_by(&sock, &r);
+    let (secs, line) = entry(3478);
+    assert!(
+        !line.contains("[UNREPLIED]") && (20..=30).contains(&secs),
+        "{line}"
+    );
+    lab.wait_until(
+        "the replied mapping to be kept 120 s",
+        Duration::from_secs(10),
+        || {
+            seen_by(&sock, &r);
+            entry(3478).0 > 30
+        },
+    )
+    .unwrap();
+    let (secs, line) = entry(3478);
+    assert!((110..=120).contains(&secs), "{line}");
+    assert!(first.elapsed() >= Duration::from_secs(2), "{line}");
+}
+
+#[test]
 fn firewalls_block_what_they_say_and_pass_the_rest() {
     let lab = Lab::up(
         &Topology::new()
