@@ -31,7 +31,7 @@ enum Cmd {
     Pubkey,
     /// Print a new preshared key (like `wg genpsk`).
     Genpsk,
-    /// A userspace WireGuard interface from a wg-quick file: up, show, down, syncconf.
+    /// A userspace WireGuard interface for wg and wg-quick, or from a wg-quick file.
     #[command(subcommand)]
     Wg(wg_cmd::WgCmd),
     /// The coordinator: run it, or administer a running one (tokens, nodes).
@@ -54,7 +54,18 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    // wg-quick runs WG_QUICK_USERSPACE_IMPLEMENTATION with the interface
+    // name alone; under that name meshd is `meshd wg create`.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .map(str::to_owned);
+    if invoked_as.as_deref() == Some(wg_cmd::WG_QUICK_NAME) {
+        args.splice(1..1, ["wg".into(), "create".into()]);
+    }
+    match Cli::parse_from(args).command {
         Cmd::Lab(cmd) => lab_cmd::run(cmd),
         Cmd::Genkey => key_cmd::genkey(),
         Cmd::Pubkey => key_cmd::pubkey(),

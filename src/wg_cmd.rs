@@ -1,15 +1,16 @@
-//! `meshd wg …`: a userspace WireGuard interface from a wg-quick file, run by
-//! `meshd_dataplane::standalone`. See docs/wg-standalone.md.
+//! `meshd wg …`: a userspace WireGuard interface that `wg` and `wg-quick`
+//! drive through WireGuard's UAPI, run by `meshd_dataplane::standalone`.
+//! See docs/wg-standalone.md.
 #![allow(clippy::print_stdout)] // a CLI talks to its user on stdout
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
-use meshd_dataplane::standalone::{self, show};
+use meshd_dataplane::standalone::{self, show, uapi, Setup};
 use meshd_dataplane::wgconf::{self, WgConfig};
 
 use crate::daemon::{self, Started};
@@ -34,14 +35,36 @@ pub enum WgCmd {
         #[arg(long, hide = true)]
         daemon_child: bool,
     },
-    /// Show running interfaces like `wg show` (all, or the one named).
+    /// Create an empty interface for `wg setconf` and `wg-quick`, like
+    /// wireguard-go does (in the background unless --foreground).
+    /// `wg-quick` runs a program named by WG_QUICK_USERSPACE_IMPLEMENTATION
+    /// with the interface name alone: a link to meshd named `meshd-wg` runs
+    /// this.
+    Create {
+        interface: String,
+        /// Stay in the foreground, logging to stderr, until SIGINT or SIGTERM.
+        #[arg(short = 'f', long)]
+        foreground: bool,
+        /// Internal: this process is the background daemon.
+        #[arg(long, hide = true)]
+        daemon_child: bool,
+    },
+    /// Show userspace interfaces like `wg show` (all, or the one named),
+    /// with meshd's packet and drop counters.
     Show { interface: Option<String> },
-    /// Stop an interface and wait until it is gone.
+    /// Remove an interface (as `wg-quick down` does) and wait until its
+    /// daemon is gone.
     Down { interface: String },
-    /// Make the peers of a running interface those of CONFIG; peers whose
-    /// settings did not change keep their sessions.
+    /// Make the running interface's configuration that of CONFIG, as
+    /// `wg syncconf` does; peers whose settings did not change keep their
+    /// sessions.
     Syncconf { interface: String, config: PathBuf },
 }
+
+/// The name under which `meshd` acts as `meshd wg create` (for
+/// WG_QUICK_USERSPACE_IMPLEMENTATION, which names one program and gives it
+/// the interface name only).
+pub const WG_QUICK_NAME: &str = "meshd-wg";
 
 pub fn run(cmd: WgCmd) -> Result<()> {
     match cmd {
@@ -51,6 +74,11 @@ pub fn run(cmd: WgCmd) -> Result<()> {
             foreground,
             daemon_child,
         } => up(&config, interface, foreground, daemon_child),
+        WgCmd::Create {
+            interface,
+            foreground,
+            daemon_child,
+        } => create(&interface, foreground, daemon_child),
         WgCmd::Show { interface } => show_cmd(interface),
         WgCmd::Down { interface } => Ok(standalone::down(&interface)?),
         WgCmd::Syncconf { interface, config } => syncconf(&interface, &config),
@@ -82,10 +110,14 @@ fn up(path: &Path, interface: Option<String>, foreground: bool, daemon_child: bo
         None => standalone::interface_name(path)?,
     };
     if !(foreground || daemon_child) {
-        return start_daemon(path, &name);
+        let config = std::fs::canonicalize(path)
+            .with_context(|| format!("{}: cannot resolve the path", path.display()))?;
+        let mut args: Vec<std::ffi::OsString> = vec!["wg".into(), "up".into(), config.into()];
+        args.extend(["--interface".into(), name.clone().into()]);
+        return start_daemon(args, &name);
     }
     let stop = daemon::stop_on_signal(daemon_child)?;
-    standalone::run(&name, &config, &stop, |status| {
+    standalone::run(&name, Setup::from_config(&config), &stop, |status| {
         if daemon_child {
             daemon::report_ready();
             daemon::detach_stdio();
@@ -99,16 +131,29 @@ fn up(path: &Path, interface: Option<String>, foreground: bool, daemon_child: bo
     Ok(())
 }
 
-/// Starts this program again as a detached daemon (`--daemon-child`) and
-/// waits until it reports the interface up, or passes on its error.
-fn start_daemon(path: &Path, name: &str) -> Result<()> {
+fn create(name: &str, foreground: bool, daemon_child: bool) -> Result<()> {
+    standalone::validate_name(name)?;
+    if !(foreground || daemon_child) {
+        return start_daemon(vec!["wg".into(), "create".into(), name.into()], name);
+    }
+    let stop = daemon::stop_on_signal(daemon_child)?;
+    standalone::run(name, Setup::for_wg_quick(), &stop, |_| {
+        if daemon_child {
+            daemon::report_ready();
+            daemon::detach_stdio();
+        }
+    })?;
+    Ok(())
+}
+
+/// Starts this program again with `args` and `--daemon-child` as a detached
+/// daemon and waits until it reports the interface up, or passes on its
+/// error.
+fn start_daemon(args: Vec<std::ffi::OsString>, name: &str) -> Result<()> {
     let exe = std::env::current_exe().context("locating the meshd executable")?;
-    let config = std::fs::canonicalize(path)
-        .with_context(|| format!("{}: cannot resolve the path", path.display()))?;
     let mut child = Command::new(exe)
-        .args(["wg", "up"])
-        .arg(&config)
-        .args(["--interface", name, "--daemon-child"])
+        .args(args)
+        .arg("--daemon-child")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -137,11 +182,12 @@ fn start_daemon(path: &Path, name: &str) -> Result<()> {
 }
 
 fn show_cmd(interface: Option<String>) -> Result<()> {
+    let now = SystemTime::now();
     let Some(name) = interface else {
         let mut blocks = Vec::new();
         for name in standalone::interfaces()? {
-            match standalone::status(&name) {
-                Ok(status) => blocks.push(show::format(&status)),
+            match standalone::get(&name) {
+                Ok(status) => blocks.push(show::format(&name, &status, now)),
                 // A socket left by a killed daemon; `up` replaces it.
                 Err(e) => eprintln!("meshd: {name}: {e}"),
             }
@@ -149,28 +195,12 @@ fn show_cmd(interface: Option<String>) -> Result<()> {
         print!("{}", blocks.join("\n"));
         return Ok(());
     };
-    print!("{}", show::format(&standalone::status(&name)?));
+    print!("{}", show::format(&name, &standalone::get(&name)?, now));
     Ok(())
 }
 
 fn syncconf(name: &str, path: &Path) -> Result<()> {
     let config = load(path, true)?;
-    let running = standalone::status(name)?;
-    if config.interface.private_key.public_key() != running.public_key {
-        bail!(
-            "{}: its PrivateKey is not the one {name} runs with; syncconf changes peers only (use `meshd wg down` and `meshd wg up` to change the key)",
-            path.display()
-        );
-    }
-    if let Some(port) = config.interface.listen_port {
-        if port != running.listen_port {
-            bail!(
-                "{}: ListenPort {port} differs from the {} {name} listens on; syncconf changes peers only",
-                path.display(),
-                running.listen_port
-            );
-        }
-    }
-    standalone::set_peers(name, config.peers)?;
+    standalone::set(name, &uapi::encode_setconf(&config))?;
     Ok(())
 }

@@ -41,6 +41,7 @@ use meshd_dataplane::engine::{
     ControlError, Engine, EngineConfig, EngineError, EngineHandle, EngineStatus,
 };
 use meshd_dataplane::keys::{PrivateKey, PublicKey};
+use meshd_dataplane::peers::PeerConfig;
 use meshd_dataplane::standalone::DEFAULT_MTU;
 
 /// How often the driver looks at the stop flag and the engine thread.
@@ -222,6 +223,26 @@ fn answer(text: &str, calls: &mpsc::Sender<(Request, oneshot::Sender<Reply>)>) -
     }
 }
 
+/// How long the driver waits for the engine to carry out a command (it
+/// does so within a turn; replacing peers runs `ip route` per prefix).
+const ENGINE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Sends a command to the engine with `send` and awaits its answer: the
+/// runtime goes on serving other tasks meanwhile.
+async fn call<T: Send + 'static>(
+    send: impl FnOnce(Box<dyn FnOnce(T) + Send>) -> Result<(), ControlError>,
+) -> Result<T, ControlError> {
+    let (tx, rx) = oneshot::channel();
+    send(Box::new(move |v| {
+        let _ = tx.send(v);
+    }))?;
+    match tokio::time::timeout(ENGINE_TIMEOUT, rx).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(_)) => Err(ControlError::Stopped),
+        Err(_) => Err(ControlError::Timeout(ENGINE_TIMEOUT)),
+    }
+}
+
 /// The data-plane engine on its own thread.
 struct EngineRunner {
     handle: EngineHandle,
@@ -232,10 +253,7 @@ struct EngineRunner {
 }
 
 impl EngineRunner {
-    fn start(
-        config: EngineConfig,
-        peers: Vec<meshd_dataplane::peers::PeerConfig>,
-    ) -> Result<Self, NodeError> {
+    fn start(config: EngineConfig, peers: Vec<PeerConfig>) -> Result<Self, NodeError> {
         let plan = TunPlan {
             addresses: config.addresses.clone(),
             routes: config.routes.clone(),
@@ -274,6 +292,20 @@ impl EngineRunner {
             }
             Err(_) => Err(NodeError::EngineGone),
         }
+    }
+
+    async fn set_peers(&self, peers: Vec<PeerConfig>) -> Result<(), ControlError> {
+        call(|reply| self.handle.set_peers_then(peers, reply))
+            .await?
+            .map_err(ControlError::from)
+    }
+
+    async fn status(&self) -> Result<EngineStatus, ControlError> {
+        call(|reply| self.handle.status_then(reply)).await
+    }
+
+    async fn set_private_key(&self, key: PrivateKey) -> Result<(), ControlError> {
+        call(|reply| self.handle.set_private_key_then(key, reply)).await
     }
 
     /// The engine's error if its thread has ended.
@@ -431,7 +463,7 @@ impl<'r> Runtime<'r> {
         // once; the coordinator's map follows when it answers.
         if let Some(info) = self.info.clone() {
             self.ensure_engine(&info)?;
-            self.signal_ready();
+            self.signal_ready().await;
         }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -506,7 +538,7 @@ impl<'r> Runtime<'r> {
             }
             Event::Received(Err(e)) => self.session_lost(e.to_string(), now),
             Event::Timer => self.sup.handle_timeout(now),
-            Event::Ipc(req, reply) => self.on_ipc(req, reply, now),
+            Event::Ipc(req, reply) => self.on_ipc(req, reply, now).await,
             Event::Tick => self.on_tick(now)?,
         }
         Ok(())
@@ -589,7 +621,7 @@ impl<'r> Runtime<'r> {
         while let Some(event) = self.session.as_mut().and_then(|s| s.client.poll_event()) {
             match event {
                 ClientEvent::Joined(info) => self.on_joined(info, now)?,
-                ClientEvent::PeersChanged => self.on_peers(now)?,
+                ClientEvent::PeersChanged => self.on_peers(now).await?,
                 ClientEvent::PolicyChanged => {
                     tracing::debug!("inbound filter received (enforced from the ACL issue on)")
                 }
@@ -639,6 +671,8 @@ impl<'r> Runtime<'r> {
             addresses: plan.addresses.clone(),
             routes: plan.routes.clone(),
             listen_port: port,
+            fwmark: 0,
+            route_allowed_ips: true,
         };
         let runner = match (self.opts.listen_port, self.node_file.listen_port) {
             (Some(port), _) => EngineRunner::start(config(port), peers)?,
@@ -661,7 +695,7 @@ impl<'r> Runtime<'r> {
         Ok(())
     }
 
-    fn on_peers(&mut self, now: Instant) -> Result<(), NodeError> {
+    async fn on_peers(&mut self, now: Instant) -> Result<(), NodeError> {
         let Some(session) = self.session.as_mut() else {
             return Ok(());
         };
@@ -670,7 +704,7 @@ impl<'r> Runtime<'r> {
         session.synced = true;
         let configs = netmap::peer_configs(&self.peers, &self.key.public_key());
         if let Some(engine) = &self.engine {
-            match engine.handle.set_peers(configs) {
+            match engine.set_peers(configs).await {
                 Ok(()) => {}
                 Err(ControlError::Engine(e)) => {
                     tracing::warn!(error = %e, "peer map not applied")
@@ -685,14 +719,14 @@ impl<'r> Runtime<'r> {
         if first {
             self.sessions += 1;
             self.sup.handle(Input::Synced, now);
-            self.signal_ready();
+            self.signal_ready().await;
         }
         Ok(())
     }
 
-    fn signal_ready(&mut self) {
+    async fn signal_ready(&mut self) {
         if let Some(ready) = self.ready.take() {
-            let status = self.status(Instant::now());
+            let status = self.status(Instant::now()).await;
             ready(&status);
         }
     }
@@ -735,7 +769,7 @@ impl<'r> Runtime<'r> {
                     self.key = key.clone();
                     self.pending = None;
                     if let Some(engine) = &self.engine {
-                        engine.handle.set_private_key(key)?;
+                        engine.set_private_key(key).await?;
                     }
                     tracing::info!(public_key = %public, "key rotated");
                     for (_, w) in self.rotate_waiters.drain(..) {
@@ -788,10 +822,10 @@ impl<'r> Runtime<'r> {
         Ok(())
     }
 
-    fn on_ipc(&mut self, req: Request, reply: oneshot::Sender<Reply>, now: Instant) {
+    async fn on_ipc(&mut self, req: Request, reply: oneshot::Sender<Reply>, now: Instant) {
         match req {
             Request::Status => {
-                let _ = reply.send(Reply::Ok(self.status(now).to_fields()));
+                let _ = reply.send(Reply::Ok(self.status(now).await.to_fields()));
             }
             Request::Stop => {
                 tracing::info!("stop requested");
@@ -838,15 +872,17 @@ impl<'r> Runtime<'r> {
         Ok(())
     }
 
-    fn status(&self, now: Instant) -> NodeStatus {
-        let engine: Option<EngineStatus> =
-            self.engine.as_ref().and_then(|e| match e.handle.status() {
+    async fn status(&self, now: Instant) -> NodeStatus {
+        let engine: Option<EngineStatus> = match &self.engine {
+            Some(e) => match e.status().await {
                 Ok(s) => Some(s),
                 Err(err) => {
                     tracing::warn!(error = %err, "no engine status");
                     None
                 }
-            });
+            },
+            None => None,
+        };
         let addresses = &self.node_file.coordinator.addresses;
         let addr = |i: usize| addresses.get(i).cloned();
         let mut control = ControlStatus {

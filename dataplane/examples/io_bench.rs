@@ -271,6 +271,8 @@ fn bench_engine(offload: bool, duration: Duration) -> Result<()> {
                         addresses: vec![addr.parse()?],
                         routes: Vec::new(),
                         listen_port: 51820,
+                        fwmark: 0,
+                        route_allowed_ips: true,
                     })?;
                     engine.set_peers(std::slice::from_ref(peer))?;
                     ready_tx.send(())?;

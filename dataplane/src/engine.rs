@@ -71,6 +71,11 @@ pub struct EngineConfig {
     pub routes: Vec<IpNet>,
     /// UDP port for WireGuard; 0 picks one.
     pub listen_port: u16,
+    /// `SO_MARK` of the tunnel's datagrams; 0: none.
+    pub fwmark: u32,
+    /// Route each peer's allowed IPs into the TUN. Off when another program
+    /// manages the routes (wg-quick does, for a UAPI interface).
+    pub route_allowed_ips: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,9 +118,9 @@ pub struct EngineStatus {
     pub counters: EngineCounters,
 }
 
-/// How long [`EngineHandle`] waits for the engine to carry out a command.
-/// Replacing the peers runs `ip route` once per changed prefix, so this is
-/// generous.
+/// How long the blocking [`EngineHandle`] calls wait for the engine to
+/// carry out a command. Replacing the peers runs `ip route` once per changed
+/// prefix, so this is generous.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why a command sent through an [`EngineHandle`] did not complete.
@@ -129,24 +134,39 @@ pub enum ControlError {
     Engine(#[from] EngineError),
 }
 
+/// Where the engine sends a command's answer: called on the engine's
+/// thread once the command is carried out, so it must not block.
+pub type Reply<T> = Box<dyn FnOnce(T) + Send>;
+
 enum Command {
     SetPeers {
         peers: Vec<PeerConfig>,
-        reply: mpsc::Sender<Result<(), EngineError>>,
+        reply: Reply<Result<(), EngineError>>,
     },
     Status {
-        reply: mpsc::Sender<EngineStatus>,
+        reply: Reply<EngineStatus>,
     },
     SetPrivateKey {
         key: PrivateKey,
-        reply: mpsc::Sender<()>,
+        reply: Reply<()>,
+    },
+    SetListenPort {
+        port: u16,
+        reply: Reply<Result<u16, EngineError>>,
+    },
+    SetFwmark {
+        mark: u32,
+        reply: Reply<Result<(), EngineError>>,
     },
 }
 
-/// A way for other threads to talk to a running [`Engine`]. Each call
-/// queues a command, wakes the engine, and waits until the engine has
-/// carried it out in its next turn; if nobody runs the engine's turns, the
-/// call fails after a timeout, and once the engine is dropped at once.
+/// A way for other threads to talk to a running [`Engine`]: each command
+/// is queued, wakes the engine, and is carried out in its next turn.
+///
+/// The `*_then` calls return at once and hand the answer to a callback on
+/// the engine's thread (an async caller completes a future from it); the
+/// others wait for the answer, up to a timeout. Once the engine is dropped
+/// every call fails with [`ControlError::Stopped`].
 #[derive(Debug, Clone)]
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
@@ -156,23 +176,80 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Makes `peers` the engine's peer set, as [`Engine::set_peers`] does:
     /// sessions of peers whose configuration is unchanged continue.
-    pub fn set_peers(&self, peers: Vec<PeerConfig>) -> Result<(), ControlError> {
-        let (reply, answer) = mpsc::channel();
-        self.send(Command::SetPeers { peers, reply })?;
-        Ok(Self::wait(&answer)??)
+    pub fn set_peers_then(
+        &self,
+        peers: Vec<PeerConfig>,
+        reply: impl FnOnce(Result<(), EngineError>) + Send + 'static,
+    ) -> Result<(), ControlError> {
+        self.send(Command::SetPeers {
+            peers,
+            reply: Box::new(reply),
+        })
     }
 
-    pub fn status(&self) -> Result<EngineStatus, ControlError> {
-        let (reply, answer) = mpsc::channel();
-        self.send(Command::Status { reply })?;
-        Self::wait(&answer)
+    pub fn status_then(
+        &self,
+        reply: impl FnOnce(EngineStatus) + Send + 'static,
+    ) -> Result<(), ControlError> {
+        self.send(Command::Status {
+            reply: Box::new(reply),
+        })
     }
 
     /// Replaces the engine's key pair, as [`Engine::set_private_key`] does.
+    pub fn set_private_key_then(
+        &self,
+        key: PrivateKey,
+        reply: impl FnOnce(()) + Send + 'static,
+    ) -> Result<(), ControlError> {
+        self.send(Command::SetPrivateKey {
+            key,
+            reply: Box::new(reply),
+        })
+    }
+
+    /// Moves the engine to another UDP port (0: any), as
+    /// [`Engine::set_listen_port`] does; answers the port bound.
+    pub fn set_listen_port_then(
+        &self,
+        port: u16,
+        reply: impl FnOnce(Result<u16, EngineError>) + Send + 'static,
+    ) -> Result<(), ControlError> {
+        self.send(Command::SetListenPort {
+            port,
+            reply: Box::new(reply),
+        })
+    }
+
+    pub fn set_fwmark_then(
+        &self,
+        mark: u32,
+        reply: impl FnOnce(Result<(), EngineError>) + Send + 'static,
+    ) -> Result<(), ControlError> {
+        self.send(Command::SetFwmark {
+            mark,
+            reply: Box::new(reply),
+        })
+    }
+
+    pub fn set_peers(&self, peers: Vec<PeerConfig>) -> Result<(), ControlError> {
+        Ok(Self::wait(|r| self.set_peers_then(peers, r))??)
+    }
+
+    pub fn status(&self) -> Result<EngineStatus, ControlError> {
+        Self::wait(|r| self.status_then(r))
+    }
+
     pub fn set_private_key(&self, key: PrivateKey) -> Result<(), ControlError> {
-        let (reply, answer) = mpsc::channel();
-        self.send(Command::SetPrivateKey { key, reply })?;
-        Self::wait(&answer)
+        Self::wait(|r| self.set_private_key_then(key, r))
+    }
+
+    pub fn set_listen_port(&self, port: u16) -> Result<u16, ControlError> {
+        Ok(Self::wait(|r| self.set_listen_port_then(port, r))??)
+    }
+
+    pub fn set_fwmark(&self, mark: u32) -> Result<(), ControlError> {
+        Ok(Self::wait(|r| self.set_fwmark_then(mark, r))??)
     }
 
     fn send(&self, command: Command) -> Result<(), ControlError> {
@@ -185,7 +262,14 @@ impl EngineHandle {
         Ok(())
     }
 
-    fn wait<T>(answer: &mpsc::Receiver<T>) -> Result<T, ControlError> {
+    /// Sends a command with `send` and waits for its answer.
+    fn wait<T: Send + 'static>(
+        send: impl FnOnce(Box<dyn FnOnce(T) + Send>) -> Result<(), ControlError>,
+    ) -> Result<T, ControlError> {
+        let (tx, answer) = mpsc::channel();
+        send(Box::new(move |v| {
+            let _ = tx.send(v);
+        }))?;
         answer.recv_timeout(COMMAND_TIMEOUT).map_err(|e| match e {
             mpsc::RecvTimeoutError::Timeout => ControlError::Timeout(COMMAND_TIMEOUT),
             // The engine dropped the command unanswered: it is gone.
@@ -216,6 +300,8 @@ pub struct Engine {
     routed: BTreeSet<IpNet>,
     /// Routes installed at start; prefixes inside them need none.
     static_routes: Vec<IpNet>,
+    /// See [`EngineConfig::route_allowed_ips`].
+    route_allowed_ips: bool,
     counters: EngineCounters,
     /// The last turn's TUN reads found the device empty after at most one
     /// packet (or super-packet): see [`Engine::turn`].
@@ -265,7 +351,10 @@ impl Engine {
         };
         tun.set_nonblocking(true)?;
         tun::configure(tun.name(), &config.addresses, &config.routes)?;
-        let udp = UdpSocket::bind_any(config.listen_port)?;
+        let mut udp = UdpSocket::bind_any(config.listen_port)?;
+        if config.fwmark != 0 {
+            udp.set_mark(config.fwmark)?;
+        }
         let waker = rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
             .map_err(|e| EngineError::Waker(e.into()))?;
         let (command_sender, commands) = mpsc::channel();
@@ -306,6 +395,7 @@ impl Engine {
             udp_out: UdpSendBatch::new(),
             routed: BTreeSet::new(),
             static_routes: config.routes,
+            route_allowed_ips: config.route_allowed_ips,
             counters: EngineCounters::default(),
             tun_sparse: true,
             udp_quiet: true,
@@ -414,7 +504,9 @@ impl Engine {
                 if default {
                     tracing::warn!(%net, "default route not installed");
                 }
-                !default && !self.static_routes.iter().any(|r| r.contains(net))
+                self.route_allowed_ips
+                    && !default
+                    && !self.static_routes.iter().any(|r| r.contains(net))
             })
             .collect();
         let stale: Vec<IpNet> = self.routed.difference(&wanted).copied().collect();
@@ -422,6 +514,54 @@ impl Engine {
         tun::remove_routes(self.tun.name(), &stale)?;
         tun::configure(self.tun.name(), &[], &new)?;
         self.routed = wanted;
+        self.sync_peer_sockets(Instant::now());
+        Ok(())
+    }
+
+    /// Moves the tunnel to UDP port `port` (0: any free one) and returns the
+    /// port bound. On error the old port stays in use.
+    pub fn set_listen_port(&mut self, port: u16) -> Result<u16, EngineError> {
+        let current = self.udp.local_addr().port();
+        if port == current {
+            return Ok(current);
+        }
+        let mut udp = UdpSocket::bind_any(port)?;
+        udp.set_mark(self.udp.mark())?;
+        self.replace_socket(udp)?;
+        let port = self.udp.local_addr().port();
+        tracing::info!(port, "listen port changed");
+        Ok(port)
+    }
+
+    /// Marks the tunnel's datagrams with `mark` (`SO_MARK`; 0: none).
+    pub fn set_fwmark(&mut self, mark: u32) -> Result<(), EngineError> {
+        if mark == self.udp.mark() {
+            return Ok(());
+        }
+        self.udp.set_mark(mark)?;
+        // Peer sockets chose their routes with the old mark.
+        let changes = self.peer_sockets.close_all();
+        self.watch_peer_sockets(changes);
+        self.peer_sockets_generation = None;
+        self.sync_peer_sockets(Instant::now());
+        tracing::info!(mark, "fwmark changed");
+        Ok(())
+    }
+
+    /// Makes `udp` the main socket, and the peer sockets follow it.
+    fn replace_socket(&mut self, udp: UdpSocket) -> Result<(), EngineError> {
+        epoll::add(
+            &self.epoll,
+            udp.as_fd(),
+            EventData::new_u64(SOURCE_UDP),
+            EventFlags::IN,
+        )
+        .map_err(|e| EngineError::Poll(e.into()))?;
+        let old = std::mem::replace(&mut self.udp, udp);
+        let _ = epoll::delete(&self.epoll, old.as_fd());
+        let changes = self.peer_sockets.close_all();
+        self.watch_peer_sockets(changes);
+        self.peer_sockets_generation = None;
         self.sync_peer_sockets(Instant::now());
         Ok(())
     }
@@ -739,15 +879,15 @@ impl Engine {
                 if let Err(e) = &result {
                     tracing::warn!(error = %e, "peer update refused");
                 }
-                let _ = reply.send(result);
+                reply(result);
             }
-            Command::Status { reply } => {
-                let _ = reply.send(self.status());
-            }
+            Command::Status { reply } => reply(self.status()),
             Command::SetPrivateKey { key, reply } => {
                 self.set_private_key(key);
-                let _ = reply.send(());
+                reply(());
             }
+            Command::SetListenPort { port, reply } => reply(self.set_listen_port(port)),
+            Command::SetFwmark { mark, reply } => reply(self.set_fwmark(mark)),
         }
     }
 }

@@ -62,13 +62,18 @@ pub enum TunError {
     Malformed(#[source] io::Error),
     #[error("`{command}` failed: {detail}")]
     Command { command: String, detail: String },
+    /// The device was deleted (`ip link delete`, as `wg-quick down` does).
+    #[error("the TUN device was removed")]
+    Removed,
 }
 
 impl TunError {
     /// `tun-rs` reports both kernel errors and its own parse errors as
     /// `io::Error`; only the kernel's carry an errno.
     fn classify(e: io::Error) -> Self {
-        if e.raw_os_error().is_some() {
+        if e.raw_os_error() == Some(rustix::io::Errno::BADFD.raw_os_error()) {
+            TunError::Removed
+        } else if e.raw_os_error().is_some() {
             TunError::Io(e)
         } else {
             TunError::Malformed(e)

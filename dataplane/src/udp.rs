@@ -113,6 +113,9 @@ pub struct UdpSocket {
     peer: Option<SocketAddr>,
     /// A peer socket that looks stale (see [`PeerSockets::refresh`]).
     stale: AtomicBool,
+    /// `SO_MARK` of its datagrams (0: none); peer sockets take the main
+    /// socket's.
+    mark: u32,
 }
 
 /// How a socket is opened.
@@ -124,6 +127,8 @@ struct Open {
     connect: Option<SocketAddr>,
     /// An unspecified IPv6 address also takes IPv4 (v4-mapped).
     dual_stack: bool,
+    /// `SO_MARK`, set before a connect so that its route lookup sees it.
+    mark: u32,
 }
 
 impl UdpSocket {
@@ -151,6 +156,7 @@ impl UdpSocket {
                 reuse_port: false,
                 connect: None,
                 dual_stack: true,
+                mark: 0,
             },
         )
     }
@@ -164,6 +170,7 @@ impl UdpSocket {
             reuse_port: true,
             connect: None,
             dual_stack: true,
+            mark: 0,
         };
         if addr.port() == 0 {
             return Self::open(addr, how);
@@ -217,6 +224,7 @@ impl UdpSocket {
                 reuse_port: true,
                 connect: Some(endpoint),
                 dual_stack: false,
+                mark: self.mark,
             },
         )?;
         sock.peer = Some(endpoint);
@@ -243,6 +251,9 @@ impl UdpSocket {
         }
         if how.reuse_port {
             sockopt::set_socket_reuseport(&fd, true).map_err(|e| bind_err(e.into()))?;
+        }
+        if how.mark != 0 {
+            set_mark(&fd, how.mark).map_err(bind_err)?;
         }
         rustix::net::bind(&fd, &addr).map_err(|e| bind_err(e.into()))?;
         if let Some(remote) = how.connect {
@@ -296,7 +307,24 @@ impl UdpSocket {
             local,
             peer: None,
             stale: AtomicBool::new(false),
+            mark: how.mark,
         })
+    }
+
+    pub fn mark(&self) -> u32 {
+        self.mark
+    }
+
+    /// Marks this socket's datagrams with `mark` (`SO_MARK`; 0: none), for
+    /// policy routing. Peer sockets made later take it; existing ones keep
+    /// theirs and must be replaced.
+    pub fn set_mark(&mut self, mark: u32) -> Result<(), UdpError> {
+        set_mark(self.sock.as_fd(), mark).map_err(|source| UdpError::Bind {
+            addr: self.local,
+            source,
+        })?;
+        self.mark = mark;
+        Ok(())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -600,6 +628,18 @@ impl PeerSockets {
         Some(sock)
     }
 
+    /// Closes every socket (the main socket's port or mark changed: they
+    /// must follow).
+    pub fn close_all(&mut self) -> PeerSocketChanges {
+        let removed = (0..self.slots.len())
+            .filter_map(|slot| self.close(slot))
+            .collect();
+        PeerSocketChanges {
+            added: Vec::new(),
+            removed,
+        }
+    }
+
     /// Keeps a socket for exactly the endpoints given (up to
     /// [`MAX_PEER_SOCKETS`]), connecting new ones next to `main`. An endpoint
     /// whose socket cannot be made is left to the main socket.
@@ -689,6 +729,11 @@ impl PeerSockets {
             }
         }
     }
+}
+
+fn set_mark(fd: impl AsFd, mark: u32) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt as nso};
+    setsockopt(&fd, nso::Mark, &mark).map_err(io::Error::from)
 }
 
 /// Asks for `bytes` of socket buffer in each direction. As root the

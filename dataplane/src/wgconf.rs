@@ -37,6 +37,8 @@ pub struct InterfaceConfig {
     /// `None` when absent or 0: the engine picks a free port.
     pub listen_port: Option<u16>,
     pub mtu: Option<u16>,
+    /// `SO_MARK` of the tunnel's datagrams; `None` when absent or `off`.
+    pub fwmark: Option<u32>,
 }
 
 /// Why a file was rejected. `line` is 1-based.
@@ -198,6 +200,7 @@ struct InterfaceDraft {
     addresses: Vec<IpNet>,
     listen_port: Option<u16>,
     mtu: Option<(usize, u16)>,
+    fwmark: Option<u32>,
 }
 
 #[derive(Default)]
@@ -416,6 +419,7 @@ impl Parser {
                 addresses: iface.addresses,
                 listen_port: iface.listen_port,
                 mtu: iface.mtu.map(|(_, mtu)| mtu),
+                fwmark: iface.fwmark,
             },
             peers,
             warnings: self.warnings,
@@ -501,9 +505,23 @@ impl InterfaceDraft {
                 }
             }
             Field::FwMark => {
-                if !(value.eq_ignore_ascii_case("off") || value == "0") {
-                    return Err(err(n, format!("FwMark = {value} is not supported: meshd does not mark its packets (only `off` or 0 is accepted)", value = shown(value))));
-                }
+                // As wg: decimal, 0x-hexadecimal, or `off`.
+                let mark = if value.eq_ignore_ascii_case("off") {
+                    Some(0)
+                } else if let Some(hex) = value
+                    .strip_prefix("0x")
+                    .or_else(|| value.strip_prefix("0X"))
+                {
+                    u32::from_str_radix(hex, 16)
+                        .ok()
+                        .filter(|_| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                } else {
+                    decimal(value)
+                };
+                let mark = mark.ok_or_else(|| {
+                    err(n, format!("FwMark {value} is not valid: expected off, a number or 0x and hexadecimal digits", value = shown(value)))
+                })?;
+                self.fwmark = Some(mark).filter(|&m| m != 0);
             }
             Field::PublicKey
             | Field::PresharedKey
@@ -696,6 +714,24 @@ mod tests {
     }
 
     #[test]
+    fn fwmark_as_wg_reads_it() {
+        for (value, want) in [
+            ("off", None),
+            ("0", None),
+            ("51820", Some(51820)),
+            ("0xca6c", Some(0xca6c)),
+            ("0XFFFFFFFF", Some(u32::MAX)),
+        ] {
+            let text = format!("[Interface]\nPrivateKey = {PRIV}\nFwMark = {value}\n");
+            assert_eq!(parse(&text).unwrap().interface.fwmark, want, "{value}");
+        }
+        for value in ["0x", "-1", "0x1ffffffff", "mark"] {
+            let text = format!("[Interface]\nPrivateKey = {PRIV}\nFwMark = {value}\n");
+            assert!(parse(&text).is_err(), "{value}");
+        }
+    }
+
+    #[test]
     fn full_config() {
         let text = format!(
             "# a comment line
@@ -734,6 +770,7 @@ PersistentKeepalive = 25
         );
         assert_eq!(iface.listen_port, Some(51820));
         assert_eq!(iface.mtu, Some(1380));
+        assert_eq!(iface.fwmark, None);
         assert_eq!(
             config.peers,
             vec![
@@ -863,7 +900,7 @@ PersistentKeepalive = 25
             ("PostDown = x", 3, "PostDown is not supported: `meshd wg up` runs no hook commands; remove the line and run the command yourself"),
             ("SaveConfig = true", 3, "SaveConfig = true is not supported: meshd never writes the configuration file back (only `false` is accepted)"),
             ("SaveConfig = yes", 3, "SaveConfig \"yes\" is not valid: expected true or false"),
-            ("FwMark = 0x1234", 3, "FwMark = \"0x1234\" is not supported: meshd does not mark its packets (only `off` or 0 is accepted)"),
+            ("FwMark = 0xzz", 3, "FwMark \"0xzz\" is not valid"),
             // Peer values.
             ("[Peer]\nAllowedIPs = 10.0.0.0/8", 3, "[Peer] has no PublicKey"),
             ("[Peer]\nPublicKey = PUB_A\n[Peer]\n", 5, "[Peer] has no PublicKey"),

@@ -52,6 +52,8 @@ fn peers_change_and_status_is_read_while_the_engine_runs() {
                 addresses: vec!["10.88.0.1/24".parse().unwrap()],
                 routes: Vec::new(),
                 listen_port: 0,
+                fwmark: 0,
+                route_allowed_ips: true,
             })
             .unwrap();
             handle_tx.send(engine.handle()).unwrap();

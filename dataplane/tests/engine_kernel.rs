@@ -98,6 +98,8 @@ fn engine_thread(
         addresses: vec![format!("{}/24", side.inner).parse().unwrap()],
         routes: Vec::new(),
         listen_port: 51820,
+        fwmark: 0,
+        route_allowed_ips: true,
     })
     .unwrap();
     assert_eq!(engine.tun().offload(), offload);

@@ -610,7 +610,7 @@ fn start_meshd_end(
         "--interface",
         iface,
     ];
-    let socket = Path::new(MESHD_SOCKET_DIR).join(format!("{iface}.sock"));
+    let socket = Path::new(UAPI_DIR).join(format!("{iface}.sock"));
     let mut end = End {
         node: spec.node.to_owned(),
         imp: spec.imp,
@@ -789,9 +789,6 @@ fn parse_wg_peer_field(out: &str, field: usize) -> Option<u64> {
         .parse()
         .ok()
 }
-
-/// Where `meshd wg` keeps its control sockets (`meshd_dataplane::standalone::SOCKET_DIR`).
-const MESHD_SOCKET_DIR: &str = "/run/meshd/wg";
 
 static MESHD_BINARY: OnceLock<PathBuf> = OnceLock::new();
 

@@ -1,22 +1,29 @@
-//! What `meshd wg show` prints: the layout of `wg show`, plus the engine's
-//! packet and drop counters, which `wg` has no place for.
+//! What `meshd wg show` prints: the layout of `wg show`, plus meshd's packet
+//! and drop counters, which `wg` has no place for.
 
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use crate::engine::EngineStatus;
+use super::uapi::Status;
 
-/// The status of one interface as `wg show` lays it out (without colours):
-/// the interface block, then one block per peer, most recent handshake
-/// first. The private key is never shown.
-pub fn format(status: &EngineStatus) -> String {
+/// The status of interface `name` as `wg show` lays it out (without
+/// colours), at time `now`: the interface block, then one block per peer,
+/// most recent handshake first. The private key is never shown.
+pub fn format(name: &str, status: &Status, now: SystemTime) -> String {
     let mut out = String::new();
     let c = &status.counters;
     let n = &c.node;
-    let _ = writeln!(out, "interface: {}", status.tun_name);
-    let _ = writeln!(out, "  public key: {}", status.public_key);
-    let _ = writeln!(out, "  private key: (hidden)");
-    let _ = writeln!(out, "  listening port: {}", status.listen_port);
+    let _ = writeln!(out, "interface: {name}");
+    if let Some(key) = &status.private_key {
+        let _ = writeln!(out, "  public key: {}", key.public_key());
+        let _ = writeln!(out, "  private key: (hidden)");
+    }
+    if status.listen_port != 0 {
+        let _ = writeln!(out, "  listening port: {}", status.listen_port);
+    }
+    if status.fwmark != 0 {
+        let _ = writeln!(out, "  fwmark: 0x{:x}", status.fwmark);
+    }
     let _ = writeln!(
         out,
         "  packets: {} received, {} sent, {} cookie replies sent",
@@ -37,25 +44,31 @@ pub fn format(status: &EngineStatus) -> String {
         c.udp_recv_errors,
         c.tun_read_errors + c.tun_write_errors,
     );
+    let age = |t: Option<SystemTime>| t.map(|t| now.duration_since(t).unwrap_or(Duration::ZERO));
     let mut peers: Vec<_> = status.peers.iter().collect();
     // As wg: most recent handshake first, peers that never had one last.
-    peers.sort_by_key(|p| p.last_handshake.unwrap_or(Duration::MAX));
+    peers.sort_by_key(|p| age(p.last_handshake).unwrap_or(Duration::MAX));
     for p in peers {
-        let _ = writeln!(out, "\npeer: {}", p.public_key);
-        if let Some(e) = p.endpoint {
+        let config = &p.config;
+        let _ = writeln!(out, "\npeer: {}", config.public_key);
+        if config.preshared_key.is_some() {
+            let _ = writeln!(out, "  preshared key: (hidden)");
+        }
+        if let Some(e) = config.endpoint {
             let _ = writeln!(out, "  endpoint: {e}");
         }
-        let ips = if p.allowed_ips.is_empty() {
+        let ips = if config.allowed_ips.is_empty() {
             "(none)".to_owned()
         } else {
-            p.allowed_ips
+            config
+                .allowed_ips
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(", ")
         };
         let _ = writeln!(out, "  allowed ips: {ips}");
-        if let Some(h) = p.last_handshake {
+        if let Some(h) = age(p.last_handshake) {
             let _ = writeln!(out, "  latest handshake: {}", ago(h));
         }
         if p.rx_bytes != 0 || p.tx_bytes != 0 {
@@ -66,7 +79,7 @@ pub fn format(status: &EngineStatus) -> String {
                 bytes(p.tx_bytes)
             );
         }
-        if let Some(k) = p.persistent_keepalive {
+        if let Some(k) = config.persistent_keepalive {
             let _ = writeln!(
                 out,
                 "  persistent keepalive: every {}",
@@ -125,8 +138,10 @@ fn bytes(b: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Counters, EngineCounters, PeerStatus};
-    use crate::keys::PublicKey;
+    use crate::engine::{Counters, EngineCounters};
+    use crate::keys::{PresharedKey, PrivateKey, PublicKey};
+    use crate::peers::PeerConfig;
+    use crate::standalone::uapi::PeerState;
 
     #[test]
     fn units() {
@@ -158,31 +173,39 @@ mod tests {
     #[test]
     fn layout_follows_wg_show() {
         let key = |n| PublicKey::from_bytes([n; 32]);
-        let status = EngineStatus {
-            tun_name: "wg0".into(),
-            public_key: key(7),
+        let private = PrivateKey::from_bytes([7; 32]);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let peer = |n, endpoint: Option<&str>, ips: &[&str]| PeerConfig {
+            public_key: key(n),
+            preshared_key: None,
+            allowed_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            persistent_keepalive: None,
+        };
+        let status = Status {
+            private_key: Some(private.clone()),
             listen_port: 51820,
+            fwmark: 0xca6c,
             peers: vec![
-                PeerStatus {
-                    public_key: key(1),
-                    endpoint: None,
-                    allowed_ips: vec![],
+                PeerState {
+                    config: peer(1, None, &[]),
                     last_handshake: None,
-                    tx_bytes: 0,
                     rx_bytes: 0,
-                    persistent_keepalive: None,
+                    tx_bytes: 0,
                 },
-                PeerStatus {
-                    public_key: key(2),
-                    endpoint: Some("198.18.0.2:51820".parse().unwrap()),
-                    allowed_ips: vec![
-                        "100.64.0.2/32".parse().unwrap(),
-                        "fd00::2/128".parse().unwrap(),
-                    ],
-                    last_handshake: Some(Duration::from_secs(65)),
-                    tx_bytes: 2048,
+                PeerState {
+                    config: PeerConfig {
+                        preshared_key: Some(PresharedKey::from_bytes([3; 32])),
+                        persistent_keepalive: Some(25),
+                        ..peer(
+                            2,
+                            Some("198.18.0.2:51820"),
+                            &["100.64.0.2/32", "fd00::2/128"],
+                        )
+                    },
+                    last_handshake: Some(now - Duration::from_secs(65)),
                     rx_bytes: 100,
-                    persistent_keepalive: Some(25),
+                    tx_bytes: 2048,
                 },
             ],
             counters: EngineCounters {
@@ -200,14 +223,16 @@ mod tests {
         };
         let want = format!(
             "interface: wg0
-  public key: {k7}
+  public key: {pk}
   private key: (hidden)
   listening port: 51820
+  fwmark: 0xca6c
   packets: 5 received, 6 sent, 0 cookie replies sent
   dropped: 3 invalid datagrams, 1 from unknown peers, 0 spoofed sources, 0 without route, \
 0 without endpoint, 0 bad inner packets, 0 send failures, 0 receive errors, 2 TUN errors
 
 peer: {k2}
+  preshared key: (hidden)
   endpoint: 198.18.0.2:51820
   allowed ips: 100.64.0.2/32, fd00::2/128
   latest handshake: 1 minute, 5 seconds ago
@@ -217,10 +242,10 @@ peer: {k2}
 peer: {k1}
   allowed ips: (none)
 ",
-            k7 = key(7),
+            pk = private.public_key(),
             k2 = key(2),
             k1 = key(1)
         );
-        assert_eq!(format(&status), want);
+        assert_eq!(format("wg0", &status, now), want);
     }
 }
