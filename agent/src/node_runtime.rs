@@ -187,7 +187,7 @@ pub fn run(
         let server = std::thread::Builder::new()
             .name("meshd-control".into())
             .spawn_scoped(s, || {
-                control_socket::serve(&listener, &serving, &|text: &str| answer(text, &calls))
+                control_socket::serve(&listener, &serving, &|request| answer(request, &calls))
             })
             .map_err(io_err("starting the control-socket thread"))?;
         let result = rt.block_on(async {
@@ -204,8 +204,17 @@ pub fn run(
 }
 
 /// Answers one control-socket request through the runtime.
-fn answer(text: &str, calls: &mpsc::Sender<(Request, oneshot::Sender<Reply>)>) -> Answer {
+fn answer(
+    request: control_socket::Request<'_>,
+    calls: &mpsc::Sender<(Request, oneshot::Sender<Reply>)>,
+) -> Answer {
     let stopping = || Answer::reply(Reply::Error("meshd is stopping".into()).encode());
+    let text = match request {
+        control_socket::Request::Text(text) => text,
+        control_socket::Request::Malformed(why) => {
+            return Answer::reply(Reply::Error(why.to_owned()).encode())
+        }
+    };
     let request = match Request::parse(text) {
         Ok(r) => r,
         Err(e) => return Answer::reply(Reply::Error(e.to_string()).encode()),

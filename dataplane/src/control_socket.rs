@@ -156,10 +156,22 @@ impl MessageReader {
     ) -> io::Result<Option<Zeroizing<String>>> {
         let mut chunk = Zeroizing::new([0u8; 4096]);
         let mut idle = Duration::ZERO;
+        // Where to look for the end: only what arrived since the last look
+        // (and the byte before it), so a long message costs linear time.
+        let mut scanned = 0;
         let end = loop {
-            if let Some(end) = message_end(&self.buf) {
+            let found = if scanned == 0 {
+                message_end(&self.buf)
+            } else {
+                self.buf[scanned..]
+                    .windows(2)
+                    .position(|w| w == b"\n\n")
+                    .map(|i| scanned + i + 2)
+            };
+            if let Some(end) = found {
                 break end;
             }
+            scanned = self.buf.len().saturating_sub(1);
             if self.buf.len() > MAX_MESSAGE {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -200,6 +212,16 @@ impl MessageReader {
     }
 }
 
+/// What the server read: a request, or why it could not read one (a
+/// message too long or not UTF-8). After a malformed message the
+/// connection is closed once its answer is written, since where the next
+/// message would start is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request<'a> {
+    Text(&'a str),
+    Malformed(&'a str),
+}
+
 /// What a daemon's handler makes of one request.
 pub struct Answer {
     /// Written back as it is.
@@ -221,7 +243,7 @@ impl Answer {
 /// connection goes to `handler`, whose answer is written back.
 pub fn serve<H>(listener: &UnixListener, stop: &AtomicBool, handler: &H)
 where
-    H: Fn(&str) -> Answer + Sync,
+    H: Fn(Request<'_>) -> Answer + Sync,
 {
     if let Err(e) = listener.set_nonblocking(true) {
         tracing::error!(error = %e, "control socket unusable");
@@ -269,17 +291,41 @@ where
 
 fn serve_connection<H>(mut stream: UnixStream, stop: &AtomicBool, handler: &H) -> io::Result<()>
 where
-    H: Fn(&str) -> Answer + Sync,
+    H: Fn(Request<'_>) -> Answer + Sync,
 {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(STOP_CHECK_DURATION))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut reader = MessageReader::default();
     while !stop.load(Ordering::Relaxed) {
-        let Some(request) = reader.next(&mut stream, Some(stop))? else {
-            return Ok(());
+        let request = match reader.next(&mut stream, Some(stop)) {
+            Ok(Some(request)) => request,
+            Ok(None) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let reason = e.to_string();
+                let answer = handler(Request::Malformed(&reason));
+                stream.write_all(answer.reply.as_bytes())?;
+                // Closing with unread input would reset the connection and
+                // lose the answer: end our side, then read what is still
+                // coming for a moment.
+                stream.shutdown(std::net::Shutdown::Write)?;
+                let deadline = std::time::Instant::now() + Duration::from_secs(1);
+                let mut sink = [0u8; 4096];
+                while std::time::Instant::now() < deadline {
+                    match stream.read(&mut sink) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e)
+                            if e.kind() == io::ErrorKind::WouldBlock
+                                || e.kind() == io::ErrorKind::TimedOut => {}
+                        Err(_) => break,
+                    }
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         };
-        let answer = handler(&request);
+        let answer = handler(Request::Text(&request));
         stream.write_all(answer.reply.as_bytes())?;
         if answer.close {
             break;
@@ -402,18 +448,46 @@ mod tests {
         let (listener, file) = claim(&path).unwrap();
         assert!(matches!(claim(&path), Err(ClaimError::Running(_))));
         let stop = AtomicBool::new(false);
-        let handler = |req: &str| Answer::reply(format!("echo={}\n\n", req.trim_end().len()));
+        // Stops the server also when an assertion fails, or the scope
+        // would wait for it for ever.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let handler = |req: Request<'_>| match req {
+            Request::Text(t) => Answer::reply(format!("echo={}\n\n", t.trim_end().len())),
+            Request::Malformed(why) => Answer::reply(format!("bad={why}\n\n")),
+        };
         std::thread::scope(|s| {
             s.spawn(|| serve(&listener, &stop, &handler));
+            let _stop = StopOnDrop(&stop);
             let mut c = connect(&path).unwrap().unwrap();
             assert_eq!(&*exchange(&mut c, "get=1\n\n").unwrap(), "echo=5\n\n");
             assert_eq!(&*exchange(&mut c, "ab\n\n").unwrap(), "echo=2\n\n");
-            // Not UTF-8: the connection is dropped, the server goes on.
+            // Not UTF-8, or too long: answered, then the connection is
+            // closed; the server goes on.
             let mut bad = connect(&path).unwrap().unwrap();
             bad.write_all(b"\xff\xfe\n\n").unwrap();
-            let mut rest = Vec::new();
-            let _ = bad.read_to_end(&mut rest);
-            assert!(rest.is_empty());
+            let mut rest = String::new();
+            bad.read_to_string(&mut rest).unwrap();
+            assert_eq!(rest, "bad=control message is not UTF-8\n\n");
+            let mut long = connect(&path).unwrap().unwrap();
+            let chunk = vec![b'a'; 1 << 16];
+            let mut sent = 0;
+            while sent <= MAX_MESSAGE {
+                if long.write_all(&chunk).is_err() {
+                    break;
+                }
+                sent += chunk.len();
+            }
+            let mut rest = String::new();
+            long.read_to_string(&mut rest).unwrap();
+            assert!(
+                rest.starts_with("bad=control message longer than"),
+                "{rest}"
+            );
             // A client that closes without the empty line is answered.
             let mut c = connect(&path).unwrap().unwrap();
             c.write_all(b"x=1\n").unwrap();

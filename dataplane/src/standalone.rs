@@ -216,7 +216,7 @@ pub fn run(
         let control = std::thread::Builder::new()
             .name("meshd-control".into())
             .spawn_scoped(s, || {
-                control_socket::serve(&listener, stop, &|text: &str| daemon.answer(text))
+                control_socket::serve(&listener, stop, &|request| daemon.answer(request))
             })
             .map_err(io_err("starting the control thread"))?;
         ready(&engine.status());
@@ -245,7 +245,19 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn answer(&self, text: &str) -> Answer {
+    fn answer(&self, request: control_socket::Request<'_>) -> Answer {
+        let text = match request {
+            control_socket::Request::Text(text) => text,
+            control_socket::Request::Malformed(why) => {
+                tracing::info!(error = why, "UAPI request refused");
+                let errno = if why.contains("longer") {
+                    uapi::EMSGSIZE
+                } else {
+                    uapi::EPROTO
+                };
+                return Answer::reply(uapi::encode_errno(errno));
+            }
+        };
         let result = uapi::parse(text).and_then(|(op, fields)| match op {
             Op::Get => self.get().map(|status| uapi::encode_get(&status)),
             Op::Set => self.set(&fields).map(|()| uapi::encode_errno(0).into()),
