@@ -5,119 +5,15 @@
 
 mod interop_support;
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use interop_support::{field, handshake_age, show, transfer, MESHD};
+use interop_support::{
+    field, handshake_age, keypair, link_exists, show, socket, transfer, Dir, DownOnDrop,
+    RemoveSockets, MESHD, SOCKET_DIR,
+};
 use meshd_netlab::{Lab, Topology};
-
-const SOCKET_DIR: &str = "/var/run/wireguard";
-
-fn meshd(args: &[&str], stdin: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new(MESHD)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// A private key and its public key.
-fn keypair() -> (String, String) {
-    let private = meshd(&["genkey"], "");
-    let public = meshd(&["pubkey"], &private);
-    (private, public)
-}
-
-/// A directory of this test's own, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new() -> Dir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "meshd-wg-cli-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
-    }
-
-    /// Writes a configuration file (0600: it holds a private key).
-    fn file(&self, name: &str, text: &str) -> String {
-        use std::io::Write;
-        let path = self.0.join(name);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        path.display().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn socket(name: &str) -> PathBuf {
-    Path::new(SOCKET_DIR).join(format!("{name}.sock"))
-}
-
-/// Stops a background interface that a failed test left running (the lab's
-/// teardown would kill it, but leave its socket behind).
-struct DownOnDrop<'a> {
-    lab: &'a Lab,
-    node: &'a str,
-    name: String,
-}
-
-impl Drop for DownOnDrop<'_> {
-    fn drop(&mut self) {
-        if socket(&self.name).exists() {
-            let _ = self.lab.exec(self.node, &[MESHD, "wg", "down", &self.name]);
-            let _ = std::fs::remove_file(socket(&self.name));
-        }
-    }
-}
-
-/// Removes control sockets that daemons killed by a failing test leave.
-struct RemoveSockets(Vec<String>);
-
-impl Drop for RemoveSockets {
-    fn drop(&mut self) {
-        for name in &self.0 {
-            let _ = std::fs::remove_file(socket(name));
-        }
-    }
-}
-
-fn link_exists(lab: &Lab, node: &str, name: &str) -> bool {
-    lab.exec(node, &["ip", "link", "show", "dev", name])
-        .unwrap()
-        .status
-        .success()
-}
 
 #[test]
 fn bad_configurations_fail_with_the_file_and_line() {
