@@ -603,12 +603,6 @@ impl Engine {
     }
 
     /// Runs turns until `stop` is set (checked at least every 100 ms).
-    ///
-    /// Never inlined: inlined, this per-packet loop would be code of its caller's
-    /// crate — the `meshd` binary's `main` — whose symbol names differ between
-    /// `cargo build -p meshd` and a workspace build, and so could not be named in
-    /// `link/hot-symbols.txt`.
-    #[inline(never)]
     pub fn run(&mut self, stop: &AtomicBool) -> Result<(), EngineError> {
         while !stop.load(Ordering::Relaxed) {
             self.turn(Duration::from_millis(100))?;

@@ -90,9 +90,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for round in 0..rounds {
         for v in &variants {
             let (name, left, right) = if let Some((name, path)) = v.split_once('=') {
-                if round == 0 {
-                    println!("{name}: {}", meshd_netlab::layout::check(Path::new(path))?);
-                }
                 let _ = std::fs::remove_file(CURRENT);
                 std::os::unix::fs::symlink(Path::new(path), CURRENT)?;
                 (name.to_owned(), Impl::Meshd, Impl::Meshd)

@@ -12,8 +12,7 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use crate::layout::{self, Layout};
-use crate::peers::{self, Impl, TunnelOptions, TunnelPair, RIGHT_ADDR};
+use crate::peers::{Impl, TunnelOptions, TunnelPair, RIGHT_ADDR};
 use crate::tools::median;
 use crate::tools::{self, Iperf3Server, Iperf3Test};
 use crate::{sys, Lab, LabError};
@@ -168,8 +167,6 @@ pub struct Report {
     pub load_after: f64,
     pub cpus: usize,
     pub kernel: String,
-    /// Whether the meshd binary measured has its per-packet code linked together.
-    pub meshd_layout: Option<Layout>,
 }
 
 /// Runs the benchmark. Fails at once, naming what to install, if a peer's program is missing.
@@ -188,11 +185,6 @@ pub fn run(opts: &Options) -> Result<Report, LabError> {
             }
         });
     }
-    let meshd_layout = if opts.peers.contains(&Peer::Tunnel(Impl::Meshd)) {
-        Some(layout::check(&peers::locate_meshd()?)?)
-    } else {
-        None
-    };
     let load_before = load_average()?;
     let lab = Lab::veth_pair()?;
     let underlay = lab.addr(RIGHT)?;
@@ -257,7 +249,6 @@ pub fn run(opts: &Options) -> Result<Report, LabError> {
         load_after: load_average()?,
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel: read_proc("/proc/sys/kernel/osrelease")?.trim().to_owned(),
-        meshd_layout,
     })
 }
 
@@ -471,9 +462,6 @@ impl Report {
              RcvbufErrors in both namespaces per run (median).\n",
             self.cpus, self.kernel, self.load_before, self.load_after, self.runs, self.secs,
         );
-        if let Some(layout) = &self.meshd_layout {
-            let _ = writeln!(t, "meshd's code layout: {layout}.\n");
-        }
         let _ = writeln!(
             t,
             "| peer | traffic | Gbit/s | × veth | × best other tunnel | CPU s/Gbit, machine | \
@@ -659,7 +647,6 @@ mod tests {
             load_after: 0.2,
             cpus: 2,
             kernel: "6.1".into(),
-            meshd_layout: None,
         };
         let t = report.table();
         // wireguard-go, one stream left → right: 0.5 of 10 Gbit/s, half of nebula's 1.0.

@@ -9,7 +9,6 @@
 pub mod bench;
 pub mod bench_dataplane;
 mod lab;
-pub mod layout;
 mod nfqueue;
 pub mod peers;
 pub mod registry;
