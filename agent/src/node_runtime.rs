@@ -941,7 +941,7 @@ impl<'r> Runtime<'r> {
                             public_key: ps.public_key,
                             ipv4: p.ipv4,
                             ipv6: p.ipv6,
-                            endpoint: ps.endpoint,
+                            endpoint: ps.endpoint.and_then(|e| e.udp()),
                             handshake_age: ps.last_handshake.map(|d| d.as_secs()),
                             rx_bytes: ps.rx_bytes,
                             tx_bytes: ps.tx_bytes,

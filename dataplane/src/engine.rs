@@ -39,7 +39,7 @@ use crate::tun::{self, Tun, TunBatch, TunError};
 use crate::udp::{
     self, PeerSocketChanges, PeerSockets, UdpError, UdpRecvBatch, UdpSendBatch, UdpSocket,
 };
-pub use node::{Counters, Node, PeerStatus, Sink};
+pub use node::{Counters, Endpoint, Event, Node, PeerStatus, RelayId, Sink};
 
 /// Batches read from each side per turn before serving the other.
 const BUDGET: usize = 8;
@@ -50,6 +50,7 @@ const SOURCE_TUN: u64 = 0;
 const SOURCE_UDP: u64 = 1;
 const SOURCE_WAKER: u64 = 2;
 const SOURCE_TIMER: u64 = 3;
+const SOURCE_RELAYED: u64 = 4;
 const SOURCE_PEER_SOCKETS: u64 = 16;
 
 /// Events taken from one `epoll_wait`; more stay queued for the next.
@@ -105,7 +106,17 @@ pub struct EngineCounters {
     /// TUN reads that could not be split into packets.
     pub tun_read_errors: u64,
     pub udp_recv_errors: u64,
+    /// Datagrams for a relay when the engine has no relay outlet.
+    pub relay_send_dropped: u64,
 }
+
+/// Where datagrams for relayed peers go (see [`Engine::set_relay_outlet`]):
+/// called on the engine's thread for each, so it must not block.
+pub type RelayOutlet = Box<dyn FnMut(RelayId, &PublicKey, &[u8]) + Send>;
+
+/// Where the node's [`Event`]s go (see [`Engine::set_event_handler`]):
+/// called on the engine's thread, so it must not block.
+pub type EventHandler = Box<dyn FnMut(Event) + Send>;
 
 /// What `wg show` needs to know about a running engine.
 #[derive(Debug, Clone, PartialEq)]
@@ -158,6 +169,11 @@ enum Command {
         mark: u32,
         reply: Reply<Result<(), EngineError>>,
     },
+    SetEndpoint {
+        peer: PublicKey,
+        endpoint: Endpoint,
+        reply: Reply<bool>,
+    },
 }
 
 /// A way for other threads to talk to a running [`Engine`]: each command
@@ -171,6 +187,8 @@ enum Command {
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     waker: Arc<OwnedFd>,
+    relayed: mpsc::Sender<(RelayId, PublicKey, Vec<u8>)>,
+    relayed_waker: Arc<OwnedFd>,
 }
 
 impl EngineHandle {
@@ -232,8 +250,43 @@ impl EngineHandle {
         })
     }
 
+    /// Sends the peer's datagrams to `endpoint` from now on, as
+    /// [`Node::set_endpoint`] does; answers whether the peer exists.
+    pub fn set_endpoint_then(
+        &self,
+        peer: PublicKey,
+        endpoint: Endpoint,
+        reply: impl FnOnce(bool) + Send + 'static,
+    ) -> Result<(), ControlError> {
+        self.send(Command::SetEndpoint {
+            peer,
+            endpoint,
+            reply: Box::new(reply),
+        })
+    }
+
+    /// Hands the engine a datagram that relay `relay` carried from `peer`.
+    /// It is queued without waiting (and without reading the clock on the
+    /// engine's side, unlike a command).
+    pub fn relayed(
+        &self,
+        relay: RelayId,
+        peer: PublicKey,
+        datagram: Vec<u8>,
+    ) -> Result<(), ControlError> {
+        self.relayed
+            .send((relay, peer, datagram))
+            .map_err(|_| ControlError::Stopped)?;
+        let _ = rustix::io::write(&*self.relayed_waker, &1u64.to_ne_bytes());
+        Ok(())
+    }
+
     pub fn set_peers(&self, peers: Vec<PeerConfig>) -> Result<(), ControlError> {
         Ok(Self::wait(|r| self.set_peers_then(peers, r))??)
+    }
+
+    pub fn set_endpoint(&self, peer: PublicKey, endpoint: Endpoint) -> Result<bool, ControlError> {
+        Self::wait(|r| self.set_endpoint_then(peer, endpoint, r))
     }
 
     pub fn status(&self) -> Result<EngineStatus, ControlError> {
@@ -322,6 +375,12 @@ pub struct Engine {
     command_sender: mpsc::Sender<Command>,
     /// An eventfd that handles write to when they queue a command.
     waker: Arc<OwnedFd>,
+    /// Datagrams from relays, and the eventfd written when one is queued.
+    relayed: mpsc::Receiver<(RelayId, PublicKey, Vec<u8>)>,
+    relayed_sender: mpsc::Sender<(RelayId, PublicKey, Vec<u8>)>,
+    relayed_waker: Arc<OwnedFd>,
+    relay_outlet: Option<RelayOutlet>,
+    event_handler: Option<EventHandler>,
     /// The TUN, the socket and the waker, registered once: unlike `poll`,
     /// waiting costs no per-call registration on each descriptor.
     epoll: OwnedFd,
@@ -358,6 +417,10 @@ impl Engine {
         let waker = rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
             .map_err(|e| EngineError::Waker(e.into()))?;
         let (command_sender, commands) = mpsc::channel();
+        let relayed_waker =
+            rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
+                .map_err(|e| EngineError::Waker(e.into()))?;
+        let (relayed_sender, relayed) = mpsc::channel();
         let timer = timerfd_create(
             TimerfdClockId::Monotonic,
             TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
@@ -370,6 +433,7 @@ impl Engine {
             (udp.as_fd(), SOURCE_UDP),
             (waker.as_fd(), SOURCE_WAKER),
             (timer.as_fd(), SOURCE_TIMER),
+            (relayed_waker.as_fd(), SOURCE_RELAYED),
         ] {
             // Level-triggered: a side left unread (budget spent) reports again.
             epoll::add(&epoll, fd, EventData::new_u64(source), EventFlags::IN)
@@ -406,6 +470,11 @@ impl Engine {
             commands,
             command_sender,
             waker: Arc::new(waker),
+            relayed,
+            relayed_sender,
+            relayed_waker: Arc::new(relayed_waker),
+            relay_outlet: None,
+            event_handler: None,
             epoll,
             events: Vec::with_capacity(MAX_EVENTS),
         };
@@ -447,6 +516,8 @@ impl Engine {
         EngineHandle {
             commands: self.command_sender.clone(),
             waker: self.waker.clone(),
+            relayed: self.relayed_sender.clone(),
+            relayed_waker: self.relayed_waker.clone(),
         }
     }
 
@@ -460,8 +531,16 @@ impl Engine {
         }
     }
 
-    pub fn node(&self) -> &Node {
-        &self.node
+    /// Gives datagrams for peers behind a relay to `outlet`. Without one
+    /// they are dropped and counted.
+    pub fn set_relay_outlet(&mut self, outlet: RelayOutlet) {
+        self.relay_outlet = Some(outlet);
+    }
+
+    /// Hands every [`Event`] of the node to `handler`, at the end of the
+    /// turn that caused it. Without one they are dropped.
+    pub fn set_event_handler(&mut self, handler: EventHandler) {
+        self.event_handler = Some(handler);
     }
 
     pub fn tun(&self) -> &Tun {
@@ -641,11 +720,13 @@ impl Engine {
         let mut tun_ready = false;
         let mut timer_due = false;
         let mut commands = false;
+        let mut relayed = false;
         for event in &self.events {
             match event.data.u64() {
                 SOURCE_TUN => tun_ready = true,
                 SOURCE_TIMER => timer_due = true,
                 SOURCE_WAKER => commands = true,
+                SOURCE_RELAYED => relayed = true,
                 _ => {}
             }
         }
@@ -692,6 +773,9 @@ impl Engine {
             udp_quiet,
             answer_wait,
             events,
+            relayed_waker,
+            relayed: relayed_queue,
+            relay_outlet,
             ..
         } = self;
         let mut out = Outbox {
@@ -701,6 +785,7 @@ impl Engine {
             tun_batch: tun_out,
             udp_batch: udp_out,
             counters,
+            relay_outlet,
             tun_written: false,
         };
 
@@ -723,6 +808,14 @@ impl Engine {
                 receive_one(sock, udp_in, node, &mut out, now);
             } else {
                 receive_datagrams(sock, udp_in, node, &mut out, now, &mut budget);
+            }
+        }
+        if relayed {
+            // As for commands: reset, then drain; a datagram this drain
+            // misses has its eventfd write still to come.
+            let _ = rustix::io::read(&**relayed_waker, &mut [0u8; 8]);
+            while let Ok((relay, peer, datagram)) = relayed_queue.try_recv() {
+                node.handle_relayed(relay, peer, &datagram, &mut out, now);
             }
         }
         // Does nothing when nothing was received.
@@ -786,6 +879,11 @@ impl Engine {
         }
         if timer_due || self.node.poll_timeout() != self.timer_deadline {
             self.set_timer()?;
+        }
+        while let Some(event) = self.node.poll_event() {
+            if let Some(handler) = &mut self.event_handler {
+                handler(event);
+            }
         }
         Ok(())
     }
@@ -882,6 +980,14 @@ impl Engine {
             }
             Command::SetListenPort { port, reply } => reply(self.set_listen_port(port)),
             Command::SetFwmark { mark, reply } => reply(self.set_fwmark(mark)),
+            Command::SetEndpoint {
+                peer,
+                endpoint,
+                reply,
+            } => {
+                let found = self.node.set_endpoint(&peer, endpoint, self.now);
+                reply(found);
+            }
         }
     }
 }
@@ -894,6 +1000,7 @@ struct Outbox<'a> {
     tun_batch: &'a mut TunBatch,
     udp_batch: &'a mut UdpSendBatch,
     counters: &'a mut EngineCounters,
+    relay_outlet: &'a mut Option<RelayOutlet>,
     /// Whether this turn wrote to the TUN.
     tun_written: bool,
 }
@@ -932,5 +1039,12 @@ impl Sink for Outbox<'_> {
             self.flush_tun();
         }
         self.tun_batch
+    }
+
+    fn relay(&mut self, relay: RelayId, peer: &PublicKey, datagram: &[u8]) {
+        match self.relay_outlet {
+            Some(outlet) => outlet(relay, peer, datagram),
+            None => self.counters.relay_send_dropped += 1,
+        }
     }
 }

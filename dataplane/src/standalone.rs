@@ -291,7 +291,8 @@ impl Daemon {
             .map(|config| {
                 let live = running.get(&config.public_key);
                 let mut config = config.clone();
-                config.endpoint = live.and_then(|p| p.endpoint).or(config.endpoint);
+                // A relayed path has no address to show.
+                config.endpoint = live.and_then(|p| p.endpoint?.udp()).or(config.endpoint);
                 PeerState {
                     config,
                     last_handshake: live

@@ -900,7 +900,7 @@ PersistentKeepalive = 25
             ("PostDown = x", 3, "PostDown is not supported: `meshd wg up` runs no hook commands; remove the line and run the command yourself"),
             ("SaveConfig = true", 3, "SaveConfig = true is not supported: meshd never writes the configuration file back (only `false` is accepted)"),
             ("SaveConfig = yes", 3, "SaveConfig \"yes\" is not valid: expected true or false"),
-            ("FwMark = 0xzz", 3, "FwMark \"0xzz\" is not valid"),
+            ("FwMark = 0xzz", 3, "FwMark \"0xzz\" is not valid: expected off, a number or 0x and hexadecimal digits"),
             // Peer values.
             ("[Peer]\nAllowedIPs = 10.0.0.0/8", 3, "[Peer] has no PublicKey"),
             ("[Peer]\nPublicKey = PUB_A\n[Peer]\n", 5, "[Peer] has no PublicKey"),

@@ -239,3 +239,152 @@ fn tunnel_survives_a_local_address_change() {
         assert_eq!(c.node.spoofed, 0, "{c:?}");
     }
 }
+
+/// Two engines with no network between them: each one's datagrams for the
+/// other leave through its relay outlet and are handed to the other's
+/// engine as relayed, as the relay client of the NAT-traversal issue will.
+/// TCP crosses both ways, and each engine reports the session and the
+/// endpoint it learned through its event handler.
+#[test]
+fn tcp_through_two_engines_over_their_relay_outlets() {
+    use meshd_dataplane::engine::{Endpoint, EngineHandle, Event, RelayId};
+    use std::sync::{Arc, OnceLock};
+
+    let sides: Vec<Side> = (1..=2u8)
+        .map(|host| Side {
+            ns: NetNs::new(),
+            key: PrivateKey::generate(),
+            underlay: String::new(),
+            inner: format!("10.79.0.{host}"),
+        })
+        .collect();
+    let (a, b) = (&sides[0], &sides[1]);
+    let handles: [Arc<OnceLock<EngineHandle>>; 2] = Default::default();
+    let stop = AtomicBool::new(false);
+    let (events_tx, events) = mpsc::channel();
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    let server_addr: SocketAddr = format!("{}:5000", b.inner).parse().unwrap();
+    std::thread::scope(|s| {
+        let mut engines = Vec::new();
+        for (me, other) in [(0usize, 1usize), (1, 0)] {
+            let (side, peer) = (&sides[me], &sides[other]);
+            let (own, theirs) = (handles[me].clone(), handles[other].clone());
+            let (events_tx, stop) = (events_tx.clone(), &stop);
+            let own_key = side.key.public_key();
+            engines.push(s.spawn(move || {
+                side.ns.enter();
+                let mut engine = Engine::new(EngineConfig {
+                    private_key: side.key.clone(),
+                    tun_name: "wg0".into(),
+                    mtu: 1420,
+                    offload: true,
+                    addresses: vec![format!("{}/24", side.inner).parse().unwrap()],
+                    routes: Vec::new(),
+                    listen_port: 0,
+                    fwmark: 0,
+                    route_allowed_ips: true,
+                })
+                .unwrap();
+                engine
+                    .set_peers(&[PeerConfig {
+                        public_key: peer.key.public_key(),
+                        preshared_key: None,
+                        allowed_ips: vec![format!("{}/32", peer.inner).parse().unwrap()],
+                        endpoint: None,
+                        persistent_keepalive: None,
+                    }])
+                    .unwrap();
+                // Relay 1 is A's, relay 2 B's: each hands what it carries
+                // to the other engine as coming from this one's key.
+                let (out_relay, in_relay) = if me == 0 { (1, 2) } else { (2, 1) };
+                engine.set_relay_outlet(Box::new(move |relay, to, datagram| {
+                    assert_eq!(relay, RelayId(out_relay));
+                    assert_ne!(*to, own_key);
+                    if let Some(h) = theirs.get() {
+                        let _ = h.relayed(RelayId(in_relay), own_key, datagram.to_vec());
+                    }
+                }));
+                engine.set_event_handler(Box::new(move |e| {
+                    let _ = events_tx.send((me, e));
+                }));
+                own.set(engine.handle()).unwrap();
+                engine.run(stop).unwrap();
+                engine.counters()
+            }));
+        }
+        let wait = |h: &Arc<OnceLock<EngineHandle>>| loop {
+            if let Some(h) = h.get() {
+                break h.clone();
+            }
+            std::thread::yield_now();
+        };
+        let (ha, _) = (wait(&handles[0]), wait(&handles[1]));
+        // Only A knows a way to B at first: through its relay.
+        let via = Endpoint::Relay {
+            relay: RelayId(1),
+            peer: b.key.public_key(),
+        };
+        assert!(ha.set_endpoint(b.key.public_key(), via).unwrap());
+
+        let (listening, listening_rx) = mpsc::channel();
+        let data = &data;
+        let server = s.spawn(move || {
+            b.ns.enter();
+            let listener = TcpListener::bind(server_addr).unwrap();
+            listening.send(()).unwrap();
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut got = vec![0; data.len()];
+            conn.read_exact(&mut got).unwrap();
+            assert!(got == *data, "A→B bytes differ");
+            conn.write_all(data).unwrap();
+        });
+        let client = s.spawn(move || {
+            a.ns.enter();
+            listening_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            let mut conn =
+                TcpStream::connect_timeout(&server_addr, Duration::from_secs(10)).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            conn.write_all(data).unwrap();
+            let mut got = vec![0; data.len()];
+            conn.read_exact(&mut got).unwrap();
+            assert!(got == *data, "B→A bytes differ");
+        });
+        let results = [client.join(), server.join()];
+        stop.store(true, Ordering::Relaxed);
+        let counters: Vec<EngineCounters> =
+            engines.into_iter().map(|e| e.join().unwrap()).collect();
+        for r in results {
+            if let Err(panic) = r {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        for c in &counters {
+            assert!(
+                c.node.rx_packets > 1000 && c.node.tx_packets > 1000,
+                "{c:?}"
+            );
+            assert_eq!(c.relay_send_dropped, 0, "{c:?}");
+        }
+    });
+    let events: Vec<(usize, Event)> = events.try_iter().collect();
+    for (me, other) in [(0, 1), (1, 0)] {
+        let peer = sides[other].key.public_key();
+        assert!(
+            events.contains(&(me, Event::SessionUp { peer })),
+            "{events:?}"
+        );
+    }
+    // B learned where A is from A's first datagram: A's relay, as B's
+    // relay reaches it.
+    let learned = Event::EndpointChanged {
+        peer: a.key.public_key(),
+        endpoint: Endpoint::Relay {
+            relay: RelayId(2),
+            peer: a.key.public_key(),
+        },
+    };
+    assert!(events.contains(&(1, learned)), "{events:?}");
+}

@@ -8,8 +8,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use meshd_dataplane::engine::{Node, Sink};
-use meshd_dataplane::keys::{PresharedKey, PrivateKey};
+use meshd_dataplane::engine::{Endpoint, Event, Node, RelayId, Sink};
+use meshd_dataplane::keys::{PresharedKey, PrivateKey, PublicKey};
 use meshd_dataplane::peers::PeerConfig;
 use meshd_dataplane::tun::TunBatch;
 use meshd_dataplane::udp::UdpSendBatch;
@@ -20,6 +20,7 @@ use rand::{Rng, SeedableRng};
 struct Collect {
     udp: UdpSendBatch,
     tun: TunBatch,
+    relayed: Vec<(RelayId, PublicKey, Vec<u8>)>,
 }
 
 impl Sink for Collect {
@@ -30,6 +31,9 @@ impl Sink for Collect {
     fn tun(&mut self) -> &mut TunBatch {
         assert!(!self.tun.is_full(), "test batch overflow");
         &mut self.tun
+    }
+    fn relay(&mut self, relay: RelayId, peer: &PublicKey, datagram: &[u8]) {
+        self.relayed.push((relay, *peer, datagram.to_vec()));
     }
 }
 
@@ -174,7 +178,7 @@ fn handshake_and_data(psk: Option<PresharedKey>) {
     assert_eq!(sim.a.counters().rx_packets, 1);
     assert_eq!(sim.b.counters().rx_packets, 1);
     let status = sim.b.peer_status(sim.now);
-    assert_eq!(status[0].endpoint, Some(sim.addr_a));
+    assert_eq!(status[0].endpoint, Some(Endpoint::Udp(sim.addr_a)));
     assert!(status[0].last_handshake.is_some());
     assert_eq!(sim.lost, 0);
 }
@@ -222,9 +226,6 @@ fn unroutable_packets_are_counted() {
     sim.a
         .handle_tun_packet(&ipv4(A_IP, [10, 9, 9, 9], b""), &mut sim.sa, sim.now);
     assert_eq!(sim.a.counters().no_route, 1);
-    // B has no endpoint for A until A has been in touch.
-    sim.b_sends(b"too early");
-    assert_eq!(sim.b.counters().no_endpoint, 1);
     sim.a.handle_tun_packet(&[0x45, 0, 0], &mut sim.sa, sim.now);
     sim.a.handle_tun_packet(&[], &mut sim.sa, sim.now);
     assert_eq!(sim.a.counters().bad_inner, 2);
@@ -279,6 +280,7 @@ fn sessions_rekey_under_a_fake_clock() {
     let mut sim = Sim::new(None);
     let mut sent = 0;
     let mut received = 0;
+    let mut waiting = Vec::new();
     // Ten minutes: five rekey intervals (120 s), past the 180 s reject time.
     for second in 0..600 {
         let p = sim.a_sends(format!("a{second}").as_bytes());
@@ -288,16 +290,22 @@ fn sessions_rekey_under_a_fake_clock() {
         let got_b = sim.sb.take_packets();
         let got_a = sim.sa.take_packets();
         received += got_a.len() + got_b.len();
-        if second > 0 {
+        if second == 0 {
+            // B's first packet waits for A's endpoint, and leaves at B's
+            // next timer call.
+            assert_eq!(got_b, vec![p]);
+            assert!(got_a.is_empty());
+            waiting.push(q);
+        } else {
             assert_eq!(got_b, vec![p], "second {second}");
-            assert_eq!(got_a, vec![q], "second {second}");
+            waiting.push(q);
+            assert_eq!(got_a, std::mem::take(&mut waiting), "second {second}");
         }
         for _ in 0..4 {
             sim.advance(Duration::from_millis(250));
         }
     }
-    // The very first b→a packet had no endpoint yet.
-    assert_eq!(received, sent - 1);
+    assert_eq!(received, sent);
     let last = sim.a.peer_status(sim.now)[0].last_handshake.unwrap();
     assert!(last < Duration::from_secs(130), "no rekey: {last:?}");
 }
@@ -342,7 +350,10 @@ fn endpoint_follows_a_roaming_peer() {
     sim.addr_a = "198.51.100.7:40000".parse().unwrap();
     sim.a_sends(b"from elsewhere");
     sim.deliver();
-    assert_eq!(sim.b.peer_status(sim.now)[0].endpoint, Some(sim.addr_a));
+    assert_eq!(
+        sim.b.peer_status(sim.now)[0].endpoint,
+        Some(Endpoint::Udp(sim.addr_a))
+    );
     let q = sim.b_sends(b"reply");
     sim.deliver();
     assert_eq!(sim.sa.take_packets().last(), Some(&q));
@@ -528,9 +539,11 @@ fn a_new_key_with_other_allowed_ips_is_a_new_peer() {
     ];
     sim.a.set_private_key(new_a, sim.now);
     sim.b.set_peers(&[pa], sim.now).unwrap();
-    // No handover: B dropped the old peer and has no endpoint for the new one.
+    // No handover: B dropped the old peer and has no endpoint for the new
+    // one, so the packet waits, and nothing leaves.
     sim.b_sends(b"no session, no endpoint");
-    assert_eq!(sim.b.counters().no_endpoint, 1);
+    assert!(sim.sb.take_datagrams().is_empty());
+    assert_eq!(sim.b.peer_status(sim.now)[0].endpoint, None);
 }
 
 #[test]
@@ -557,4 +570,123 @@ fn a_restarted_node_moves_a_peer_off_the_session_it_lost() {
             .handle_datagram(sim.addr_a, &junk, &mut sim.sb, sim.now);
     }
     assert!(sim.sb.take_datagrams().is_empty());
+}
+
+fn events(node: &mut Node) -> Vec<Event> {
+    std::iter::from_fn(|| node.poll_event()).collect()
+}
+
+#[test]
+fn packets_for_a_peer_without_endpoint_wait_for_it() {
+    let mut sim = Sim::new(None);
+    // B has no endpoint for A until A has been in touch: its packets wait.
+    let early: Vec<Vec<u8>> = (0..3u8).map(|i| sim.b_sends(&[b'e', i])).collect();
+    assert!(sim.sb.take_datagrams().is_empty());
+    assert_eq!(sim.b.counters().no_endpoint, 0);
+    // A's first packet brings the handshake, and B learns where A is.
+    let p = sim.a_sends(b"hello b");
+    sim.deliver();
+    assert_eq!(sim.sb.take_packets(), vec![p]);
+    let key_a = sim.b.peer_configs()[0].public_key;
+    assert_eq!(
+        events(&mut sim.b),
+        vec![
+            Event::SessionUp { peer: key_a },
+            Event::EndpointChanged {
+                peer: key_a,
+                endpoint: Endpoint::Udp(sim.addr_a)
+            }
+        ]
+    );
+    // B's next timer call (due at once) sends what waited, in order.
+    assert_eq!(sim.b.poll_timeout(), sim.now);
+    sim.advance(Duration::ZERO);
+    assert_eq!(sim.sa.take_packets(), early);
+    // Only the newest few wait; older ones are dropped and counted.
+    let mut sim = Sim::new(None);
+    for i in 0..40u8 {
+        sim.b_sends(&[i]);
+    }
+    assert_eq!(sim.b.counters().no_endpoint, 8);
+    sim.a_sends(b"x");
+    sim.deliver();
+    sim.advance(Duration::ZERO);
+    let got = sim.sa.take_packets();
+    assert_eq!(got.len(), 32);
+    assert_eq!(got[0], ipv4(B_IP, A_IP, &[8]));
+}
+
+#[test]
+fn a_session_through_a_relay_and_back_to_udp() {
+    let mut sim = Sim::new(None);
+    let (key_a, key_b) = (sim.b.peer_configs()[0].public_key, sim.kb.public_key());
+    // A reaches B through relay 1; B hears A through its relay 2.
+    let via_a = Endpoint::Relay {
+        relay: RelayId(1),
+        peer: key_b,
+    };
+    assert!(sim.a.set_endpoint(&key_b, via_a, sim.now));
+    assert!(!sim
+        .a
+        .set_endpoint(&PrivateKey::generate().public_key(), via_a, sim.now));
+    let p = sim.a_sends(b"over the relay");
+    let carry = |sim: &mut Sim| {
+        for _ in 0..8 {
+            let from_a = std::mem::take(&mut sim.sa.relayed);
+            let from_b = std::mem::take(&mut sim.sb.relayed);
+            if from_a.is_empty() && from_b.is_empty() {
+                break;
+            }
+            for (relay, to, d) in from_a {
+                assert_eq!((relay, to), (RelayId(1), key_b));
+                sim.b
+                    .handle_relayed(RelayId(2), key_a, &d, &mut sim.sb, sim.now);
+            }
+            for (relay, to, d) in from_b {
+                assert_eq!((relay, to), (RelayId(2), key_a));
+                sim.a
+                    .handle_relayed(RelayId(1), key_b, &d, &mut sim.sa, sim.now);
+            }
+        }
+    };
+    carry(&mut sim);
+    assert!(sim.sa.take_datagrams().is_empty() && sim.sb.take_datagrams().is_empty());
+    assert_eq!(sim.sb.take_packets(), vec![p]);
+    let q = sim.b_sends(b"and back");
+    carry(&mut sim);
+    assert_eq!(sim.sa.take_packets(), vec![q]);
+    let via_b = Endpoint::Relay {
+        relay: RelayId(2),
+        peer: key_a,
+    };
+    assert_eq!(sim.b.peer_status(sim.now)[0].endpoint, Some(via_b));
+    assert!(events(&mut sim.b).contains(&Event::EndpointChanged {
+        peer: key_a,
+        endpoint: via_b
+    }));
+    assert!(events(&mut sim.a).contains(&Event::SessionUp { peer: key_b }));
+    // A relay cannot speak for another peer: B's datagram relayed as from
+    // a third key is dropped.
+    let r = sim.b_sends(b"impostor");
+    let (_, _, d) = sim.sb.relayed.pop().unwrap();
+    let unknown = sim.a.counters().unknown_peer;
+    let stranger = PrivateKey::generate().public_key();
+    sim.a
+        .handle_relayed(RelayId(1), stranger, &d, &mut sim.sa, sim.now);
+    assert!(sim.sa.take_packets().is_empty(), "{r:?} delivered");
+    assert_eq!(sim.a.counters().unknown_peer, unknown + 1);
+    // Back to a direct path on the same session: A's owner moves the
+    // endpoint, and B follows A's first datagram from there.
+    assert!(sim
+        .a
+        .set_endpoint(&key_b, Endpoint::Udp(sim.addr_b), sim.now));
+    let p = sim.a_sends(b"direct again");
+    sim.deliver();
+    assert_eq!(sim.sb.take_packets(), vec![p]);
+    assert!(sim.sa.relayed.is_empty());
+    assert_eq!(
+        sim.b.peer_status(sim.now)[0].endpoint,
+        Some(Endpoint::Udp(sim.addr_a))
+    );
+    assert_eq!(sim.lost, 0);
 }

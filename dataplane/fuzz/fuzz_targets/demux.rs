@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use meshd_dataplane::engine::{Node, Sink};
+use meshd_dataplane::engine::{Node, RelayId, Sink};
 use meshd_dataplane::keys::{PresharedKey, PrivateKey, PublicKey};
 use meshd_dataplane::peers::PeerConfig;
 use meshd_dataplane::tun::TunBatch;
@@ -42,6 +42,7 @@ impl Sink for Collect {
         }
         &mut self.tun
     }
+    fn relay(&mut self, _: RelayId, _: &PublicKey, _: &[u8]) {}
 }
 
 impl Collect {

@@ -21,7 +21,7 @@
 //! time, so nothing in flight is lost. Both ends of a rotation do this, in
 //! whichever order they learn of it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,6 +70,63 @@ const STALE_LOOKUPS_PER_TICK: u32 = 8;
 /// datagrams the other end sent on it before it switched are in flight.
 const HANDOVER_GRACE: Duration = Duration::from_secs(3);
 
+/// Packets queued for a peer whose endpoint is not known yet, sent once it
+/// is (the oldest are dropped beyond this, and counted as `no_endpoint`).
+const PENDING_PACKETS: usize = 32;
+
+/// Events kept for [`Node::poll_event`]; older ones are dropped beyond this.
+const MAX_EVENTS: usize = 1024;
+
+/// A relay connection of the driver's, by number (the NAT-traversal issue
+/// gives them meaning; the node only passes the number back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RelayId(pub u16);
+
+/// Where a peer's datagrams go and where one came from: a UDP address, or
+/// a relay that carries them to and from the peer's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Endpoint {
+    Udp(SocketAddr),
+    Relay { relay: RelayId, peer: PublicKey },
+}
+
+impl Endpoint {
+    /// The UDP address, if it is one.
+    pub fn udp(self) -> Option<SocketAddr> {
+        match self {
+            Endpoint::Udp(a) => Some(a),
+            Endpoint::Relay { .. } => None,
+        }
+    }
+
+    /// The source address boringtun's cookie mechanism binds to; a relay
+    /// has none.
+    fn ip(self) -> Option<IpAddr> {
+        self.udp().map(|a| a.ip())
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Udp(a) => write!(f, "{a}"),
+            Endpoint::Relay { relay, .. } => write!(f, "relay {}", relay.0),
+        }
+    }
+}
+
+/// What happened that the node's owner may act on, from
+/// [`Node::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The peer's endpoint was learned or moved: a handshake or an
+    /// authenticated datagram came from elsewhere (configured endpoints
+    /// are the owner's own and not reported).
+    EndpointChanged { peer: PublicKey, endpoint: Endpoint },
+    /// A handshake with the peer completed: a session is up.
+    SessionUp { peer: PublicKey },
+}
+
 /// Where a [`Node`] puts what it produces. The driver flushes a batch to its
 /// socket or device when it lacks room; tests collect the contents.
 pub trait Sink {
@@ -77,6 +134,18 @@ pub trait Sink {
     fn udp(&mut self, len: usize) -> &mut UdpSendBatch;
     /// A TUN batch with room for one more packet.
     fn tun(&mut self) -> &mut TunBatch;
+    /// A datagram for `peer` through relay `relay`.
+    fn relay(&mut self, relay: RelayId, peer: &PublicKey, datagram: &[u8]);
+}
+
+/// Sends `datagram` to `to` through `sink`.
+fn send(sink: &mut impl Sink, to: Endpoint, datagram: &[u8]) {
+    match to {
+        Endpoint::Udp(addr) => {
+            sink.udp(datagram.len()).push(addr, datagram);
+        }
+        Endpoint::Relay { relay, peer } => sink.relay(relay, &peer, datagram),
+    }
 }
 
 /// Packet counters of a node; drops are counted by cause.
@@ -88,7 +157,8 @@ pub struct Counters {
     pub rx_packets: u64,
     /// Inner packets whose destination no peer's allowed IPs cover.
     pub no_route: u64,
-    /// Inner packets for a peer whose endpoint is still unknown.
+    /// Inner packets for a peer whose endpoint is still unknown, beyond the
+    /// few queued until it is.
     pub no_endpoint: u64,
     /// Inner packets that are not IP, or too large to encrypt.
     pub bad_inner: u64,
@@ -107,7 +177,7 @@ pub struct Counters {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerStatus {
     pub public_key: PublicKey,
-    pub endpoint: Option<SocketAddr>,
+    pub endpoint: Option<Endpoint>,
     pub allowed_ips: Vec<IpNet>,
     /// Time since the last completed handshake.
     pub last_handshake: Option<Duration>,
@@ -165,8 +235,11 @@ impl Clock {
 struct Peer {
     config: PeerConfig,
     tunn: Box<Tunn>,
-    /// Configured, or learned from the last authenticated datagram.
-    endpoint: Option<SocketAddr>,
+    /// Configured, set by the owner, or learned from the last
+    /// authenticated datagram.
+    endpoint: Option<Endpoint>,
+    /// Inner packets that came before the endpoint, oldest first.
+    pending: VecDeque<Vec<u8>>,
     keepalive: Option<Duration>,
     /// When we last sent this peer anything, for persistent keepalives.
     last_sent: Instant,
@@ -221,6 +294,10 @@ pub struct Node {
     /// Grows whenever a peer's endpoint may have changed (see
     /// [`Node::endpoint_generation`]).
     endpoint_generation: u64,
+    /// Some peer has pending packets and an endpoint: send them at the next
+    /// timer call.
+    flush_pending: bool,
+    events: VecDeque<Event>,
     counters: Counters,
 }
 
@@ -258,6 +335,8 @@ impl Node {
             scratch: vec![0; MAX_GSO_BYTES].into_boxed_slice(),
             stale_lookups: STALE_LOOKUPS_PER_TICK,
             endpoint_generation: 0,
+            flush_pending: false,
+            events: VecDeque::new(),
             counters: Counters::default(),
         }
     }
@@ -297,9 +376,41 @@ impl Node {
         self.endpoint_generation
     }
 
-    /// The endpoints of all peers that have one, configured or learned.
+    /// The UDP endpoints of all peers that have one, configured or learned.
     pub fn endpoints(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.peers.values().filter_map(|p| p.endpoint)
+        self.peers.values().filter_map(|p| p.endpoint?.udp())
+    }
+
+    /// The next event, oldest first (see [`Event`]).
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn event(events: &mut VecDeque<Event>, event: Event) {
+        if events.len() >= MAX_EVENTS {
+            events.pop_front();
+        }
+        events.push_back(event);
+    }
+
+    /// Sends the peer's datagrams to `endpoint` from now on (until the peer
+    /// roams, or the configuration names another); what was queued for want
+    /// of an endpoint leaves at the next timer call. `false` for a peer the
+    /// node does not have.
+    pub fn set_endpoint(&mut self, peer: &PublicKey, endpoint: Endpoint, now: Instant) -> bool {
+        let Some(p) = self.by_key.get(peer).and_then(|i| self.peers.get_mut(i)) else {
+            return false;
+        };
+        if p.endpoint != Some(endpoint) {
+            p.endpoint = Some(endpoint);
+            p.sending = false;
+            self.endpoint_generation += 1;
+        }
+        if !p.pending.is_empty() {
+            self.flush_pending = true;
+            self.next_tick = self.next_tick.min(now);
+        }
+        true
     }
 
     /// The configured peers, sorted by public key.
@@ -370,8 +481,8 @@ impl Node {
             let new_index = self.hand_over(index, config, now);
             self.by_key.insert(config.public_key, new_index);
             if let Some(peer) = self.peers.get_mut(&new_index) {
-                if config.endpoint.is_some() {
-                    peer.endpoint = config.endpoint;
+                if let Some(e) = config.endpoint {
+                    peer.endpoint = Some(Endpoint::Udp(e));
                 }
                 peer.keepalive = keepalive(config.persistent_keepalive);
                 peer.config = config.clone();
@@ -406,7 +517,14 @@ impl Node {
                 match c {
                     // A configured endpoint wins; dropping it from the
                     // configuration keeps the one learned from the peer.
-                    Change::Endpoint(Some(e)) => peer.endpoint = Some(*e),
+                    Change::Endpoint(Some(e)) => {
+                        peer.endpoint = Some(Endpoint::Udp(*e));
+                        peer.sending = false;
+                        if !peer.pending.is_empty() {
+                            self.flush_pending = true;
+                            self.next_tick = self.next_tick.min(now);
+                        }
+                    }
                     Change::Endpoint(None) => {}
                     Change::AllowedIps { added, removed } => {
                         for net in removed {
@@ -438,7 +556,8 @@ impl Node {
                 Peer {
                     config: config.clone(),
                     tunn: Box::new(tunn),
-                    endpoint: config.endpoint,
+                    endpoint: config.endpoint.map(Endpoint::Udp),
+                    pending: VecDeque::new(),
                     keepalive: keepalive(config.persistent_keepalive),
                     last_sent: now,
                     previous: None,
@@ -565,7 +684,14 @@ impl Node {
             return;
         };
         let Some(endpoint) = peer.endpoint else {
-            self.counters.no_endpoint += 1;
+            // Kept until the endpoint is known (the coordinator's next
+            // message, or the peer's first handshake), as WireGuard keeps
+            // packets during a handshake.
+            if peer.pending.len() >= PENDING_PACKETS {
+                peer.pending.pop_front();
+                self.counters.no_endpoint += 1;
+            }
+            peer.pending.push_back(packet.to_vec());
             return;
         };
         // A handshake may start, or `has_session` reads the clock.
@@ -579,20 +705,31 @@ impl Node {
             _ => &mut peer.tunn,
         };
         let mut data = false;
-        sink.udp(len).push_with(endpoint, len, |buf| {
-            match tunn.encapsulate(packet, buf) {
-                TunnResult::WriteToNetwork(out) => {
-                    // A handshake initiation instead means the packet was queued.
-                    data = out.first() == Some(&4);
-                    out.len()
-                }
-                TunnResult::Err(e) => {
-                    tracing::trace!(error = ?e, "encapsulate failed");
-                    0
-                }
-                _ => 0,
+        let mut encapsulate = |buf: &mut [u8]| match tunn.encapsulate(packet, buf) {
+            TunnResult::WriteToNetwork(out) => {
+                // A handshake initiation instead means the packet was queued.
+                data = out.first() == Some(&4);
+                out.len()
             }
-        });
+            TunnResult::Err(e) => {
+                tracing::trace!(error = ?e, "encapsulate failed");
+                0
+            }
+            _ => 0,
+        };
+        match endpoint {
+            // Straight into the send batch: consecutive datagrams to one
+            // address leave in one GSO send.
+            Endpoint::Udp(addr) => {
+                sink.udp(len).push_with(addr, len, encapsulate);
+            }
+            Endpoint::Relay { relay, peer: key } => {
+                let n = encapsulate(&mut self.scratch[..]);
+                if n > 0 {
+                    sink.relay(relay, &key, &self.scratch[..n]);
+                }
+            }
+        }
         peer.last_sent = now;
         peer.sending = data;
         if data {
@@ -610,6 +747,24 @@ impl Node {
         sink: &mut impl Sink,
         now: Instant,
     ) {
+        self.handle_from(Endpoint::Udp(from), datagram, sink, now);
+    }
+
+    /// A datagram that relay `relay` carried from the peer with key `peer`
+    /// (the relay vouches for the key; the datagram itself is
+    /// authenticated as any other).
+    pub fn handle_relayed(
+        &mut self,
+        relay: RelayId,
+        peer: PublicKey,
+        datagram: &[u8],
+        sink: &mut impl Sink,
+        now: Instant,
+    ) {
+        self.handle_from(Endpoint::Relay { relay, peer }, datagram, sink, now);
+    }
+
+    fn handle_from(&mut self, from: Endpoint, datagram: &[u8], sink: &mut impl Sink, now: Instant) {
         // Data messages read no clock (see [`Clock`]); the others may.
         let data = datagram.first() == Some(&4);
         if !data {
@@ -640,6 +795,12 @@ impl Node {
             }
             return;
         };
+        // A relay names the sender; a datagram of another peer's session
+        // through it would send that peer's answers to the wrong key.
+        if matches!(from, Endpoint::Relay { peer: key, .. } if key != peer.config.public_key) {
+            self.counters.unknown_peer += 1;
+            return;
+        }
         if data {
             self.decrypt_data(index, previous, from, datagram, sink);
             return;
@@ -654,20 +815,33 @@ impl Node {
             }
             (_, false) => &mut peer.tunn,
         };
-        match tunn.decapsulate(Some(from.ip()), datagram, &mut self.scratch) {
+        match tunn.decapsulate(from.ip(), datagram, &mut self.scratch) {
             TunnResult::WriteToNetwork(reply) => {
+                // An initiation answered, or a response that completes ours.
+                let key = peer.config.public_key;
+                Self::event(&mut self.events, Event::SessionUp { peer: key });
                 if peer.endpoint != Some(from) {
                     peer.endpoint = Some(from);
                     self.endpoint_generation += 1;
+                    Self::event(
+                        &mut self.events,
+                        Event::EndpointChanged {
+                            peer: key,
+                            endpoint: from,
+                        },
+                    );
+                    if !peer.pending.is_empty() {
+                        self.flush_pending = true;
+                        self.next_tick = self.next_tick.min(now);
+                    }
                 }
                 peer.last_sent = now;
-                let len = reply.len();
-                sink.udp(len).push(from, reply);
+                send(sink, from, reply);
                 // A completed handshake releases what boringtun queued.
                 while let TunnResult::WriteToNetwork(queued) =
                     tunn.decapsulate(None, &[], &mut self.scratch)
                 {
-                    sink.udp(queued.len()).push(from, queued);
+                    send(sink, from, queued);
                     self.counters.tx_packets += 1;
                 }
             }
@@ -686,7 +860,7 @@ impl Node {
     /// would wait for its own timeout (15 s) to notice. A handshake now
     /// moves it to a new session. The datagram is not authenticated, so
     /// this only ever sends the peer a handshake initiation, rarely.
-    fn stale_session(&mut self, from: SocketAddr, sink: &mut impl Sink, now: Instant) {
+    fn stale_session(&mut self, from: Endpoint, sink: &mut impl Sink, now: Instant) {
         if self.stale_lookups == 0 {
             return;
         }
@@ -708,30 +882,25 @@ impl Node {
             .format_handshake_initiation(&mut self.scratch, false)
         {
             tracing::debug!(peer = %peer.config.public_key, "peer uses a session this node lost: new handshake");
-            sink.udp(p.len()).push(from, p);
+            send(sink, from, p);
             peer.last_sent = now;
         }
     }
 
     /// Finds the peer a handshake initiation comes from. Under load, a cookie
     /// reply is sent instead and `None` returned.
-    fn initiator(
-        &mut self,
-        from: SocketAddr,
-        datagram: &[u8],
-        sink: &mut impl Sink,
-    ) -> Option<u32> {
+    fn initiator(&mut self, from: Endpoint, datagram: &[u8], sink: &mut impl Sink) -> Option<u32> {
         // The MAC and load check first: decrypting the initiation costs a
         // Diffie-Hellman, which unauthenticated senders must not get for free.
         let mut cookie = [0u8; 64];
         let packet = match self
             .rate_limiter
-            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+            .verify_packet(from.ip(), datagram, &mut cookie)
         {
             Ok(Packet::HandshakeInit(p)) => p,
             Ok(_) => return None,
             Err(TunnResult::WriteToNetwork(reply)) => {
-                sink.udp(reply.len()).push(from, reply);
+                send(sink, from, reply);
                 self.counters.cookies_sent += 1;
                 return None;
             }
@@ -763,7 +932,7 @@ impl Node {
         &mut self,
         index: u32,
         previous: bool,
-        from: SocketAddr,
+        from: Endpoint,
         datagram: &[u8],
         sink: &mut impl Sink,
     ) {
@@ -772,6 +941,8 @@ impl Node {
             routes,
             counters,
             endpoint_generation,
+            events,
+            flush_pending,
             ..
         } = self;
         let Some(peer) = peers.get_mut(&index) else {
@@ -788,7 +959,7 @@ impl Node {
         let public_key = &peer.config.public_key;
         let mut authenticated = false;
         sink.tun().push_with(|buf| {
-            let (packet, src) = match tunn.decapsulate(Some(from.ip()), datagram, buf) {
+            let (packet, src) = match tunn.decapsulate(from.ip(), datagram, buf) {
                 TunnResult::WriteToTunnelV4(p, src) => (p, IpAddr::V4(src)),
                 TunnResult::WriteToTunnelV6(p, src) => (p, IpAddr::V6(src)),
                 // A keepalive.
@@ -815,7 +986,16 @@ impl Node {
         if authenticated && peer.endpoint != Some(from) {
             tracing::debug!(peer = %peer.config.public_key, endpoint = %from, "peer roamed");
             peer.endpoint = Some(from);
+            peer.sending = false;
             *endpoint_generation += 1;
+            *flush_pending |= !peer.pending.is_empty();
+            Self::event(
+                events,
+                Event::EndpointChanged {
+                    peer: peer.config.public_key,
+                    endpoint: from,
+                },
+            );
         }
     }
 
@@ -832,6 +1012,17 @@ impl Node {
         }
         self.clock.enter(now);
         self.next_tick = now + TIMER_TICK;
+        if std::mem::take(&mut self.flush_pending) {
+            let queued: Vec<Vec<u8>> = self
+                .peers
+                .values_mut()
+                .filter(|p| p.endpoint.is_some())
+                .flat_map(|p| std::mem::take(&mut p.pending))
+                .collect();
+            for packet in queued {
+                self.handle_tun_packet(&packet, sink, now);
+            }
+        }
         // Tunns given a shared limiter leave its reset to us; it keeps its own
         // one-second period.
         self.rate_limiter.reset_count();
@@ -856,7 +1047,7 @@ impl Node {
                         .tunn
                         .format_handshake_initiation(&mut self.scratch, false)
                     {
-                        sink.udp(p.len()).push(e, p);
+                        send(sink, e, p);
                         peer.last_sent = now;
                     }
                 }
@@ -864,7 +1055,7 @@ impl Node {
             match peer.tunn.update_timers(&mut self.scratch) {
                 TunnResult::WriteToNetwork(p) => {
                     if let Some(e) = endpoint {
-                        sink.udp(p.len()).push(e, p);
+                        send(sink, e, p);
                         peer.last_sent = now;
                     }
                 }
@@ -877,7 +1068,7 @@ impl Node {
             if now.saturating_duration_since(peer.last_sent) >= interval {
                 if let TunnResult::WriteToNetwork(p) = peer.tunn.encapsulate(&[], &mut self.scratch)
                 {
-                    sink.udp(p.len()).push(e, p);
+                    send(sink, e, p);
                 }
                 peer.last_sent = now;
             }

@@ -40,7 +40,7 @@ pub fn format(name: &str, status: &Status, now: SystemTime) -> String {
         n.no_route,
         n.no_endpoint,
         n.bad_inner,
-        c.udp_send_dropped,
+        c.udp_send_dropped + c.relay_send_dropped,
         c.udp_recv_errors,
         c.tun_read_errors + c.tun_write_errors,
     );
