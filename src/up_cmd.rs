@@ -54,6 +54,8 @@ pub struct UpArgs {
     /// Stay in the foreground, logging to stderr, until SIGINT or SIGTERM.
     #[arg(long)]
     foreground: bool,
+    #[command(flatten)]
+    poll: crate::wg_cmd::AnswerPollArg,
     /// Internal: this process is the background daemon that `up` started;
     /// the token, if any, comes on stdin.
     #[arg(long, hide = true)]
@@ -109,6 +111,7 @@ pub fn up(args: UpArgs) -> Result<()> {
     opts.name = args.name.clone();
     opts.listen_port = args.listen_port;
     opts.rotate_every = args.rotate_key_every;
+    opts.answer_poll = args.poll.get();
     let daemon_child = args.daemon_child;
     node_runtime::run(opts, &stop, |status| {
         if daemon_child {
@@ -178,6 +181,7 @@ fn start_daemon(args: &UpArgs, token: Option<&str>) -> Result<()> {
     if let Some(d) = args.rotate_key_every {
         cmd.args(["--rotate-key-every", &format!("{}ms", d.as_millis())]);
     }
+    cmd.args(args.poll.to_args());
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

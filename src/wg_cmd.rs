@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
+use meshd_dataplane::engine::DEFAULT_ANSWER_POLL;
 use meshd_dataplane::standalone::{self, show, uapi, Setup};
 use meshd_dataplane::wgconf::{self, WgConfig};
 
@@ -31,6 +32,8 @@ pub enum WgCmd {
         /// Stay in the foreground, logging to stderr, until SIGINT or SIGTERM.
         #[arg(long)]
         foreground: bool,
+        #[command(flatten)]
+        poll: AnswerPollArg,
         /// Internal: this process is the background daemon that `up` started.
         #[arg(long, hide = true)]
         daemon_child: bool,
@@ -45,6 +48,8 @@ pub enum WgCmd {
         /// Stay in the foreground, logging to stderr, until SIGINT or SIGTERM.
         #[arg(short = 'f', long)]
         foreground: bool,
+        #[command(flatten)]
+        poll: AnswerPollArg,
         /// Internal: this process is the background daemon.
         #[arg(long, hide = true)]
         daemon_child: bool,
@@ -61,6 +66,42 @@ pub enum WgCmd {
     Syncconf { interface: String, config: PathBuf },
 }
 
+/// How long the data plane polls for the answer to a lone packet.
+#[derive(Args, Clone, Copy)]
+pub struct AnswerPollArg {
+    /// After sending a lone packet (a ping, a request), poll this long for
+    /// its answer before sleeping: lower latency for a little CPU (see
+    /// docs/benchmarks.md). 0 turns it off.
+    #[arg(long = "answer-poll", value_name = "DURATION", value_parser = parse_poll)]
+    answer_poll: Option<Duration>,
+}
+
+impl AnswerPollArg {
+    pub fn get(self) -> Duration {
+        self.answer_poll.unwrap_or(DEFAULT_ANSWER_POLL)
+    }
+
+    /// The option as the daemon child takes it.
+    pub fn to_args(self) -> [String; 2] {
+        [
+            "--answer-poll".into(),
+            format!("{}us", self.get().as_micros()),
+        ]
+    }
+}
+
+fn parse_poll(s: &str) -> Result<Duration, String> {
+    let d = if s == "0" {
+        Duration::ZERO
+    } else {
+        humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 150us, 0)"))?
+    };
+    if d > Duration::from_millis(10) {
+        return Err(format!("{s:?}: at most 10ms"));
+    }
+    Ok(d)
+}
+
 /// The name under which `meshd` acts as `meshd wg create` (for
 /// WG_QUICK_USERSPACE_IMPLEMENTATION, which names one program and gives it
 /// the interface name only).
@@ -72,13 +113,15 @@ pub fn run(cmd: WgCmd) -> Result<()> {
             config,
             interface,
             foreground,
+            poll,
             daemon_child,
-        } => up(&config, interface, foreground, daemon_child),
+        } => up(&config, interface, foreground, poll, daemon_child),
         WgCmd::Create {
             interface,
             foreground,
+            poll,
             daemon_child,
-        } => create(&interface, foreground, daemon_child),
+        } => create(&interface, foreground, poll, daemon_child),
         WgCmd::Show { interface } => show_cmd(interface),
         WgCmd::Down { interface } => Ok(standalone::down(&interface)?),
         WgCmd::Syncconf { interface, config } => syncconf(&interface, &config),
@@ -99,7 +142,13 @@ fn load(path: &Path, print_warnings: bool) -> Result<WgConfig> {
     Ok(config)
 }
 
-fn up(path: &Path, interface: Option<String>, foreground: bool, daemon_child: bool) -> Result<()> {
+fn up(
+    path: &Path,
+    interface: Option<String>,
+    foreground: bool,
+    poll: AnswerPollArg,
+    daemon_child: bool,
+) -> Result<()> {
     // The parent already printed the warnings.
     let config = load(path, !daemon_child)?;
     let name = match interface {
@@ -114,10 +163,15 @@ fn up(path: &Path, interface: Option<String>, foreground: bool, daemon_child: bo
             .with_context(|| format!("{}: cannot resolve the path", path.display()))?;
         let mut args: Vec<std::ffi::OsString> = vec!["wg".into(), "up".into(), config.into()];
         args.extend(["--interface".into(), name.clone().into()]);
+        args.extend(poll.to_args().map(Into::into));
         return start_daemon(args, &name);
     }
     let stop = daemon::stop_on_signal(daemon_child)?;
-    standalone::run(&name, Setup::from_config(&config), &stop, |status| {
+    let setup = Setup {
+        answer_poll: poll.get(),
+        ..Setup::from_config(&config)
+    };
+    standalone::run(&name, setup, &stop, |status| {
         if daemon_child {
             daemon::report_ready();
             daemon::detach_stdio();
@@ -131,13 +185,19 @@ fn up(path: &Path, interface: Option<String>, foreground: bool, daemon_child: bo
     Ok(())
 }
 
-fn create(name: &str, foreground: bool, daemon_child: bool) -> Result<()> {
+fn create(name: &str, foreground: bool, poll: AnswerPollArg, daemon_child: bool) -> Result<()> {
     standalone::validate_name(name)?;
     if !(foreground || daemon_child) {
-        return start_daemon(vec!["wg".into(), "create".into(), name.into()], name);
+        let mut args: Vec<std::ffi::OsString> = vec!["wg".into(), "create".into(), name.into()];
+        args.extend(poll.to_args().map(Into::into));
+        return start_daemon(args, name);
     }
     let stop = daemon::stop_on_signal(daemon_child)?;
-    standalone::run(name, Setup::for_wg_quick(), &stop, |_| {
+    let setup = Setup {
+        answer_poll: poll.get(),
+        ..Setup::for_wg_quick()
+    };
+    standalone::run(name, setup, &stop, |_| {
         if daemon_child {
             daemon::report_ready();
             daemon::detach_stdio();

@@ -39,6 +39,7 @@ use crate::control::supervisor::{
 use meshd_dataplane::control_socket::{self, Answer, ClaimError};
 use meshd_dataplane::engine::{
     ControlError, Engine, EngineConfig, EngineError, EngineHandle, EngineStatus,
+    DEFAULT_ANSWER_POLL,
 };
 use meshd_dataplane::keys::{PrivateKey, PublicKey};
 use meshd_dataplane::peers::PeerConfig;
@@ -67,6 +68,8 @@ pub struct UpOptions {
     pub listen_port: Option<u16>,
     pub rotate_every: Option<Duration>,
     pub mtu: u16,
+    /// See `EngineConfig::answer_poll`.
+    pub answer_poll: Duration,
     pub connect: ConnectOptions,
     pub supervisor: SupervisorConfig,
 }
@@ -81,6 +84,7 @@ impl UpOptions {
             listen_port: None,
             rotate_every: None,
             mtu: DEFAULT_MTU,
+            answer_poll: DEFAULT_ANSWER_POLL,
             connect: ConnectOptions::default(),
             supervisor: SupervisorConfig::default(),
         }
@@ -682,6 +686,7 @@ impl<'r> Runtime<'r> {
             listen_port: port,
             fwmark: 0,
             route_allowed_ips: true,
+            answer_poll: self.opts.answer_poll,
         };
         let runner = match (self.opts.listen_port, self.node_file.listen_port) {
             (Some(port), _) => EngineRunner::start(config(port), peers)?,

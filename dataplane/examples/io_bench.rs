@@ -273,6 +273,7 @@ fn bench_engine(offload: bool, duration: Duration) -> Result<()> {
                         listen_port: 51820,
                         fwmark: 0,
                         route_allowed_ips: true,
+                        answer_poll: meshd_dataplane::engine::DEFAULT_ANSWER_POLL,
                     })?;
                     engine.set_peers(std::slice::from_ref(peer))?;
                     ready_tx.send(())?;

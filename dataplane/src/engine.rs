@@ -41,6 +41,9 @@ use crate::udp::{
 };
 pub use node::{Counters, Endpoint, Event, Node, PeerStatus, RelayId, Sink};
 
+/// See [`EngineConfig::answer_poll`].
+pub const DEFAULT_ANSWER_POLL: Duration = answer_wait::WINDOW;
+
 /// Batches read from each side per turn before serving the other.
 const BUDGET: usize = 8;
 
@@ -74,6 +77,10 @@ pub struct EngineConfig {
     pub listen_port: u16,
     /// `SO_MARK` of the tunnel's datagrams; 0: none.
     pub fwmark: u32,
+    /// After sending a lone packet from the TUN, how long to poll for its
+    /// answer before sleeping (see `answer_wait`); zero: never.
+    /// [`DEFAULT_ANSWER_POLL`] by default.
+    pub answer_poll: Duration,
     /// Route each peer's allowed IPs into the TUN. Off when another program
     /// manages the routes (wg-quick does, for a UAPI interface).
     pub route_allowed_ips: bool,
@@ -463,7 +470,7 @@ impl Engine {
             counters: EngineCounters::default(),
             tun_sparse: true,
             udp_quiet: true,
-            answer_wait: AnswerWait::default(),
+            answer_wait: AnswerWait::new(config.answer_poll),
             now,
             timer,
             timer_deadline: now,

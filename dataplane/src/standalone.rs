@@ -26,7 +26,10 @@ use std::time::{Duration, Instant, SystemTime};
 use ipnet::IpNet;
 
 use crate::control_socket::{self, Answer, ClaimError, SocketFile};
-use crate::engine::{ControlError, Engine, EngineConfig, EngineError, EngineHandle, EngineStatus};
+use crate::engine::{
+    ControlError, Engine, EngineConfig, EngineError, EngineHandle, EngineStatus,
+    DEFAULT_ANSWER_POLL,
+};
 use crate::keys::PrivateKey;
 use crate::tun::TunError;
 use crate::wgconf::WgConfig;
@@ -59,6 +62,8 @@ pub struct Setup {
     /// Route the peers' allowed IPs into the TUN (`meshd wg up` does;
     /// wg-quick routes them itself).
     pub route_allowed_ips: bool,
+    /// See [`EngineConfig::answer_poll`].
+    pub answer_poll: Duration,
 }
 
 impl Setup {
@@ -76,6 +81,7 @@ impl Setup {
             addresses: iface.addresses.clone(),
             mtu: iface.mtu.unwrap_or(DEFAULT_MTU),
             route_allowed_ips: true,
+            answer_poll: DEFAULT_ANSWER_POLL,
         }
     }
 
@@ -87,6 +93,7 @@ impl Setup {
             addresses: Vec::new(),
             mtu: WG_QUICK_MTU,
             route_allowed_ips: false,
+            answer_poll: DEFAULT_ANSWER_POLL,
         }
     }
 }
@@ -204,6 +211,7 @@ pub fn run(
         listen_port: device.listen_port,
         fwmark: device.fwmark,
         route_allowed_ips: setup.route_allowed_ips,
+        answer_poll: setup.answer_poll,
     })?;
     if device.private_key.is_some() {
         engine.set_peers(&device.peers)?;

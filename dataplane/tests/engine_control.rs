@@ -54,6 +54,7 @@ fn peers_change_and_status_is_read_while_the_engine_runs() {
                 listen_port: 0,
                 fwmark: 0,
                 route_allowed_ips: true,
+                answer_poll: meshd_dataplane::engine::DEFAULT_ANSWER_POLL,
             })
             .unwrap();
             handle_tx.send(engine.handle()).unwrap();

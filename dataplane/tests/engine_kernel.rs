@@ -100,6 +100,7 @@ fn engine_thread(
         listen_port: 51820,
         fwmark: 0,
         route_allowed_ips: true,
+        answer_poll: meshd_dataplane::engine::DEFAULT_ANSWER_POLL,
     })
     .unwrap();
     assert_eq!(engine.tun().offload(), offload);
@@ -283,6 +284,7 @@ fn tcp_through_two_engines_over_their_relay_outlets() {
                     listen_port: 0,
                     fwmark: 0,
                     route_allowed_ips: true,
+                    answer_poll: meshd_dataplane::engine::DEFAULT_ANSWER_POLL,
                 })
                 .unwrap();
                 engine

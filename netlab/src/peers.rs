@@ -136,6 +136,8 @@ pub struct TunnelOptions {
     pub listen_port: u16,
     /// How long the daemons may take to start and the first ping to cross the tunnel.
     pub timeout: Duration,
+    /// Extra arguments of `meshd wg up` for [`Impl::Meshd`] ends.
+    pub meshd_args: Vec<String>,
 }
 
 impl Default for TunnelOptions {
@@ -145,6 +147,7 @@ impl Default for TunnelOptions {
             mtu: 1420,
             listen_port: 51820,
             timeout: Duration::from_secs(20),
+            meshd_args: Vec::new(),
         }
     }
 }
@@ -601,7 +604,7 @@ fn start_meshd_end(
         conf.display().to_string(),
     );
     let iface = spec.iface.as_str();
-    let argv = [
+    let mut argv = vec![
         meshd.as_str(),
         "wg",
         "up",
@@ -610,6 +613,7 @@ fn start_meshd_end(
         "--interface",
         iface,
     ];
+    argv.extend(opts.meshd_args.iter().map(String::as_str));
     let socket = Path::new(UAPI_DIR).join(format!("{iface}.sock"));
     let mut end = End {
         node: spec.node.to_owned(),

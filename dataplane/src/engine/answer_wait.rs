@@ -4,8 +4,8 @@
 //! Going to sleep in `epoll_wait` then costs a wake-up of the engine thread,
 //! which on a virtual machine can be a halted vCPU to wake: about 100 µs per
 //! round trip on the 2-vCPU lab host (docs/benchmarks.md, "Fourth look").
-//! So after such a send the engine polls without sleeping for up to
-//! [`WINDOW`]. After [`MISSES`] windows in a row without an answer, polling
+//! So after such a send the engine polls without sleeping for up to a window
+//! ([`WINDOW`] unless configured otherwise; zero turns polling off). After [`MISSES`] windows in a row without an answer, polling
 //! backs off exponentially, so traffic that is not answered quickly (one-way
 //! streams, distant peers) soon costs at most one window every [`MAX_SKIP`]
 //! lone packets; one answer within a window ends the back-off. (Backing off
@@ -16,15 +16,17 @@
 
 use std::time::{Duration, Instant};
 
-/// How long to poll for an answer before sleeping.
+/// How long to poll for an answer before sleeping, by default.
 pub const WINDOW: Duration = Duration::from_micros(150);
 /// Windows in a row without an answer before polling backs off.
 pub const MISSES: u32 = 4;
 /// The most lone packets sent without polling after windows that saw no answer.
 pub const MAX_SKIP: u32 = 64;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AnswerWait {
+    /// How long a window lasts; zero: never poll.
+    window: Duration,
     /// Poll until then, if set.
     due: Option<Instant>,
     /// Something arrived since the packet was sent.
@@ -35,13 +37,32 @@ pub struct AnswerWait {
     misses: u32,
 }
 
+impl Default for AnswerWait {
+    fn default() -> Self {
+        AnswerWait::new(WINDOW)
+    }
+}
+
 impl AnswerWait {
+    pub fn new(window: Duration) -> Self {
+        AnswerWait {
+            window,
+            due: None,
+            seen: false,
+            skip: 0,
+            misses: 0,
+        }
+    }
+
     /// A lone packet from the TUN was just sent at `now`.
     pub fn sent(&mut self, now: Instant) {
+        if self.window.is_zero() {
+            return;
+        }
         if self.skip > 0 {
             self.skip -= 1;
         } else {
-            self.due = Some(now + WINDOW);
+            self.due = Some(now + self.window);
             self.seen = false;
         }
     }
@@ -90,6 +111,15 @@ mod tests {
             }
             None => false,
         }
+    }
+
+    #[test]
+    fn a_zero_window_never_polls() {
+        let mut w = AnswerWait::new(Duration::ZERO);
+        let now = Instant::now();
+        w.sent(now);
+        assert_eq!(w.deadline(false), None);
+        assert_eq!(w.deadline(true), None);
     }
 
     #[test]
