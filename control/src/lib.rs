@@ -74,7 +74,7 @@ pub struct ConnectOptions {
     pub quic_idle_timeout: Duration,
     /// TCP keep-alive: the first probe after this much silence, then one
     /// every as long; the connection is dead when nothing has been
-    /// acknowledged for three times as long (`TCP_USER_TIMEOUT`).
+    /// acknowledged for twice as long (`TCP_USER_TIMEOUT`).
     pub tcp_keepalive: Duration,
 }
 
@@ -88,8 +88,8 @@ impl Default for ConnectOptions {
         ConnectOptions {
             handshake_timeout: Duration::from_secs(10),
             quic_head_start: Duration::from_secs(1),
-            quic_keep_alive: Duration::from_secs(1),
-            quic_idle_timeout: Duration::from_secs(2),
+            quic_keep_alive: Duration::from_millis(750),
+            quic_idle_timeout: Duration::from_millis(1500),
             tcp_keepalive: Duration::from_secs(1),
         }
     }
@@ -438,14 +438,14 @@ fn reason(e: &ConnError) -> String {
 }
 
 /// Makes a dead coordinator host show up as an error on an idle TCP
-/// session within three times `idle`, not only on the next write (and a
+/// session within about twice `idle`, not only on the next write (and a
 /// write that is not acknowledged within that time fails too). Best effort:
 /// without it, the session still ends on the next failed write.
 fn set_keepalive(tcp: &TcpStream, idle: Duration) {
     use rustix::net::sockopt;
     // The kernel counts keep-alive times in whole seconds.
     let idle = idle.max(Duration::from_secs(1));
-    let user_timeout = u32::try_from((idle * 3).as_millis()).unwrap_or(u32::MAX);
+    let user_timeout = u32::try_from((idle * 2).as_millis()).unwrap_or(u32::MAX);
     let result = sockopt::set_socket_keepalive(tcp, true)
         .and_then(|()| sockopt::set_tcp_keepidle(tcp, idle))
         .and_then(|()| sockopt::set_tcp_keepintvl(tcp, idle))
