@@ -36,8 +36,13 @@ struct ServeArgs {
     #[arg(long, default_value = DEFAULT_STATE, value_name = "DIR")]
     state: PathBuf,
     /// Keep state in PostgreSQL instead of SQLite, shared with other replicas.
+    /// A password it lacks comes from PGPASSWORD or ~/.pgpass (PGPASSFILE).
     #[arg(long, value_name = "postgres://…")]
     database: Option<String>,
+    /// Read the --database connection string from this file (keeps a
+    /// password in it out of `ps`).
+    #[arg(long, value_name = "FILE", conflicts_with = "database")]
+    database_url_file: Option<PathBuf>,
     /// HOST:PORT that join tokens tell nodes to connect to (repeat for every
     /// replica). Default: the listen address, if it is not a wildcard.
     #[arg(long, value_name = "HOST:PORT")]
@@ -170,10 +175,14 @@ pub fn run(args: CoordArgs) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
+    let database = match &a.database_url_file {
+        Some(path) => Some(read_database_url(path)?),
+        None => a.database,
+    };
     let config = ServiceConfig {
         listen: a.listen,
         state_dir: a.state,
-        database: a.database,
+        database,
         advertise: a.advertise,
         admin_listen: a.admin_listen,
         admin_public: a.admin_public,
@@ -201,6 +210,25 @@ fn serve(a: ServeArgs) -> Result<()> {
         service.shutdown().await;
         Ok(())
     })
+}
+
+/// The connection string in `path`: its first line, trimmed. The text is
+/// never shown, as it may hold a password.
+fn read_database_url(path: &Path) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --database-url-file {}", path.display()))?;
+    let url = text.lines().next().unwrap_or_default().trim();
+    if url.is_empty() {
+        anyhow::bail!(
+            "--database-url-file {}: the file is empty; put a PostgreSQL connection string in it",
+            path.display()
+        );
+    }
+    if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+        tracing::warn!(file = %path.display(), "the database URL file is readable by others than its owner; chmod 600 it");
+    }
+    Ok(url.to_owned())
 }
 
 fn admin(cmd: AdminCmd) -> Result<()> {

@@ -22,8 +22,9 @@ use crate::daemon::{self, Started};
 /// The background daemon's log, in the state directory.
 const DAEMON_LOG: &str = "meshd.log";
 
-/// How long `up` waits for the background daemon: a first join may try
-/// several coordinator addresses, each for up to 10 s per transport.
+/// How long `up` waits for the background daemon: a first join may try up
+/// to 16 coordinator addresses (3 s each when none answers), then wait up to
+/// 20 s for the peer map.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[derive(Args)]

@@ -16,6 +16,11 @@ use meshd_proto::token::{cert_pin, JoinToken};
 use meshd_proto::{ErrorCode, Message};
 use x25519_dalek::StaticSecret;
 
+// The coordinator tests' private PostgreSQL server (this file uses a part).
+#[path = "../coord/tests/support/pg.rs"]
+#[allow(dead_code)]
+mod pg;
+
 const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
 
 /// A running `meshd coord`, killed when dropped (also when a test fails).
@@ -29,6 +34,11 @@ impl Coord {
     /// Starts a coordinator on loopback (ports chosen by the kernel) and
     /// waits until it has written its admin URL.
     fn start(state: &Path, extra: &[&str]) -> Coord {
+        Self::start_env(state, extra, &[])
+    }
+
+    /// [`Coord::start`] with more environment variables.
+    fn start_env(state: &Path, extra: &[&str], env: &[(&str, &str)]) -> Coord {
         let log = state.with_extension(format!("log{}", std::process::id()));
         let child = Command::new(MESHD)
             .args([
@@ -43,6 +53,7 @@ impl Coord {
             .args(extra)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "0")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -493,6 +504,15 @@ async fn a_token_joins_the_coordinator_that_serves_its_pinned_certificate() {
 /// Runs `meshd coord` expecting it to fail at start; returns its stderr.
 /// `uid`: run as that user, with the binary at `bin`.
 fn failed_start(args: &[&str], state: &Path, uid: Option<(u32, &Path)>) -> String {
+    failed_start_env(args, state, uid, &[])
+}
+
+fn failed_start_env(
+    args: &[&str],
+    state: &Path,
+    uid: Option<(u32, &Path)>,
+    env: &[(&str, &str)],
+) -> String {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(uid.map_or(Path::new(MESHD), |u| u.1));
     cmd.arg("coord");
@@ -507,7 +527,8 @@ fn failed_start(args: &[&str], state: &Path, uid: Option<(u32, &Path)>) -> Strin
     cmd.arg("--state")
         .arg(state)
         .args(args)
-        .env("RUST_BACKTRACE", "0");
+        .env("RUST_BACKTRACE", "0")
+        .envs(env.iter().copied());
     if let Some((uid, _)) = uid {
         cmd.uid(uid).gid(uid);
     }
@@ -541,6 +562,128 @@ fn an_unreachable_database_fails_clearly() {
     assert!(err.contains("refused"), "{err}");
     assert!(!err.contains("hunter2"), "password shown: {err}");
     assert!(!dir.path().join("state/admin.url").exists());
+}
+
+/// A PostgreSQL that wants a password: taken from the environment or a
+/// password file, or from a connection string in a file, never needed on the
+/// command line; a wrong one fails with the server's words. Then the server
+/// goes away under a running coordinator, which says why its writes fail,
+/// fails them at once, and says when the connection is back. Restarts log no
+/// PostgreSQL notices at INFO.
+#[test]
+fn postgres_passwords_stay_off_the_command_line_and_errors_say_why() {
+    use std::os::unix::fs::PermissionsExt;
+    let pg = pg::TestPostgres::start_with_password("s3cret-pw");
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "host=127.0.0.1 port={} user=meshd dbname=postgres",
+        pg.port()
+    );
+    let wrong = failed_start_env(
+        &["--database", &url],
+        &dir.path().join("wrong"),
+        None,
+        &[("PGPASSWORD", "not-it")],
+    );
+    assert!(
+        wrong.contains("password authentication failed for user \"meshd\""),
+        "{wrong}"
+    );
+    assert!(!wrong.contains("not-it"), "{wrong}");
+
+    // ~/.pgpass's format, through PGPASSFILE.
+    let passfile = dir.path().join("pgpass");
+    std::fs::write(
+        &passfile,
+        format!(
+            "# meshd\n127.0.0.1:{}:postgres:meshd:s3cret-pw\n",
+            pg.port()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let state = dir.path().join("state");
+    let env = [("PGPASSFILE", passfile.to_str().unwrap())];
+    let coord = Coord::start_env(&state, &["--database", &url], &env);
+    coord.ok(&["token", "create"]);
+    coord.stop();
+
+    // The whole connection string from a file; the schema exists by now,
+    // which PostgreSQL mentions in a notice that is not worth an INFO line.
+    let url_file = dir.path().join("database-url");
+    std::fs::write(
+        &url_file,
+        format!(
+            "postgres://meshd:s3cret-pw@127.0.0.1:{}/postgres\n",
+            pg.port()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let flags = ["--database-url-file", url_file.to_str().unwrap()];
+    let debug = [("RUST_LOG", "info,meshd_coord::store::pg=debug")];
+    let coord = Coord::start_env(&state, &flags, &debug);
+    assert_eq!(
+        coord.json(&["tokens", "list"])["tokens"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let log = coord.log();
+    let notices: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("already exists"))
+        .collect();
+    assert!(!notices.is_empty(), "{log}");
+    assert!(notices.iter().all(|l| l.contains("DEBUG")), "{log}");
+    assert!(!log.contains("s3cret-pw"), "{log}");
+
+    // The database goes away: writes fail at once, saying why.
+    pg.stop_server();
+    let mut refused = false;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let out = coord.cli(&["token", "create"]);
+        // Answered at once, not after a connection timeout.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains("503"), "{err}");
+        refused |= err.contains(&format!(
+            "cannot connect to PostgreSQL at 127.0.0.1:{}",
+            pg.port()
+        )) && err.contains("refused");
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    assert!(
+        refused,
+        "no write said the connection was refused:\n{}",
+        coord.log()
+    );
+    assert!(
+        coord.log().contains("lost the connection to PostgreSQL"),
+        "{}",
+        coord.log()
+    );
+    pg.start_server();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !coord.cli(&["token", "create"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "no reconnection:\n{}",
+            coord.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = coord.log();
+    assert!(log.contains("connection to PostgreSQL restored"), "{log}");
+    assert!(!log.contains("s3cret-pw"), "{log}");
+    coord.stop();
 }
 
 /// The meshd binary at a path every user may run: itself if all its parent

@@ -354,11 +354,15 @@ struct Session {
 
 type Connecting = Pin<Box<dyn Future<Output = Result<ClientConn, ConnError>>>>;
 
+/// A probe of a coordinator address: which, and whether it answered.
+type Probing = Pin<Box<dyn Future<Output = (usize, bool)>>>;
+
 /// Called once when the node is up (see [`run`]).
 type ReadyFn<'r> = Box<dyn FnOnce(&NodeStatus) + 'r>;
 
 enum Event {
     ConnectDone(Result<ClientConn, ConnError>),
+    Probed(usize, bool),
     Received(Result<Option<meshd_proto::Message>, ConnError>),
     Timer,
     Ipc(Request, oneshot::Sender<Reply>),
@@ -380,6 +384,7 @@ struct Runtime<'r> {
     engine: Option<EngineRunner>,
     session: Option<Session>,
     connecting: Option<Connecting>,
+    probing: Option<Probing>,
     rotate_waiters: Vec<(Instant, oneshot::Sender<Reply>)>,
     sessions: u64,
     stop: Arc<AtomicBool>,
@@ -454,6 +459,7 @@ impl<'r> Runtime<'r> {
             engine: None,
             session: None,
             connecting: None,
+            probing: None,
             rotate_waiters: Vec::new(),
             sessions: 0,
             stop,
@@ -510,10 +516,14 @@ impl<'r> Runtime<'r> {
     ) -> Event {
         let timer = self.sup.poll_timeout();
         let connecting = self.connecting.as_mut();
+        let probing = self.probing.as_mut();
         let session = self.session.as_mut();
         tokio::select! {
             r = async { match connecting { Some(f) => f.await, None => std::future::pending().await } } => {
                 Event::ConnectDone(r)
+            }
+            (address, reachable) = async { match probing { Some(f) => f.await, None => std::future::pending().await } } => {
+                Event::Probed(address, reachable)
             }
             r = async { match session { Some(s) => s.conn.recv().await, None => std::future::pending().await } } => {
                 Event::Received(r)
@@ -544,6 +554,16 @@ impl<'r> Runtime<'r> {
                         );
                     }
                 }
+            }
+            Event::Probed(address, reachable) => {
+                self.probing = None;
+                let addr = self.node_file.coordinator.addresses.get(address);
+                if reachable {
+                    tracing::info!(coordinator = ?addr, "an earlier coordinator address answers again: moving there");
+                } else {
+                    tracing::debug!(coordinator = ?addr, "an earlier coordinator address still does not answer");
+                }
+                self.sup.handle(Input::Probed { address, reachable }, now);
             }
             Event::Received(Ok(Some(msg))) => self.on_message(msg).await?,
             Event::Received(Ok(None)) => {
@@ -748,19 +768,41 @@ impl<'r> Runtime<'r> {
     async fn run_commands(&mut self) -> Result<(), NodeError> {
         while let Some(cmd) = self.sup.poll_command() {
             match cmd {
-                Command::Connect { address, join } => {
+                Command::Connect {
+                    address,
+                    join,
+                    handshake_timeout,
+                } => {
                     self.session = None;
-                    let addr = self
-                        .node_file
-                        .coordinator
-                        .addresses
-                        .get(address)
-                        .cloned()
-                        .unwrap_or_default();
-                    tracing::debug!(%addr, ?join, "connecting to the coordinator");
-                    let (pin, opts) = (self.pin, self.opts.connect.clone());
+                    let addr = self.address(address);
+                    tracing::debug!(%addr, ?join, ?handshake_timeout, "connecting to the coordinator");
+                    let pin = self.pin;
+                    let opts = ConnectOptions {
+                        handshake_timeout,
+                        ..self.opts.connect.clone()
+                    };
                     self.connecting = Some(Box::pin(async move {
                         ClientConn::connect_any(&addr, pin, &opts).await
+                    }));
+                }
+                Command::Probe {
+                    address,
+                    handshake_timeout,
+                } => {
+                    let addr = self.address(address);
+                    let pin = self.pin;
+                    let opts = ConnectOptions {
+                        handshake_timeout,
+                        ..self.opts.connect.clone()
+                    };
+                    self.probing = Some(Box::pin(async move {
+                        match ClientConn::connect_any(&addr, pin, &opts).await {
+                            Ok(conn) => {
+                                conn.close().await;
+                                (address, true)
+                            }
+                            Err(_) => (address, false),
+                        }
                     }));
                 }
                 Command::Disconnect => {
@@ -797,6 +839,7 @@ impl<'r> Runtime<'r> {
                 Command::Fatal(reason) => {
                     self.session = None;
                     self.connecting = None;
+                    self.probing = None;
                     for (_, w) in self.rotate_waiters.drain(..) {
                         let _ = w.send(Reply::Error(reason.clone()));
                     }
@@ -808,6 +851,16 @@ impl<'r> Runtime<'r> {
             }
         }
         Ok(())
+    }
+
+    /// The token's coordinator address number `i`.
+    fn address(&self, i: usize) -> String {
+        self.node_file
+            .coordinator
+            .addresses
+            .get(i)
+            .cloned()
+            .unwrap_or_default()
     }
 
     async fn flush_or_lose(&mut self) {

@@ -52,13 +52,19 @@ pub enum ConnError {
     Encode(#[from] EncodeError),
 }
 
-/// Timing of connection attempts and of liveness checks.
+/// Timing of connection attempts and of liveness checks: the heartbeats of
+/// a control session are the transport's own (QUIC PINGs, TCP keep-alive
+/// probes), answered by the coordinator host's QUIC stack or kernel.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
     /// How long one transport's handshake (TCP + TLS, or QUIC) may take.
     pub handshake_timeout: Duration,
     /// How long QUIC has on its own before TLS/TCP is tried alongside it
-    /// (sooner if QUIC fails first). The first transport up is used.
+    /// (sooner if QUIC fails first). The first transport up is used. The TCP
+    /// connection itself is opened at once: if it is refused, nothing
+    /// listens at the address, and unless QUIC answers within
+    /// [`REFUSED_GRACE`] more (and twice the time the refusal took) the
+    /// address fails then, not after the handshake timeout.
     pub quic_head_start: Duration,
     /// QUIC keep-alive interval: an idle session still shows that the
     /// coordinator is there.
@@ -66,19 +72,25 @@ pub struct ConnectOptions {
     /// A QUIC connection that hears nothing this long is dead (a killed
     /// coordinator sends no close).
     pub quic_idle_timeout: Duration,
-    /// TCP keep-alive: first probe after this much silence, then every
-    /// `tcp_keepalive / 2`, three probes.
+    /// TCP keep-alive: the first probe after this much silence, then one
+    /// every as long; the connection is dead when nothing has been
+    /// acknowledged for twice as long (`TCP_USER_TIMEOUT`).
     pub tcp_keepalive: Duration,
 }
+
+/// See [`ConnectOptions::quic_head_start`]: what QUIC is given, beyond twice
+/// the time a refusal of TCP took, to show it answers where TCP is refused
+/// (a firewall that resets TCP but lets UDP through).
+pub const REFUSED_GRACE: Duration = Duration::from_millis(100);
 
 impl Default for ConnectOptions {
     fn default() -> Self {
         ConnectOptions {
             handshake_timeout: Duration::from_secs(10),
             quic_head_start: Duration::from_secs(1),
-            quic_keep_alive: Duration::from_secs(5),
-            quic_idle_timeout: Duration::from_secs(15),
-            tcp_keepalive: Duration::from_secs(10),
+            quic_keep_alive: Duration::from_millis(750),
+            quic_idle_timeout: Duration::from_millis(1500),
+            tcp_keepalive: Duration::from_secs(1),
         }
     }
 }
@@ -168,43 +180,82 @@ impl ClientConn {
 
     /// Connects to `addr` over QUIC, and over TLS/TCP too if QUIC is not up
     /// within the head start; the first to complete wins. Both failing is
-    /// one error naming both reasons.
+    /// one error naming both reasons; a refused TCP connection fails the
+    /// address at once unless QUIC answers just after
+    /// ([`ConnectOptions::quic_head_start`]).
     pub async fn connect_any(
         addr: &str,
         pin: [u8; 32],
         opts: &ConnectOptions,
     ) -> Result<Self, ConnError> {
         let target = resolve(addr).await?;
+        let started = tokio::time::Instant::now();
         let (quic_failed, quic_failed_rx) = tokio::sync::oneshot::channel::<()>();
         let quic = async {
-            let r = Self::connect_target(addr, target, pin, Transport::Quic, opts).await;
+            let deadline = started + opts.handshake_timeout;
+            let r = Self::connect_target(addr, target, pin, Transport::Quic, deadline, opts, None)
+                .await;
             if r.is_err() {
                 let _ = quic_failed.send(());
             }
             r
         };
         let tcp = async {
+            // As long as if TCP had been started after the head start.
+            let deadline = started + opts.quic_head_start + opts.handshake_timeout;
+            let stream = tokio::time::timeout_at(deadline, TcpStream::connect(target))
+                .await
+                .map_err(|_| Refusal::Other("TLS/TCP handshake timed out".into()))?
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::ConnectionRefused => Refusal::Refused(started.elapsed()),
+                    _ => Refusal::Other(e.to_string()),
+                })?;
             // Either the head start passes or QUIC has already failed.
             let _ = tokio::time::timeout(opts.quic_head_start, quic_failed_rx).await;
-            Self::connect_target(addr, target, pin, Transport::Tcp, opts).await
+            Self::connect_target(
+                addr,
+                target,
+                pin,
+                Transport::Tcp,
+                deadline,
+                opts,
+                Some(stream),
+            )
+            .await
+            .map_err(|e| Refusal::Other(reason(&e)))
         };
         tokio::pin!(quic, tcp);
         let (mut quic_err, mut tcp_err) = (None, None);
+        // Once TCP was refused: when QUIC must have answered.
+        let mut quic_deadline = None;
         loop {
+            let deadline = async {
+                match quic_deadline {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 r = &mut quic, if quic_err.is_none() => match r {
                     Ok(c) => return Ok(c),
-                    Err(e) => quic_err = Some(e),
+                    Err(e) => quic_err = Some(reason(&e)),
                 },
                 r = &mut tcp, if tcp_err.is_none() => match r {
                     Ok(c) => return Ok(c),
-                    Err(e) => tcp_err = Some(e),
+                    Err(Refusal::Refused(after)) => {
+                        quic_deadline = Some(started + after * 2 + REFUSED_GRACE);
+                        tcp_err = Some("connection refused".to_owned());
+                    }
+                    Err(Refusal::Other(e)) => tcp_err = Some(e),
                 },
+                () = deadline => {
+                    quic_err = Some("no answer before TCP was refused".to_owned());
+                }
             }
             if let (Some(q), Some(t)) = (&quic_err, &tcp_err) {
                 return Err(ConnError::Connect {
                     addr: addr.to_owned(),
-                    reason: format!("QUIC: {}; TLS/TCP: {}", reason(q), reason(t)),
+                    reason: format!("QUIC: {q}; TLS/TCP: {t}"),
                 });
             }
         }
@@ -218,15 +269,20 @@ impl ClientConn {
         opts: &ConnectOptions,
     ) -> Result<Self, ConnError> {
         let target = resolve(addr).await?;
-        Self::connect_target(addr, target, pin, transport, opts).await
+        let deadline = tokio::time::Instant::now() + opts.handshake_timeout;
+        Self::connect_target(addr, target, pin, transport, deadline, opts, None).await
     }
 
+    /// The handshake must be done by `deadline`. `tcp`: for TLS/TCP, a TCP
+    /// connection to `target` already set up.
     async fn connect_target(
         addr: &str,
         target: SocketAddr,
         pin: [u8; 32],
         transport: Transport,
+        deadline: tokio::time::Instant,
         opts: &ConnectOptions,
+        tcp: Option<TcpStream>,
     ) -> Result<Self, ConnError> {
         let failed = |reason: String| ConnError::Connect {
             addr: addr.to_owned(),
@@ -275,9 +331,12 @@ impl ClientConn {
                     )
                 }
                 Transport::Tcp => {
-                    let tcp = TcpStream::connect(target)
-                        .await
-                        .map_err(|e| failed(e.to_string()))?;
+                    let tcp = match tcp {
+                        Some(t) => t,
+                        None => TcpStream::connect(target)
+                            .await
+                            .map_err(|e| failed(e.to_string()))?,
+                    };
                     let _ = tcp.set_nodelay(true);
                     set_keepalive(&tcp, opts.tcp_keepalive);
                     let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)
@@ -293,9 +352,10 @@ impl ClientConn {
             };
             Ok::<_, ConnError>(halves)
         };
-        let (binding, reader, writer, quic) = tokio::time::timeout(opts.handshake_timeout, connect)
-            .await
-            .map_err(|_| failed(format!("{transport} handshake timed out")))??;
+        let (binding, reader, writer, quic) =
+            tokio::time::timeout_at(deadline, connect)
+                .await
+                .map_err(|_| failed(format!("{transport} handshake timed out")))??;
         Ok(ClientConn {
             binding,
             transport,
@@ -363,6 +423,13 @@ impl ClientConn {
     }
 }
 
+/// Why the TCP side of [`ClientConn::connect_any`] failed.
+enum Refusal {
+    /// Nothing listens at the address; it said so after this long.
+    Refused(Duration),
+    Other(String),
+}
+
 fn reason(e: &ConnError) -> String {
     match e {
         ConnError::Connect { reason, .. } => reason.clone(),
@@ -371,15 +438,19 @@ fn reason(e: &ConnError) -> String {
 }
 
 /// Makes a dead coordinator host show up as an error on an idle TCP
-/// session, not only on the next write. Best effort: without it, the
-/// session still ends on the next failed write.
+/// session within about twice `idle`, not only on the next write (and a
+/// write that is not acknowledged within that time fails too). Best effort:
+/// without it, the session still ends on the next failed write.
 fn set_keepalive(tcp: &TcpStream, idle: Duration) {
     use rustix::net::sockopt;
-    let interval = (idle / 2).max(Duration::from_secs(1));
+    // The kernel counts keep-alive times in whole seconds.
+    let idle = idle.max(Duration::from_secs(1));
+    let user_timeout = u32::try_from((idle * 2).as_millis()).unwrap_or(u32::MAX);
     let result = sockopt::set_socket_keepalive(tcp, true)
         .and_then(|()| sockopt::set_tcp_keepidle(tcp, idle))
-        .and_then(|()| sockopt::set_tcp_keepintvl(tcp, interval))
-        .and_then(|()| sockopt::set_tcp_keepcnt(tcp, 3));
+        .and_then(|()| sockopt::set_tcp_keepintvl(tcp, idle))
+        .and_then(|()| sockopt::set_tcp_keepcnt(tcp, 2))
+        .and_then(|()| sockopt::set_tcp_user_timeout(tcp, user_timeout));
     if let Err(e) = result {
         tracing::debug!(error = %e, "TCP keep-alive not set");
     }

@@ -12,6 +12,15 @@
 //!
 //! Invariant: memory changes only after the store committed the change
 //! (write-ahead), so nothing a node is told is lost by a crash or restart.
+//!
+//! Invariant: no decision that another replica may have changed is taken
+//! from memory alone. Every write carries the version of the records it was
+//! decided from ([`Change`]); when the store refuses it because another
+//! replica wrote first, the records are read again and the decision is made
+//! again ([`Coordinator::transact`]). A refusal that rests on records another
+//! replica may have written (an unknown token or key, an expired node, a
+//! taken name, a token used up) reads them again once before it is final.
+//! Only a revocation, which nothing reverts, is taken from memory alone.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,7 +39,7 @@ use x25519_dalek::StaticSecret;
 use crate::state::{
     Change, MeshSettings, MeshState, NodeRecord, TokenRecord, TokenState, MESH_IPV4,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{Lookup, Store, StoreError};
 use crate::visibility::{can_see, filter_for, visible_peers};
 
 /// A transport connection, numbered by the coordinator.
@@ -108,24 +117,64 @@ pub enum CoordError {
     AddressesExhausted,
 }
 
-/// A refusal sent to a session before it is closed. The third field: the
-/// store refused a write that raced with another replica's.
-struct Reject(ErrorCode, String, bool);
+/// How many times one operation is decided again after its write conflicted
+/// with another replica's before it gives up.
+const MAX_ATTEMPTS: usize = 5;
+
+/// A refusal sent to a session before it is closed.
+struct Reject {
+    code: ErrorCode,
+    message: String,
+}
 
 impl Reject {
     fn new(code: ErrorCode, msg: impl Into<String>) -> Self {
-        Reject(code, msg.into(), false)
+        Reject {
+            code,
+            message: msg.into(),
+        }
     }
 }
 
 impl From<StoreError> for Reject {
     fn from(e: StoreError) -> Self {
         tracing::warn!(error = %e, "state store write failed");
-        let conflict = matches!(e, StoreError::Conflict(_));
-        let msg = "the coordinator cannot save state right now; try again later";
-        Reject(ErrorCode::Unavailable, msg.into(), conflict)
+        // The database's own words are for the operator (the log, the admin
+        // API), not for nodes.
+        let message = match e {
+            StoreError::Conflict(_) => {
+                "the coordinator's database is busy with conflicting writes; try again later"
+            }
+            _ => "the coordinator cannot save state: its database is unavailable; try again later",
+        };
+        Reject::new(ErrorCode::Unavailable, message)
     }
 }
+
+/// A refusal from a decision, with the records it rests on that another
+/// replica may have changed: [`Coordinator::transact`] reads them again and
+/// decides again once before the refusal stands.
+struct Refused<E> {
+    error: E,
+    recheck: Vec<Lookup>,
+}
+
+impl<E> From<E> for Refused<E> {
+    fn from(error: E) -> Self {
+        Refused {
+            error,
+            recheck: Vec::new(),
+        }
+    }
+}
+
+fn unless_changed<E>(error: E, recheck: Vec<Lookup>) -> Refused<E> {
+    Refused { error, recheck }
+}
+
+/// What a decision yields: the changes to commit (none: nothing to write)
+/// and what the caller gets once they are committed.
+type Decision<T, E> = Result<(Vec<Change>, T), Refused<E>>;
 
 impl From<AuthError> for Reject {
     fn from(e: AuthError) -> Self {
@@ -149,6 +198,9 @@ enum SessionState {
 struct Session {
     nonce: [u8; 32],
     binding: Vec<u8>,
+    /// Random, 63 bits: what the node's record holds while this session is
+    /// its current one ([`NodeRecord::session`]).
+    tag: u64,
     state: SessionState,
 }
 
@@ -167,6 +219,8 @@ pub struct Coordinator {
     expiries: BTreeSet<(u64, NodeId)>,
     ephemeral: BTreeSet<(u64, NodeId)>,
     actions: VecDeque<Action>,
+    /// Writes refused because another replica wrote first.
+    conflicts: u64,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -246,6 +300,7 @@ impl Coordinator {
             expiries: BTreeSet::new(),
             ephemeral: BTreeSet::new(),
             actions: VecDeque::new(),
+            conflicts: 0,
         };
         let nodes: Vec<NodeRecord> = c.state.nodes.values().cloned().collect();
         for n in &nodes {
@@ -270,6 +325,12 @@ impl Coordinator {
         self.session_of.contains_key(&node)
     }
 
+    /// How many writes the store refused because another replica had written
+    /// the same records first (each was decided again).
+    pub fn write_conflicts(&self) -> u64 {
+        self.conflicts
+    }
+
     /// A transport connected; its `Challenge` is queued. `channel_binding` is
     /// the TLS exporter output of the connection.
     pub fn open_session(&mut self, channel_binding: &[u8], now: SystemTime) -> SessionId {
@@ -277,12 +338,14 @@ impl Coordinator {
         self.next_session += 1;
         let mut nonce = [0u8; 32];
         self.rng.fill_bytes(&mut nonce);
+        let tag = self.rng.next_u64() >> 1;
         let deadline = add_ms(unix_ms(now), self.config.handshake_timeout);
         self.sessions.insert(
             id,
             Session {
                 nonce,
                 binding: channel_binding.to_vec(),
+                tag,
                 state: SessionState::Handshake { deadline },
             },
         );
@@ -315,11 +378,22 @@ impl Coordinator {
                     return;
                 }
                 self.session_of.remove(&node);
-                let Some(mut rec) = self.state.nodes.get(&node).cloned() else {
-                    return;
-                };
-                rec.disconnected_at = Some(now);
-                if let Err(e) = self.commit(vec![Change::PutNode(rec)], now) {
+                // Only if no later session (here or on another replica) has
+                // taken over the node since.
+                let recorded = self.transact::<_, StoreError>(now, |c| {
+                    let Some(rec) = c.state.nodes.get(&node) else {
+                        return Ok((vec![], ()));
+                    };
+                    if rec.session != Some(s.tag) {
+                        return Ok((vec![], ()));
+                    }
+                    let mut rec = rec.clone();
+                    rec.disconnected_at = Some(now);
+                    rec.session = None;
+                    rec.version += 1;
+                    Ok((vec![Change::PutNode(rec)], ()))
+                });
+                if let Err(e) = recorded {
                     tracing::warn!(%node, error = %e, "could not record disconnect");
                 }
                 tracing::info!(%node, "node disconnected");
@@ -371,18 +445,7 @@ impl Coordinator {
                 return;
             }
             (SessionState::Handshake { .. }, Message::Register(r)) => {
-                match self.on_register(session, r.clone(), now) {
-                    // Another replica took the address, id or name this one
-                    // chose: learn its writes and try once more.
-                    Err(Reject(_, _, true)) => {
-                        self.store.request_resync();
-                        if let Err(e) = self.poll_store(from_ms(now)) {
-                            tracing::warn!(error = %e, "cannot read other replicas' changes");
-                        }
-                        self.on_register(session, r, now)
-                    }
-                    other => other,
-                }
+                self.on_register(session, r, now)
             }
             (SessionState::Handshake { .. }, Message::Login(l)) => self.on_login(session, l, now),
             (SessionState::Active(node), Message::EndpointReport(r)) => {
@@ -435,13 +498,29 @@ impl Coordinator {
                 break;
             }
             self.ephemeral.remove(&(t, id));
-            let due = self.state.nodes.get(&id).is_some_and(|n| n.ephemeral)
-                && !self.session_of.contains_key(&id);
-            if !due {
-                continue;
-            }
-            match self.commit(vec![Change::DeleteNode(id)], now) {
-                Ok(()) => {
+            let timeout = self.config.ephemeral_timeout;
+            let removed = self.transact::<_, StoreError>(now, |c| {
+                let Some(n) = c.state.nodes.get(&id) else {
+                    return Ok((vec![], false));
+                };
+                // With replicas, only the record tells whether it is still
+                // disconnected; alone, this coordinator's timers do.
+                let due = n.ephemeral
+                    && !c.session_of.contains_key(&id)
+                    && (c.config.single_replica
+                        || n.disconnected_at.is_some_and(|d| add_ms(d, timeout) <= now));
+                if !due {
+                    return Ok((vec![], false));
+                }
+                let delete = Change::DeleteNode {
+                    id,
+                    version: n.version,
+                };
+                Ok((vec![delete], true))
+            });
+            match removed {
+                Ok(false) => {}
+                Ok(true) => {
                     tracing::info!(node = %id, "ephemeral node removed after staying disconnected")
                 }
                 Err(e) => {
@@ -474,36 +553,46 @@ impl Coordinator {
                 return Err(CoordError::InvalidName(slice.clone()));
             }
         }
-        let mut secret = TokenSecret([0; 32]);
-        self.rng.fill_bytes(&mut secret.0);
-        let mut id = [0u8; 8];
-        self.rng.fill_bytes(&mut id);
-        let record = TokenRecord {
-            id: Hex(&id).to_string(),
-            secret_hash: secret_hash(&secret),
-            reusable: spec.reusable,
-            ephemeral: spec.ephemeral,
-            tags: spec.tags,
-            slice: spec.slice,
-            created_at: now,
-            expires_at: spec.expires_in.map(|d| add_ms(now, d)),
-            revoked: false,
-            uses: 0,
-        };
-        self.commit(vec![Change::PutToken(record.clone())], now)?;
+        let (record, secret) = self.transact::<_, CoordError>(now, |c| {
+            let mut secret = TokenSecret([0; 32]);
+            c.rng.fill_bytes(&mut secret.0);
+            let mut id = [0u8; 8];
+            c.rng.fill_bytes(&mut id);
+            let record = TokenRecord {
+                id: Hex(&id).to_string(),
+                secret_hash: secret_hash(&secret),
+                reusable: spec.reusable,
+                ephemeral: spec.ephemeral,
+                tags: spec.tags.clone(),
+                slice: spec.slice.clone(),
+                created_at: now,
+                expires_at: spec.expires_in.map(|d| add_ms(now, d)),
+                revoked: false,
+                uses: 0,
+                version: 1,
+            };
+            Ok((vec![Change::PutToken(record.clone())], (record, secret)))
+        })?;
         tracing::info!(token = %record.id, reusable = record.reusable, "join token created");
         Ok((record, secret))
     }
 
     pub fn revoke_token(&mut self, id: &str, now: SystemTime) -> Result<(), CoordError> {
-        let mut t = self
-            .state
-            .tokens
-            .get(id)
-            .cloned()
-            .ok_or_else(|| CoordError::NoSuchToken(id.to_owned()))?;
-        t.revoked = true;
-        self.commit(vec![Change::PutToken(t)], unix_ms(now))?;
+        self.transact::<_, CoordError>(unix_ms(now), |c| {
+            let t = c.state.tokens.get(id).ok_or_else(|| {
+                unless_changed(
+                    CoordError::NoSuchToken(id.to_owned()),
+                    vec![Lookup::Token(id.to_owned())],
+                )
+            })?;
+            if t.revoked {
+                return Ok((vec![], ()));
+            }
+            let mut t = t.clone();
+            t.revoked = true;
+            t.version += 1;
+            Ok((vec![Change::PutToken(t)], ()))
+        })?;
         tracing::info!(token = %id, "join token revoked");
         Ok(())
     }
@@ -517,39 +606,59 @@ impl Coordinator {
         if !valid_name(name) {
             return Err(CoordError::InvalidName(name.to_owned()));
         }
-        if self.state.node_by_name(name).is_some_and(|n| n.id != id) {
-            return Err(CoordError::NameTaken(name.to_owned()));
-        }
-        let mut n = self.node(id)?;
-        n.name = name.to_owned();
-        self.commit(vec![Change::PutNode(n)], unix_ms(now))?;
-        Ok(())
+        self.transact::<_, CoordError>(unix_ms(now), |c| {
+            if let Some(other) = c.state.node_by_name(name).filter(|n| n.id != id) {
+                return Err(unless_changed(
+                    CoordError::NameTaken(name.to_owned()),
+                    vec![Lookup::NodeByName(name.to_owned()), Lookup::Node(other.id)],
+                ));
+            }
+            let mut n = c.node(id)?;
+            if n.name == name {
+                return Ok((vec![], ()));
+            }
+            n.name = name.to_owned();
+            n.version += 1;
+            Ok((vec![Change::PutNode(n)], ()))
+        })
     }
 
     /// Expires a node now: it leaves every peer map and must register again.
     pub fn expire_node(&mut self, id: NodeId, now: SystemTime) -> Result<(), CoordError> {
         let now = unix_ms(now);
-        let mut n = self.node(id)?;
-        n.expires_at = Some(now);
-        self.commit(vec![Change::PutNode(n)], now)?;
-        Ok(())
+        self.transact::<_, CoordError>(now, |c| {
+            let mut n = c.node(id)?;
+            if n.is_expired(now) {
+                return Ok((vec![], ()));
+            }
+            n.expires_at = Some(now);
+            n.version += 1;
+            Ok((vec![Change::PutNode(n)], ()))
+        })
     }
 
     pub fn delete_node(&mut self, id: NodeId, now: SystemTime) -> Result<(), CoordError> {
-        self.node(id)?;
-        self.commit(vec![Change::DeleteNode(id)], unix_ms(now))?;
+        self.transact::<_, CoordError>(unix_ms(now), |c| {
+            let n = c.node(id)?;
+            let delete = Change::DeleteNode {
+                id,
+                version: n.version,
+            };
+            Ok((vec![delete], ()))
+        })?;
         tracing::info!(node = %id, "node deleted");
         Ok(())
     }
 
-    fn node(&self, id: NodeId) -> Result<NodeRecord, CoordError> {
+    /// The node's record, or a refusal that is checked against the store
+    /// (it may have been created through another replica a moment ago).
+    fn node(&self, id: NodeId) -> Result<NodeRecord, Refused<CoordError>> {
         self.state
             .nodes
             .get(&id)
             .cloned()
-            .ok_or(CoordError::NoSuchNode(id))
+            .ok_or_else(|| unless_changed(CoordError::NoSuchNode(id), vec![Lookup::Node(id)]))
     }
-
     // ---- sessions ----
 
     fn send(&mut self, session: SessionId, message: Message) {
@@ -568,7 +677,7 @@ impl Coordinator {
 
     /// Sends an error, asks the driver to close, and ends the session now, so
     /// a message still in flight from it is ignored.
-    fn refuse(&mut self, session: SessionId, Reject(code, message, _): Reject, now: u64) {
+    fn refuse(&mut self, session: SessionId, Reject { code, message }: Reject, now: u64) {
         if !self.sessions.contains_key(&session) {
             return;
         }
@@ -605,6 +714,14 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The random tag of a session (see [`Session::tag`]).
+    fn tag(&self, session: SessionId) -> Result<u64, Reject> {
+        self.sessions
+            .get(&session)
+            .map(|s| s.tag)
+            .ok_or_else(|| Reject::new(ErrorCode::Internal, "session vanished"))
+    }
+
     fn on_register(
         &mut self,
         session: SessionId,
@@ -612,16 +729,33 @@ impl Coordinator {
         now: u64,
     ) -> Result<(), Reject> {
         self.verify(session, Purpose::Register, r.node_key, &[], &r.proof)?;
-        let token = self
-            .state
-            .token_by_hash(&secret_hash(&r.token_secret))
-            .cloned()
-            .ok_or_else(|| {
+        let tag = self.tag(session)?;
+        let node = self.transact(now, |c| c.decide_register(&r, tag, now))?;
+        tracing::info!(node = %node.id, name = %node.name, ipv4 = %node.ipv4, key = %node.key, "node registered");
+        self.activate(session, node.id);
+        self.send(session, Message::RegisterOk(self.info_of(&node)));
+        self.send_map(session, &node, now);
+        Ok(())
+    }
+
+    /// A new node and its token's use, in one transaction: a node never
+    /// exists without its token's use counted.
+    fn decide_register(
+        &mut self,
+        r: &meshd_proto::Register,
+        tag: u64,
+        now: u64,
+    ) -> Decision<NodeRecord, Reject> {
+        let hash = secret_hash(&r.token_secret);
+        let token = self.state.token_by_hash(&hash).cloned().ok_or_else(|| {
+            unless_changed(
                 Reject::new(
                     ErrorCode::TokenInvalid,
                     "join token not recognised by this coordinator (another mesh's, or deleted)",
-                )
-            })?;
+                ),
+                vec![Lookup::TokenByHash(hash)],
+            )
+        })?;
         let refused = match token.state(now) {
             TokenState::Valid => None,
             TokenState::Revoked => Some((ErrorCode::TokenRevoked, "was revoked")),
@@ -632,15 +766,27 @@ impl Coordinator {
             )),
         };
         if let Some((code, why)) = refused {
-            return Err(Reject::new(code, format!("join token {} {why}", token.id)));
+            // Used or expired stays so, but it may have been revoked too,
+            // which is what a refusal says first.
+            let recheck = match code {
+                ErrorCode::TokenRevoked => vec![],
+                _ => vec![Lookup::Token(token.id.clone())],
+            };
+            return Err(unless_changed(
+                Reject::new(code, format!("join token {} {why}", token.id)),
+                recheck,
+            ));
         }
         if let Some(other) = self.state.node_by_key(&r.node_key) {
-            return Err(Reject::new(
-                ErrorCode::KeyInUse,
-                format!(
-                    "this key is already registered as node {} ({}); log in instead of registering",
-                    other.id, other.name
+            return Err(unless_changed(
+                Reject::new(
+                    ErrorCode::KeyInUse,
+                    format!(
+                        "this key is already registered as node {} ({}); log in instead of registering",
+                        other.id, other.name
+                    ),
                 ),
+                vec![Lookup::NodeByKey(r.node_key), Lookup::Node(other.id)],
             ));
         }
         if !valid_name(&r.name) {
@@ -650,7 +796,8 @@ impl Coordinator {
                     "invalid node name {:?}: use 1-63 lowercase letters, digits and hyphens",
                     r.name
                 ),
-            ));
+            )
+            .into());
         }
         let name = self.unique_name(&r.name);
         let ipv4 = self.state.free_ipv4().ok_or_else(|| {
@@ -678,19 +825,16 @@ impl Coordinator {
             expires_at: self.config.node_expiry.map(|d| add_ms(now, d)),
             endpoints: Vec::new(),
             disconnected_at: None,
+            session: Some(tag),
+            version: 1,
         };
         let mut token = token;
         token.uses += 1;
-        // One transaction: a node never exists without its token's use counted.
-        self.commit(
+        token.version += 1;
+        Ok((
             vec![Change::PutToken(token), Change::PutNode(node.clone())],
-            now,
-        )?;
-        tracing::info!(node = %id, name = %node.name, %ipv4, key = %node.key, "node registered");
-        self.activate(session, id);
-        self.send(session, Message::RegisterOk(self.info_of(&node)));
-        self.send_map(session, &node, now);
-        Ok(())
+            node,
+        ))
     }
 
     fn on_login(
@@ -700,30 +844,37 @@ impl Coordinator {
         now: u64,
     ) -> Result<(), Reject> {
         self.verify(session, Purpose::Login, l.node_key, &[], &l.proof)?;
-        let node = self
-            .state
-            .node_by_key(&l.node_key)
-            .cloned()
-            .ok_or_else(|| {
-                Reject::new(
-                    ErrorCode::UnknownNode,
-                    "no node with this key: register with a join token",
+        let tag = self.tag(session)?;
+        // Every login is a write, so that what it is decided from (the node
+        // exists, has this key, has not expired) is checked by the store.
+        let node = self.transact(now, |c| {
+            let node = c.state.node_by_key(&l.node_key).ok_or_else(|| {
+                unless_changed(
+                    Reject::new(
+                        ErrorCode::UnknownNode,
+                        "no node with this key: register with a join token",
+                    ),
+                    vec![Lookup::NodeByKey(l.node_key)],
                 )
             })?;
-        if node.is_expired(now) {
-            return Err(Reject::new(
-                ErrorCode::NodeExpired,
-                format!(
-                    "node {} ({}) has expired: register again with a join token",
-                    node.id, node.name
-                ),
-            ));
-        }
-        if node.disconnected_at.is_some() {
+            if node.is_expired(now) {
+                return Err(unless_changed(
+                    Reject::new(
+                        ErrorCode::NodeExpired,
+                        format!(
+                            "node {} ({}) has expired: register again with a join token",
+                            node.id, node.name
+                        ),
+                    ),
+                    vec![Lookup::Node(node.id)],
+                ));
+            }
             let mut rec = node.clone();
             rec.disconnected_at = None;
-            self.commit(vec![Change::PutNode(rec)], now)?;
-        }
+            rec.session = Some(tag);
+            rec.version += 1;
+            Ok((vec![Change::PutNode(rec.clone())], rec))
+        })?;
         if let Some(old) = self.session_of.get(&node.id).copied() {
             tracing::info!(node = %node.id, ?old, "new session replaces the old one");
             self.sessions.remove(&old);
@@ -748,16 +899,18 @@ impl Coordinator {
             .filter(|e| seen.insert(*e))
             .take(MAX_ENDPOINTS)
             .collect();
-        let Some(rec) = self.state.nodes.get(&node) else {
-            return Err(Reject::new(ErrorCode::UnknownNode, "this node was deleted"));
-        };
-        if rec.endpoints == endpoints {
-            return Ok(());
-        }
-        let mut rec = rec.clone();
-        rec.endpoints = endpoints;
-        self.commit(vec![Change::PutNode(rec)], now)?;
-        Ok(())
+        self.transact(now, |c| {
+            let Some(rec) = c.state.nodes.get(&node) else {
+                return Err(Reject::new(ErrorCode::UnknownNode, "this node was deleted").into());
+            };
+            if rec.endpoints == endpoints {
+                return Ok((vec![], ()));
+            }
+            let mut rec = rec.clone();
+            rec.endpoints = endpoints.clone();
+            rec.version += 1;
+            Ok((vec![Change::PutNode(rec)], ()))
+        })
     }
 
     fn on_rotate(
@@ -767,23 +920,31 @@ impl Coordinator {
         r: meshd_proto::RotateKey,
         now: u64,
     ) -> Result<(), Reject> {
-        let Some(rec) = self.state.nodes.get(&node).cloned() else {
+        let Some(old) = self.state.nodes.get(&node).map(|n| n.key) else {
             return Err(Reject::new(ErrorCode::UnknownNode, "this node was deleted"));
         };
-        self.verify(session, Purpose::RotateKey, r.new_key, &rec.key.0, &r.proof)?;
-        if let Some(other) = self.state.node_by_key(&r.new_key).filter(|o| o.id != node) {
-            return Err(Reject::new(
-                ErrorCode::KeyInUse,
-                format!("the new key is already registered as node {}", other.id),
-            ));
-        }
-        let mut rec = rec;
-        let old = rec.key;
-        rec.key = r.new_key;
-        if let Some(d) = self.config.node_expiry {
-            rec.expires_at = Some(add_ms(now, d));
-        }
-        self.commit(vec![Change::PutNode(rec)], now)?;
+        self.verify(session, Purpose::RotateKey, r.new_key, &old.0, &r.proof)?;
+        self.transact(now, |c| {
+            let Some(rec) = c.state.nodes.get(&node) else {
+                return Err(Reject::new(ErrorCode::UnknownNode, "this node was deleted").into());
+            };
+            if let Some(other) = c.state.node_by_key(&r.new_key).filter(|o| o.id != node) {
+                return Err(unless_changed(
+                    Reject::new(
+                        ErrorCode::KeyInUse,
+                        format!("the new key is already registered as node {}", other.id),
+                    ),
+                    vec![Lookup::NodeByKey(r.new_key), Lookup::Node(other.id)],
+                ));
+            }
+            let mut rec = rec.clone();
+            rec.key = r.new_key;
+            if let Some(d) = c.config.node_expiry {
+                rec.expires_at = Some(add_ms(now, d));
+            }
+            rec.version += 1;
+            Ok((vec![Change::PutNode(rec)], ()))
+        })?;
         tracing::info!(%node, %old, new = %r.new_key, "node key rotated");
         self.send(session, Message::RotateKeyOk(r.new_key));
         Ok(())
@@ -916,10 +1077,57 @@ impl Coordinator {
 
     // ---- changes ----
 
-    fn commit(&mut self, changes: Vec<Change>, now: u64) -> Result<(), StoreError> {
-        self.store.commit(&changes)?;
-        self.apply(changes, now);
-        Ok(())
+    /// Runs `decide` on the state in memory and commits the changes it
+    /// returns, then applies them. When the store refuses the commit because
+    /// another replica wrote first, the records concerned are read again
+    /// (and applied, as any other replica's change) and `decide` runs again,
+    /// up to [`MAX_ATTEMPTS`] times. A refusal that names records to check
+    /// is checked the same way, once.
+    fn transact<T, E: From<StoreError>>(
+        &mut self,
+        now: u64,
+        mut decide: impl FnMut(&mut Self) -> Decision<T, E>,
+    ) -> Result<T, E> {
+        let mut rechecked = false;
+        for _ in 0..MAX_ATTEMPTS {
+            let lookups = match decide(self) {
+                Err(Refused { error, recheck }) => {
+                    if rechecked || recheck.is_empty() {
+                        return Err(error);
+                    }
+                    rechecked = true;
+                    recheck
+                }
+                Ok((changes, out)) => {
+                    if changes.is_empty() {
+                        return Ok(out);
+                    }
+                    match self.store.commit(&changes) {
+                        Ok(()) => {
+                            self.apply(changes, now);
+                            return Ok(out);
+                        }
+                        Err(StoreError::Conflict(why)) => {
+                            self.conflicts += 1;
+                            tracing::debug!(%why, "a write raced another replica's; deciding again");
+                            // This replica is behind: catch up with what the
+                            // others announced, beside the records at hand.
+                            if let Err(e) = self.poll_store(from_ms(now)) {
+                                tracing::warn!(error = %e, "cannot read other replicas' changes");
+                            }
+                            Lookup::for_changes(&changes)
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            let fresh = self.store.read(&lookups)?;
+            self.apply(fresh, now);
+        }
+        Err(StoreError::Conflict(format!(
+            "still conflicting with other replicas' writes after {MAX_ATTEMPTS} attempts"
+        ))
+        .into())
     }
 
     /// Applies committed changes (local or from another replica) to memory and

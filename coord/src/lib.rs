@@ -14,4 +14,4 @@ pub mod visibility;
 
 pub use coordinator::{unix_ms, Action, Config, CoordError, Coordinator, SessionId, TokenSpec};
 pub use state::{Change, MeshSettings, MeshState, NodeRecord, Snapshot, TokenRecord, MESH_IPV4};
-pub use store::{MemStore, PgStore, SqliteStore, Store, StoreError};
+pub use store::{Lookup, MemStore, PgStore, SqliteStore, Store, StoreError};

@@ -41,6 +41,13 @@ pub struct NodeRecord {
     pub endpoints: Vec<SocketAddr>,
     /// When its last session ended; `None` while a session is open.
     pub disconnected_at: Option<u64>,
+    /// A random id of the control session that logged it in last, on
+    /// whichever replica; `None` once that session ended. A replica whose
+    /// session closes records the disconnect only if it is still this one.
+    pub session: Option<u64>,
+    /// Counts the writes of this record, from 1 when it was created; a
+    /// store refuses a write made from an older version (see [`Change`]).
+    pub version: u64,
 }
 
 impl NodeRecord {
@@ -63,6 +70,8 @@ pub struct TokenRecord {
     pub expires_at: Option<u64>,
     pub revoked: bool,
     pub uses: u64,
+    /// Counts the writes of this record, as [`NodeRecord::version`].
+    pub version: u64,
 }
 
 /// Whether a join token can still be used, and if not, why.
@@ -92,13 +101,25 @@ impl TokenRecord {
 }
 
 /// One durable change. A [`crate::Store`] applies a slice of them atomically.
+///
+/// Written by a coordinator, each change states the version it was decided
+/// from, so a replica never overwrites what another wrote meanwhile: a
+/// record of version 1 is created and must not exist yet; a record of version
+/// `v > 1` replaces the stored one only if that is at `v - 1`; a delete
+/// removes the stored record only if it is at `version`. Otherwise the whole
+/// commit fails with [`crate::StoreError::Conflict`], and the coordinator
+/// reads the records again and decides again.
+///
+/// Read from a store ([`crate::Store::poll_remote`], [`crate::Store::read`]),
+/// a change is what is stored now, applied to memory as it is; a delete read
+/// back carries version 0 (nothing of the record is left).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     Settings(MeshSettings),
     PutNode(NodeRecord),
-    DeleteNode(NodeId),
+    DeleteNode { id: NodeId, version: u64 },
     PutToken(TokenRecord),
-    DeleteToken(String),
+    DeleteToken { id: String, version: u64 },
 }
 
 /// Everything a store holds, as loaded at start.
@@ -161,12 +182,12 @@ impl MeshState {
                 None
             }
             Change::PutNode(n) => self.put_node(n.clone()),
-            Change::DeleteNode(id) => self.delete_node(*id),
+            Change::DeleteNode { id, .. } => self.delete_node(*id),
             Change::PutToken(t) => {
                 self.put_token(t.clone());
                 None
             }
-            Change::DeleteToken(id) => {
+            Change::DeleteToken { id, .. } => {
                 if let Some(t) = self.tokens.remove(id) {
                     self.by_hash.remove(&t.secret_hash);
                 }

@@ -9,13 +9,24 @@
 //! call [`Supervisor::handle_timeout`] when [`Supervisor::poll_timeout`] is
 //! due. `now` must not go backwards.
 //!
-//! Reconnecting: the addresses of the join token are tried in order, starting
-//! with the one that last worked; a failed address moves on to the next at
-//! once, and when every address has failed the supervisor waits an
-//! exponential backoff (doubling from `backoff_min` to `backoff_max`) with
-//! jitter (a uniform draw from the upper half of the interval), so nodes
-//! that lost the same coordinator do not return in lockstep. A session that
-//! was fully synchronised resets the backoff.
+//! Reconnecting: the addresses of the join token are tried in order. A round
+//! of attempts starts with the address of the last synchronised session or,
+//! when a session on an address ended, with the next one (the one that just
+//! failed is likely dead); a failed address moves on to the next at once,
+//! and when every address has failed the supervisor waits an exponential
+//! backoff (doubling from `backoff_min` to `backoff_max`) with jitter (a
+//! uniform draw from the upper half of the interval), so nodes that lost the
+//! same coordinator do not return in lockstep. A session that was fully
+//! synchronised resets the backoff, and when it ends the next attempt comes
+//! within `reconnect_jitter`. An address not reached yet in this
+//! process gets a short handshake timeout (doubling with each failed round),
+//! so a dead one does not hold up the others.
+//!
+//! Going home: the token's first address is the node's home. While
+//! connected elsewhere, the supervisor asks for a probe of an earlier
+//! address every `return_check` to twice that (random), and moves there when
+//! it answers; a move that does not end synchronised there doubles the
+//! interval, up to `return_check_max`.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -35,6 +46,9 @@ pub struct SupervisorConfig {
     pub addresses: usize,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// After a synchronised session ends, the next attempt comes after a
+    /// random wait up to this (the backoff applies from the next failure).
+    pub reconnect_jitter: Duration,
     /// A session that is not synchronised this long after the transport came
     /// up is abandoned.
     pub join_timeout: Duration,
@@ -43,6 +57,16 @@ pub struct SupervisorConfig {
     /// A rotation not confirmed this long after it was sent ends the session
     /// (the next login settles which key counts).
     pub rotation_timeout: Duration,
+    /// The handshake timeout for an address reached before in this process.
+    pub handshake_timeout: Duration,
+    /// The handshake timeout for an address not reached yet, and for probes,
+    /// in the first round; it doubles with every failed round, up to
+    /// `handshake_timeout`.
+    pub first_handshake_timeout: Duration,
+    /// While connected to an address other than the first, how often (at
+    /// least; at most twice as often) an earlier one is probed.
+    pub return_check: Duration,
+    pub return_check_max: Duration,
 }
 
 impl Default for SupervisorConfig {
@@ -51,9 +75,14 @@ impl Default for SupervisorConfig {
             addresses: 1,
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
+            reconnect_jitter: Duration::from_millis(250),
             join_timeout: Duration::from_secs(20),
             rotate_every: None,
             rotation_timeout: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(10),
+            first_handshake_timeout: Duration::from_secs(2),
+            return_check: Duration::from_secs(10),
+            return_check_max: Duration::from_secs(300),
         }
     }
 }
@@ -105,15 +134,24 @@ pub enum Input {
     RotationDone,
     /// The node's underlay endpoints, as found now.
     Endpoints(Vec<SocketAddr>),
+    /// The outcome of a [`Command::Probe`].
+    Probed { address: usize, reachable: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Set up the transport to address `address` of the token and
-    /// authenticate as `join` says.
+    /// Set up the transport to address `address` of the token, giving its
+    /// handshake `handshake_timeout`, and authenticate as `join` says.
     Connect {
         address: usize,
         join: JoinKind,
+        handshake_timeout: Duration,
+    },
+    /// Find out whether address `address` answers (a transport handshake,
+    /// then close), beside the current session; report [`Input::Probed`].
+    Probe {
+        address: usize,
+        handshake_timeout: Duration,
     },
     /// Close the current session (a timeout decided it is no good).
     Disconnect,
@@ -162,8 +200,21 @@ pub struct Supervisor {
     state: ControlState,
     /// The join of the session being set up or running.
     join: JoinKind,
-    /// Where a round of attempts starts: the address that last worked.
-    preferred: usize,
+    /// Where the next round of attempts starts.
+    round_start: usize,
+    /// By address: a transport to it came up in this process.
+    reached: Vec<bool>,
+    /// When to probe an earlier address (connected elsewhere than home).
+    return_at: Option<Instant>,
+    /// The interval `return_at` is drawn from (from it to twice it).
+    return_wait: Duration,
+    /// The address a probe in flight checks.
+    probing: Option<usize>,
+    /// Probes cycle through the addresses before the current one.
+    probes: usize,
+    /// Moving to this address after a probe: it counts as a return only if
+    /// the session synchronises there.
+    returning: Option<usize>,
     /// Addresses tried in this round.
     tried: usize,
     /// Rounds failed since the last synchronised session.
@@ -191,12 +242,18 @@ impl Supervisor {
     pub fn new(config: SupervisorConfig, identity: Identity, seed: u64, now: Instant) -> Self {
         let mut s = Supervisor {
             next_rotation: config.rotate_every.map(|d| now + d),
+            return_wait: config.return_check,
             config,
             identity,
             rng: SmallRng::seed_from_u64(seed),
             state: ControlState::Backoff { until: now },
             join: JoinKind::Register,
-            preferred: 0,
+            round_start: 0,
+            reached: Vec::new(),
+            return_at: None,
+            probing: None,
+            probes: 0,
+            returning: None,
             tried: 0,
             failures: 0,
             register_unsure: false,
@@ -211,6 +268,7 @@ impl Supervisor {
             commands: VecDeque::new(),
         };
         s.config.addresses = s.config.addresses.max(1);
+        s.reached = vec![false; s.config.addresses];
         s.start_round(now);
         s
     }
@@ -254,6 +312,7 @@ impl Supervisor {
             self.join_deadline,
             self.next_rotation,
             rotation_deadline,
+            self.return_at,
         ]
         .into_iter()
         .flatten()
@@ -283,6 +342,20 @@ impl Supervisor {
             self.want_rotation = true;
             self.maybe_rotate(now);
         }
+        if self.return_at.is_some_and(|t| t <= now) {
+            self.return_at = None;
+            if let ControlState::Connected { address, .. } = self.state {
+                if address > 0 && self.probing.is_none() {
+                    let target = self.probes % address;
+                    self.probes += 1;
+                    self.probing = Some(target);
+                    self.commands.push_back(Command::Probe {
+                        address: target,
+                        handshake_timeout: self.config.first_handshake_timeout,
+                    });
+                }
+            }
+        }
     }
 
     pub fn handle(&mut self, input: Input, now: Instant) {
@@ -292,6 +365,7 @@ impl Supervisor {
         match input {
             Input::Connected => {
                 if let ControlState::Connecting { address } = self.state {
+                    self.reached[address] = true;
                     self.state = ControlState::Joining { address };
                     self.join_deadline = Some(now + self.config.join_timeout);
                     if self.join == JoinKind::Register {
@@ -354,9 +428,20 @@ impl Supervisor {
                     since: now,
                 };
                 self.join_deadline = None;
-                self.preferred = address;
+                self.round_start = address;
                 self.failures = 0;
+                self.last_error = None;
                 self.ever_synced = true;
+                if let Some(target) = self.returning.take() {
+                    self.return_wait = if target == address {
+                        self.config.return_check
+                    } else {
+                        (self.return_wait * 2).min(self.config.return_check_max)
+                    };
+                }
+                if address > 0 {
+                    self.schedule_return(now);
+                }
                 self.reported = None;
                 self.maybe_report();
                 self.maybe_rotate(now);
@@ -385,7 +470,38 @@ impl Supervisor {
                 self.endpoints = Some(list);
                 self.maybe_report();
             }
+            Input::Probed { address, reachable } => {
+                if self.probing != Some(address) {
+                    return;
+                }
+                self.probing = None;
+                let ControlState::Connected {
+                    address: current, ..
+                } = self.state
+                else {
+                    return;
+                };
+                if address >= current {
+                    return;
+                }
+                if !reachable {
+                    self.schedule_return(now);
+                    return;
+                }
+                // Break before make: the probe showed it answers, and if the
+                // move fails the round goes on to the next addresses.
+                self.commands.push_back(Command::Disconnect);
+                self.returning = Some(address);
+                self.tried = 0;
+                self.join = self.next_join();
+                self.connect(address);
+            }
         }
+    }
+
+    fn schedule_return(&mut self, now: Instant) {
+        let wait = self.return_wait;
+        self.return_at = Some(now + self.rng.random_range(wait..=wait * 2));
     }
 
     fn rejected(&mut self, code: ErrorCode, message: String, now: Instant) {
@@ -433,6 +549,26 @@ impl Supervisor {
                     "{what}; join again with `meshd up --token TOKEN` ({message})"
                 ));
             }
+            // A first join the coordinator cannot record (its database is
+            // down): the other addresses are asked, then `meshd up` ends
+            // with the reason instead of retrying unseen.
+            (ErrorCode::Unavailable, JoinKind::Register) if !self.identity.registered => {
+                self.register_unsure = false;
+                self.join_deadline = None;
+                self.last_error = Some(refused);
+                self.tried += 1;
+                let address = match self.state {
+                    ControlState::Joining { address } | ControlState::Connected { address, .. } => {
+                        address
+                    }
+                    _ => self.round_start,
+                };
+                if self.tried < self.config.addresses {
+                    self.connect((address + 1) % self.config.addresses);
+                } else {
+                    self.stop(format!("cannot join: {message}"));
+                }
+            }
             (
                 ErrorCode::TokenInvalid
                 | ErrorCode::TokenExpired
@@ -471,7 +607,7 @@ impl Supervisor {
         self.rotation_sent = None;
         let address = match self.state {
             ControlState::Joining { address } | ControlState::Connected { address, .. } => address,
-            _ => self.preferred,
+            _ => self.round_start,
         };
         self.tried = 0;
         self.join = join;
@@ -484,10 +620,24 @@ impl Supervisor {
         // A rotation in flight may or may not have committed; the pending
         // key stays and the next login settles it.
         self.rotation_sent = None;
-        if let ControlState::Connected { address, .. } = self.state {
-            self.preferred = address;
+        self.return_at = None;
+        self.probing = None;
+        if let ControlState::Joining { address } | ControlState::Connected { address, .. } =
+            self.state
+        {
+            self.round_start = (address + 1) % self.config.addresses;
         }
-        self.backoff(now);
+        if matches!(self.state, ControlState::Connected { .. }) {
+            // A working session ended: the next address at once, after a
+            // short random wait so the nodes of a dead replica spread out.
+            self.failures = 1;
+            let wait = self
+                .rng
+                .random_range(Duration::ZERO..=self.config.reconnect_jitter);
+            self.state = ControlState::Backoff { until: now + wait };
+        } else {
+            self.backoff(now);
+        }
     }
 
     fn backoff(&mut self, now: Instant) {
@@ -514,7 +664,7 @@ impl Supervisor {
         } else {
             self.next_join()
         };
-        self.connect(self.preferred);
+        self.connect(self.round_start);
     }
 
     fn next_join(&self) -> JoinKind {
@@ -527,9 +677,20 @@ impl Supervisor {
 
     fn connect(&mut self, address: usize) {
         self.state = ControlState::Connecting { address };
+        let handshake_timeout = if self.reached[address] {
+            self.config.handshake_timeout
+        } else {
+            self.config
+                .first_handshake_timeout
+                // The backoff after a lost session counts as a failure, the
+                // round after it is still a first one.
+                .saturating_mul(1 << self.failures.saturating_sub(1).min(16))
+                .min(self.config.handshake_timeout)
+        };
         self.commands.push_back(Command::Connect {
             address,
             join: self.join,
+            handshake_timeout,
         });
     }
 
@@ -603,7 +764,22 @@ mod tests {
             T::new(1, REGISTERED)
         }
 
+        /// The commands, with handshake timeouts left out (see `raw`).
         fn cmds(&mut self) -> Vec<Command> {
+            self.raw()
+                .into_iter()
+                .map(|c| match c {
+                    Command::Connect { address, join, .. } => connect(address, join),
+                    Command::Probe { address, .. } => Command::Probe {
+                        address,
+                        handshake_timeout: Duration::ZERO,
+                    },
+                    c => c,
+                })
+                .collect()
+        }
+
+        fn raw(&mut self) -> Vec<Command> {
             std::iter::from_fn(|| self.s.poll_command()).collect()
         }
 
@@ -616,6 +792,19 @@ mod tests {
             self.now += d;
             self.s.handle_timeout(self.now);
             self.cmds()
+        }
+
+        fn raw_after(&mut self, i: Input) -> Vec<Command> {
+            self.s.handle(i, self.now);
+            self.raw()
+        }
+
+        fn next_timeout_raw(&mut self) -> (Duration, Vec<Command>) {
+            let t = self.s.poll_timeout().expect("a timer");
+            let d = t.saturating_duration_since(self.now);
+            self.now += d;
+            self.s.handle_timeout(self.now);
+            (d, self.raw())
         }
 
         /// Advances to the next timeout and returns what it brought.
@@ -634,7 +823,18 @@ mod tests {
     }
 
     fn connect(address: usize, join: JoinKind) -> Command {
-        Command::Connect { address, join }
+        Command::Connect {
+            address,
+            join,
+            handshake_timeout: Duration::ZERO,
+        }
+    }
+
+    fn probe(address: usize) -> Command {
+        Command::Probe {
+            address,
+            handshake_timeout: Duration::ZERO,
+        }
     }
 
     const LOGIN: JoinKind = JoinKind::Login(KeyChoice::Current);
@@ -687,13 +887,13 @@ mod tests {
             assert!(*w >= ceiling / 2 && *w <= ceiling, "attempt {k}: {w:?}");
         }
         assert!(waits[9] >= 15 * SEC);
-        // A synchronised session resets it; losing it retries soon.
+        // A synchronised session resets it; losing it retries within 250 ms.
         t.session_up();
         t.input(Input::Lost {
             error: "closed".into(),
         });
         let (wait, cmds) = t.next_timeout();
-        assert!(wait <= Duration::from_millis(500), "{wait:?}");
+        assert!(wait <= Duration::from_millis(250), "{wait:?}");
         assert_eq!(cmds, [connect(0, LOGIN)]);
         assert_eq!(t.s.last_error(), Some("closed"));
     }
@@ -718,7 +918,7 @@ mod tests {
     }
 
     #[test]
-    fn addresses_fail_over_in_order_starting_with_the_one_that_worked() {
+    fn addresses_fail_over_in_order_and_a_lost_session_resumes_on_the_next() {
         let mut t = T::new(3, REGISTERED);
         assert_eq!(t.cmds(), [connect(0, LOGIN)]);
         assert_eq!(t.input(failed()), [connect(1, LOGIN)]);
@@ -729,16 +929,153 @@ mod tests {
             t.s.state(),
             ControlState::Connected { address: 1, .. }
         ));
+        // The one that just failed is likely dead: the next one first.
         t.input(Input::Lost {
             error: "reset".into(),
         });
-        let (_, cmds) = t.next_timeout();
-        assert_eq!(cmds, [connect(1, LOGIN)]);
-        assert_eq!(t.input(failed()), [connect(2, LOGIN)]);
+        let (wait, cmds) = t.next_timeout();
+        assert!(wait <= Duration::from_millis(500), "{wait:?}");
+        assert_eq!(cmds, [connect(2, LOGIN)]);
         assert_eq!(t.input(failed()), [connect(0, LOGIN)]);
-        // A whole round failed: now it waits.
+        assert_eq!(t.input(failed()), [connect(1, LOGIN)]);
+        // A whole round failed: now it waits, then starts where it started.
         assert_eq!(t.input(failed()), []);
         assert!(matches!(t.s.state(), ControlState::Backoff { .. }));
+        let (_, cmds) = t.next_timeout();
+        assert_eq!(cmds, [connect(2, LOGIN)]);
+    }
+
+    #[test]
+    fn addresses_not_reached_yet_get_a_short_handshake_timeout_that_grows() {
+        let timeouts = |cmds: Vec<Command>| -> Vec<(usize, Duration)> {
+            cmds.into_iter()
+                .filter_map(|c| match c {
+                    Command::Connect {
+                        address,
+                        handshake_timeout,
+                        ..
+                    } => Some((address, handshake_timeout)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut t = T::new(2, REGISTERED);
+        assert_eq!(timeouts(t.raw()), [(0, 2 * SEC)]);
+        t.s.handle(Input::Connected, t.now);
+        t.s.handle(Input::Joined, t.now);
+        t.s.handle(Input::Synced, t.now);
+        t.raw();
+        t.s.handle(Input::Lost { error: "x".into() }, t.now);
+        // Each round: address 1, never reached, with a timeout doubling from
+        // the short one as rounds fail; then address 0, reached, with 10 s.
+        let mut rounds = Vec::new();
+        for _ in 0..4 {
+            let (_, first) = t.next_timeout_raw();
+            let second = t.raw_after(failed());
+            rounds.push([timeouts(first), timeouts(second)].concat());
+            assert_eq!(t.raw_after(failed()), []);
+        }
+        assert_eq!(
+            rounds,
+            [
+                [(1, 2 * SEC), (0, 10 * SEC)],
+                [(1, 4 * SEC), (0, 10 * SEC)],
+                [(1, 8 * SEC), (0, 10 * SEC)],
+                [(1, 10 * SEC), (0, 10 * SEC)],
+            ]
+        );
+    }
+
+    #[test]
+    fn a_node_goes_home_when_the_first_address_answers_again() {
+        let mut t = T::new(2, REGISTERED);
+        assert_eq!(t.cmds(), [connect(0, LOGIN)]);
+        assert_eq!(t.input(failed()), [connect(1, LOGIN)]);
+        t.session_up();
+        // Checked every 10-20 s while away from home.
+        let (wait, cmds) = t.next_timeout();
+        assert!((10 * SEC..=20 * SEC).contains(&wait), "{wait:?}");
+        assert_eq!(cmds, [probe(0)]);
+        assert_eq!(
+            t.input(Input::Probed {
+                address: 0,
+                reachable: false
+            }),
+            []
+        );
+        let (wait, cmds) = t.next_timeout();
+        assert!((10 * SEC..=20 * SEC).contains(&wait), "{wait:?}");
+        assert_eq!(cmds, [probe(0)]);
+        // It answers: the node moves, but the move fails and it ends up on
+        // address 1 again; the checks slow down.
+        assert_eq!(
+            t.input(Input::Probed {
+                address: 0,
+                reachable: true
+            }),
+            [Command::Disconnect, connect(0, LOGIN)]
+        );
+        assert_eq!(t.input(failed()), [connect(1, LOGIN)]);
+        t.session_up();
+        let (wait, cmds) = t.next_timeout();
+        assert!((20 * SEC..=40 * SEC).contains(&wait), "{wait:?}");
+        assert_eq!(cmds, [probe(0)]);
+        // This time it stays home, and checks nothing more.
+        t.input(Input::Probed {
+            address: 0,
+            reachable: true,
+        });
+        t.session_up();
+        assert!(matches!(
+            t.s.state(),
+            ControlState::Connected { address: 0, .. }
+        ));
+        assert_eq!(t.s.poll_timeout(), None);
+        // A probe's answer after the session changed is ignored.
+        assert_eq!(
+            t.input(Input::Probed {
+                address: 0,
+                reachable: true
+            }),
+            []
+        );
+    }
+
+    #[test]
+    fn a_first_join_the_coordinator_cannot_record_ends_with_the_reason() {
+        let mut t = T::new(2, JOINING);
+        assert_eq!(t.cmds(), [connect(0, JoinKind::Register)]);
+        t.input(Input::Connected);
+        // Another replica may have its database.
+        assert_eq!(
+            t.input(rejected(ErrorCode::Unavailable)),
+            [connect(1, JoinKind::Register)]
+        );
+        t.input(Input::Connected);
+        let cmds = t.input(Input::Rejected {
+            code: ErrorCode::Unavailable,
+            message:
+                "the coordinator cannot save state: its database is unavailable; try again later"
+                    .into(),
+        });
+        assert_eq!(
+            cmds,
+            [Command::Fatal(
+                "cannot join: the coordinator cannot save state: its database is unavailable; try again later".into()
+            )]
+        );
+        assert_eq!(t.s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn the_last_error_is_cleared_by_a_synchronised_session() {
+        let mut t = T::registered();
+        t.cmds();
+        t.input(failed());
+        assert_eq!(t.s.last_error(), Some("connection refused"));
+        t.next_timeout();
+        t.session_up();
+        assert_eq!(t.s.last_error(), None);
     }
 
     #[test]

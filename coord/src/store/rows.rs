@@ -23,6 +23,8 @@ pub(crate) struct NodeRow {
     pub expires_at: Option<i64>,
     pub endpoints: String,
     pub disconnected_at: Option<i64>,
+    pub session: Option<i64>,
+    pub version: i64,
 }
 
 pub(crate) struct TokenRow {
@@ -36,6 +38,7 @@ pub(crate) struct TokenRow {
     pub expires_at: Option<i64>,
     pub revoked: bool,
     pub uses: i64,
+    pub version: i64,
 }
 
 pub(crate) struct SettingsRow {
@@ -47,8 +50,8 @@ fn corrupt(what: &str, detail: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {detail}"))
 }
 
-/// Times and ids are below 2^63 by construction (Unix milliseconds; node ids
-/// are 63-bit), so they fit SQL's signed 64-bit integers.
+/// Times, ids and versions are below 2^63 by construction (Unix milliseconds;
+/// node and session ids are 63-bit), so they fit SQL's signed 64-bit integers.
 pub(crate) fn to_sql(v: u64) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| corrupt("value out of range for the database", v))
 }
@@ -101,6 +104,8 @@ impl NodeRow {
                 .collect::<Vec<_>>()
                 .join(" "),
             disconnected_at: opt_to_sql(n.disconnected_at)?,
+            session: opt_to_sql(n.session)?,
+            version: to_sql(n.version)?,
         })
     }
 
@@ -130,6 +135,8 @@ impl NodeRow {
             expires_at: opt_from_sql(self.expires_at, "node expires_at")?,
             endpoints,
             disconnected_at: opt_from_sql(self.disconnected_at, "node disconnected_at")?,
+            session: opt_from_sql(self.session, "node session")?,
+            version: from_sql(self.version, "node version")?,
             name: self.name,
         })
     }
@@ -148,6 +155,7 @@ impl TokenRow {
             expires_at: opt_to_sql(t.expires_at)?,
             revoked: t.revoked,
             uses: to_sql(t.uses)?,
+            version: to_sql(t.version)?,
         })
     }
 
@@ -162,6 +170,7 @@ impl TokenRow {
             expires_at: opt_from_sql(self.expires_at, "token expires_at")?,
             revoked: self.revoked,
             uses: from_sql(self.uses, "token uses")?,
+            version: from_sql(self.version, "token version")?,
             id: self.id,
         })
     }

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transaction};
 
-use super::rows::{NodeRow, SettingsRow, TokenRow};
-use super::{Store, StoreError};
+use super::rows::{to_sql, NodeRow, SettingsRow, TokenRow};
+use super::{Lookup, Store, StoreError};
 use crate::state::{Change, Snapshot};
 
 /// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`.
 /// Append only: a released migration is never edited.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE settings (
     id          INTEGER PRIMARY KEY CHECK (id = 1),
     ipv6_prefix TEXT NOT NULL,
@@ -45,7 +46,18 @@ CREATE TABLE tokens (
     revoked     INTEGER NOT NULL,
     uses        INTEGER NOT NULL
 );
-"];
+",
+    r"
+ALTER TABLE nodes ADD COLUMN session INTEGER;
+ALTER TABLE nodes ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE tokens ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+",
+];
+
+const NODE_COLUMNS: &str = "id, name, key, ipv4, ipv6, tags, slice, ephemeral, token_id, \
+                            created_at, expires_at, endpoints, disconnected_at, session, version";
+const TOKEN_COLUMNS: &str = "id, secret_hash, reusable, ephemeral, tags, slice, created_at, \
+                             expires_at, revoked, uses, version";
 
 pub struct SqliteStore {
     conn: Connection,
@@ -121,7 +133,7 @@ impl SqliteStore {
     }
 
     fn apply(tx: &Transaction<'_>, change: &Change) -> Result<(), StoreError> {
-        match change {
+        let changed = match change {
             Change::Settings(s) => {
                 let r = SettingsRow::from_record(s)?;
                 tx.execute(
@@ -130,19 +142,26 @@ impl SqliteStore {
                      ON CONFLICT(id) DO NOTHING",
                     params![r.ipv6_prefix, r.created_at],
                 )
+                .map_err(map_err)?;
+                return Ok(());
             }
             Change::PutNode(n) => {
                 let r = NodeRow::from_record(n)?;
+                let sql = if n.version == 1 {
+                    format!(
+                        "INSERT INTO nodes ({NODE_COLUMNS})
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                    )
+                } else {
+                    "UPDATE nodes SET name = ?2, key = ?3, ipv4 = ?4, ipv6 = ?5, tags = ?6,
+                         slice = ?7, ephemeral = ?8, token_id = ?9, created_at = ?10,
+                         expires_at = ?11, endpoints = ?12, disconnected_at = ?13,
+                         session = ?14, version = ?15
+                     WHERE id = ?1 AND version = ?15 - 1"
+                        .to_owned()
+                };
                 tx.execute(
-                    "INSERT INTO nodes (id, name, key, ipv4, ipv6, tags, slice, ephemeral, token_id,
-                         created_at, expires_at, endpoints, disconnected_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
-                     ON CONFLICT(id) DO UPDATE SET name = excluded.name, key = excluded.key,
-                         ipv4 = excluded.ipv4, ipv6 = excluded.ipv6, tags = excluded.tags,
-                         slice = excluded.slice, ephemeral = excluded.ephemeral,
-                         token_id = excluded.token_id, created_at = excluded.created_at,
-                         expires_at = excluded.expires_at, endpoints = excluded.endpoints,
-                         disconnected_at = excluded.disconnected_at",
+                    &sql,
                     params![
                         r.id,
                         r.name,
@@ -156,25 +175,32 @@ impl SqliteStore {
                         r.created_at,
                         r.expires_at,
                         r.endpoints,
-                        r.disconnected_at
+                        r.disconnected_at,
+                        r.session,
+                        r.version
                     ],
                 )
             }
-            Change::DeleteNode(id) => tx.execute(
-                "DELETE FROM nodes WHERE id = ?1",
-                params![super::rows::to_sql(id.0)?],
+            Change::DeleteNode { id, version } => tx.execute(
+                "DELETE FROM nodes WHERE id = ?1 AND version = ?2",
+                params![to_sql(id.0)?, to_sql(*version)?],
             ),
             Change::PutToken(t) => {
                 let r = TokenRow::from_record(t)?;
+                let sql = if t.version == 1 {
+                    format!(
+                        "INSERT INTO tokens ({TOKEN_COLUMNS})
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                    )
+                } else {
+                    "UPDATE tokens SET secret_hash = ?2, reusable = ?3, ephemeral = ?4,
+                         tags = ?5, slice = ?6, created_at = ?7, expires_at = ?8,
+                         revoked = ?9, uses = ?10, version = ?11
+                     WHERE id = ?1 AND version = ?11 - 1"
+                        .to_owned()
+                };
                 tx.execute(
-                    "INSERT INTO tokens (id, secret_hash, reusable, ephemeral, tags, slice,
-                         created_at, expires_at, revoked, uses)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                     ON CONFLICT(id) DO UPDATE SET secret_hash = excluded.secret_hash,
-                         reusable = excluded.reusable, ephemeral = excluded.ephemeral,
-                         tags = excluded.tags, slice = excluded.slice,
-                         created_at = excluded.created_at, expires_at = excluded.expires_at,
-                         revoked = excluded.revoked, uses = excluded.uses",
+                    &sql,
                     params![
                         r.id,
                         r.secret_hash,
@@ -185,14 +211,67 @@ impl SqliteStore {
                         r.created_at,
                         r.expires_at,
                         r.revoked,
-                        r.uses
+                        r.uses,
+                        r.version
                     ],
                 )
             }
-            Change::DeleteToken(id) => tx.execute("DELETE FROM tokens WHERE id = ?1", params![id]),
+            Change::DeleteToken { id, version } => tx.execute(
+                "DELETE FROM tokens WHERE id = ?1 AND version = ?2",
+                params![id, to_sql(*version)?],
+            ),
         }
-        .map(|_| ())
-        .map_err(map_err)
+        .map_err(map_err)?;
+        if changed == 1 {
+            Ok(())
+        } else {
+            Err(super::stale(change))
+        }
+    }
+
+    fn read_one(tx: &Transaction<'_>, lookup: &Lookup) -> Result<Option<Change>, StoreError> {
+        let node = |col: &str, value: &dyn rusqlite::ToSql| {
+            tx.query_row(
+                &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE {col} = ?1"),
+                [value],
+                node_row,
+            )
+            .optional()
+            .map_err(map_err)?
+            .map(NodeRow::into_record)
+            .transpose()
+        };
+        let token = |col: &str, value: &dyn rusqlite::ToSql| {
+            tx.query_row(
+                &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE {col} = ?1"),
+                [value],
+                token_row,
+            )
+            .optional()
+            .map_err(map_err)?
+            .map(TokenRow::into_record)
+            .transpose()
+        };
+        Ok(match lookup {
+            Lookup::Node(id) => Some(node("id", &to_sql(id.0)?)?.map_or(
+                Change::DeleteNode {
+                    id: *id,
+                    version: 0,
+                },
+                Change::PutNode,
+            )),
+            Lookup::NodeByKey(k) => node("key", &k.0.to_vec())?.map(Change::PutNode),
+            Lookup::NodeByName(n) => node("name", n)?.map(Change::PutNode),
+            Lookup::NodeByIpv4(a) => node("ipv4", &a.to_string())?.map(Change::PutNode),
+            Lookup::Token(id) => Some(token("id", id)?.map_or(
+                Change::DeleteToken {
+                    id: id.clone(),
+                    version: 0,
+                },
+                Change::PutToken,
+            )),
+            Lookup::TokenByHash(h) => token("secret_hash", &h.to_vec())?.map(Change::PutToken),
+        })
     }
 }
 
@@ -211,6 +290,8 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<NodeRow> {
         expires_at: r.get(10)?,
         endpoints: r.get(11)?,
         disconnected_at: r.get(12)?,
+        session: r.get(13)?,
+        version: r.get(14)?,
     })
 }
 
@@ -226,6 +307,7 @@ fn token_row(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
         expires_at: r.get(7)?,
         revoked: r.get(8)?,
         uses: r.get(9)?,
+        version: r.get(10)?,
     })
 }
 
@@ -250,10 +332,7 @@ impl Store for SqliteStore {
             .transpose()?;
         let nodes = {
             let mut stmt = tx
-                .prepare(
-                    "SELECT id, name, key, ipv4, ipv6, tags, slice, ephemeral, token_id,
-                         created_at, expires_at, endpoints, disconnected_at FROM nodes ORDER BY id",
-                )
+                .prepare(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"))
                 .map_err(map_err)?;
             let rows = stmt
                 .query_map([], node_row)
@@ -266,10 +345,7 @@ impl Store for SqliteStore {
         };
         let tokens = {
             let mut stmt = tx
-                .prepare(
-                    "SELECT id, secret_hash, reusable, ephemeral, tags, slice, created_at,
-                         expires_at, revoked, uses FROM tokens ORDER BY id",
-                )
+                .prepare(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY id"))
                 .map_err(map_err)?;
             let rows = stmt
                 .query_map([], token_row)
@@ -295,5 +371,15 @@ impl Store for SqliteStore {
             Self::apply(&tx, c)?;
         }
         tx.commit().map_err(map_err)
+    }
+
+    fn read(&mut self, lookups: &[Lookup]) -> Result<Vec<Change>, StoreError> {
+        let tx = self.conn.transaction().map_err(map_err)?;
+        let mut out = Vec::new();
+        for l in lookups {
+            out.extend(Self::read_one(&tx, l)?);
+        }
+        tx.commit().map_err(map_err)?;
+        Ok(out)
     }
 }

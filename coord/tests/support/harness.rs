@@ -24,7 +24,7 @@ pub struct Conn {
     pub closed: bool,
 }
 
-pub type StoreFactory = Box<dyn FnMut() -> Box<dyn Store>>;
+pub type StoreFactory = Box<dyn FnMut() -> Box<dyn Store> + Send>;
 
 pub struct Harness {
     pub coord: Coordinator,
@@ -55,9 +55,16 @@ impl Harness {
     }
 
     /// A harness over any store; `make_store` is called again on restart.
-    pub fn with_store(config: Config, mut make_store: StoreFactory) -> Self {
+    pub fn with_store(config: Config, make_store: StoreFactory) -> Self {
+        Self::replica(config, make_store, 1)
+    }
+
+    /// A harness whose coordinator's RNG starts from `seed`: replicas of one
+    /// mesh need different ones, as their random ids and session tags would
+    /// otherwise be the same.
+    pub fn replica(config: Config, mut make_store: StoreFactory, seed: u64) -> Self {
         let now = UNIX_EPOCH + Duration::from_secs(T0);
-        let coord = Self::start(&config, make_store(), now, 1);
+        let coord = Self::start(&config, make_store(), now, seed);
         Harness {
             coord,
             store: Arc::default(),
@@ -65,7 +72,7 @@ impl Harness {
             conns: BTreeMap::new(),
             config,
             make_store,
-            seed: 1,
+            seed,
         }
     }
 
@@ -82,7 +89,7 @@ impl Harness {
 
     /// A restart: a new coordinator on the same store; every session is gone.
     pub fn restart(&mut self) {
-        self.seed += 1;
+        self.seed += 1000;
         let store = (self.make_store)();
         self.coord = Self::start(&self.config, store, self.now, self.seed);
         self.conns.clear();
@@ -191,6 +198,18 @@ impl Harness {
     /// Messages received since the last call.
     pub fn take(&mut self, id: SessionId) -> Vec<Message> {
         std::mem::take(&mut self.conn(id).got)
+    }
+
+    /// What a join came to: `Ok` once welcomed (the session stays open),
+    /// or the code it was refused with.
+    pub fn outcome(&mut self, id: SessionId) -> Result<(), ErrorCode> {
+        let c = self.conn(id);
+        match &c.error {
+            Some(ClientError::Rejected(e)) => Err(e.code),
+            Some(other) => panic!("session failed: {other}"),
+            None if c.client.info().is_some() => Ok(()),
+            None => panic!("session neither joined nor refused"),
+        }
     }
 
     pub fn refused(&mut self, id: SessionId) -> ErrorCode {

@@ -26,6 +26,8 @@ pub fn node(i: u8) -> NodeRecord {
             "[2001:db8::1]:7".parse().unwrap(),
         ],
         disconnected_at: None,
+        session: Some(77 + u64::from(i)),
+        version: 1,
     }
 }
 
@@ -41,11 +43,13 @@ pub fn token(i: u8) -> TokenRecord {
         expires_at: None,
         revoked: false,
         uses: 3,
+        version: 1,
     }
 }
 
-/// What every store must do: keep what was committed, update in place,
-/// delete, and apply a batch all or nothing.
+/// What every store must do: keep what was committed, update in place only
+/// from the stored version, delete, apply a batch all or nothing, and read
+/// records back by what identifies them.
 pub fn conformance(store: &mut dyn Store) {
     let settings = MeshSettings {
         ipv6_prefix: "fd12:3456:789a::/48".parse().unwrap(),
@@ -71,6 +75,8 @@ pub fn conformance(store: &mut dyn Store) {
     n1.slice = None;
     n1.expires_at = None;
     n1.disconnected_at = Some(7);
+    n1.session = None;
+    n1.version = 2;
     let other = MeshSettings {
         ipv6_prefix: "fd00:1:2::/48".parse().unwrap(),
         created_at: 9,
@@ -82,15 +88,51 @@ pub fn conformance(store: &mut dyn Store) {
     assert_eq!(snap.nodes[0], n1);
     assert_eq!(snap.settings, Some(settings));
 
+    // A write decided from an older version is refused and changes nothing:
+    // an update from version 1 again, a second creation, a delete of the
+    // wrong version, a token update skipping a version.
+    let mut stale = node(1);
+    stale.name = "stale".into();
+    stale.version = 2;
+    let mut skip = token(1);
+    skip.version = 3;
+    for change in [
+        Change::PutNode(stale),
+        Change::PutNode(node(1)),
+        Change::DeleteNode {
+            id: node(2).id,
+            version: 2,
+        },
+        Change::PutToken(skip),
+        Change::PutToken(token(1)),
+        Change::DeleteToken {
+            id: token(1).id,
+            version: 2,
+        },
+    ] {
+        let err = store.commit(std::slice::from_ref(&change));
+        assert!(
+            matches!(err, Err(StoreError::Conflict(_))),
+            "{change:?}: {err:?}"
+        );
+    }
+    let snap = store.load().unwrap();
+    assert_eq!(snap.nodes, vec![n1.clone(), node(2)]);
+    assert_eq!(snap.tokens, vec![token(1)]);
+
     // A batch whose last change breaks a uniqueness rule (node 3 takes node
     // 2's address) leaves nothing of the batch behind.
     let mut clash = node(3);
     clash.ipv4 = node(2).ipv4;
     let mut t1 = token(1);
     t1.uses = 4;
+    t1.version = 2;
     let err = store.commit(&[
         Change::PutToken(t1),
-        Change::DeleteNode(node(1).id),
+        Change::DeleteNode {
+            id: node(1).id,
+            version: 2,
+        },
         Change::PutNode(clash),
     ]);
     assert!(matches!(err, Err(StoreError::Conflict(_))), "{err:?}");
@@ -98,10 +140,53 @@ pub fn conformance(store: &mut dyn Store) {
     assert_eq!(snap.tokens[0].uses, 3);
     assert_eq!(snap.nodes.len(), 2);
 
+    // Records read back by id, key, name, address and token hash; an id
+    // that names nothing reads as a delete.
+    let n2 = node(2);
+    let got = store
+        .read(&[
+            Lookup::Node(n1.id),
+            Lookup::Node(node(9).id),
+            Lookup::NodeByKey(n2.key),
+            Lookup::NodeByName(n2.name.clone()),
+            Lookup::NodeByIpv4(n2.ipv4),
+            Lookup::NodeByName("nobody".into()),
+            Lookup::Token(token(1).id),
+            Lookup::Token(token(9).id),
+            Lookup::TokenByHash(token(1).secret_hash),
+            Lookup::TokenByHash([0xee; 32]),
+        ])
+        .unwrap();
+    assert_eq!(
+        got,
+        [
+            Change::PutNode(n1.clone()),
+            Change::DeleteNode {
+                id: node(9).id,
+                version: 0
+            },
+            Change::PutNode(n2.clone()),
+            Change::PutNode(n2.clone()),
+            Change::PutNode(n2),
+            Change::PutToken(token(1)),
+            Change::DeleteToken {
+                id: token(9).id,
+                version: 0
+            },
+            Change::PutToken(token(1)),
+        ]
+    );
+
     store
         .commit(&[
-            Change::DeleteNode(node(2).id),
-            Change::DeleteToken(token(1).id),
+            Change::DeleteNode {
+                id: node(2).id,
+                version: 1,
+            },
+            Change::DeleteToken {
+                id: token(1).id,
+                version: 1,
+            },
         ])
         .unwrap();
     let snap = store.load().unwrap();

@@ -48,6 +48,15 @@ fn id(args: &[&str]) -> u32 {
 
 impl TestPostgres {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A server that asks user `meshd` for `password` (SCRAM) on TCP.
+    pub fn start_with_password(password: &str) -> Self {
+        Self::start_with(Some(password))
+    }
+
+    fn start_with(password: Option<&str>) -> Self {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("meshd-pg")
@@ -70,20 +79,22 @@ impl TestPostgres {
             run_as,
         };
         let data = pg.data();
-        pg.run(
-            "initdb",
-            &[
-                "-D",
-                &data,
-                "-U",
-                "meshd",
-                "-A",
-                "trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ],
-        );
+        let mut args = vec!["-D", &data, "-U", "meshd", "-E", "UTF8", "--no-sync"];
+        let pwfile = pg.dir.path().join("pwfile").display().to_string();
+        match password {
+            None => args.extend(["-A", "trust"]),
+            Some(p) => {
+                std::fs::write(&pwfile, p).expect("write the password file");
+                if let Some(user) = &pg.run_as {
+                    let (uid, gid) = (id(&["-u", user]), id(&["-g", user]));
+                    std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid)).expect("chown");
+                }
+                args.extend(["--auth-local", "trust", "--auth-host", "scram-sha-256"]);
+                args.push("--pwfile");
+                args.push(&pwfile);
+            }
+        }
+        pg.run("initdb", &args);
         pg.start_server();
         pg
     }
@@ -144,7 +155,11 @@ impl TestPostgres {
         self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
     }
 
-    /// A connection string for the default database.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connection string for the default database (without a password).
     pub fn url(&self) -> String {
         format!(
             "host=127.0.0.1 port={} user=meshd dbname=postgres",
