@@ -15,6 +15,10 @@ pub const TOKEN_PREFIX: &str = "meshd1_";
 pub const MAX_ADDRESS_LEN: usize = 255;
 /// Most coordinator addresses in one token.
 pub const MAX_ADDRESSES: usize = 16;
+/// The tag of the checksum field, last in a token. At or above the tags
+/// parsers skip, so older meshd still read newer tokens.
+const CHECKSUM_TAG: u8 = 128;
+const CHECKSUM_LEN: usize = 4;
 
 /// What a node needs to join: where the coordinator is, how to recognise it,
 /// and the secret that admits it. `Debug` hides the secret.
@@ -35,6 +39,8 @@ pub enum TokenError {
     Base64,
     #[error("join token is damaged: {0}")]
     Decode(#[from] DecodeError),
+    #[error("join token is damaged (its checksum does not match): copy it again, whole")]
+    Checksum,
     #[error("join token names no coordinator address")]
     NoAddress,
     #[error("join token cannot be encoded: {0}")]
@@ -56,6 +62,8 @@ impl JoinToken {
         w.bytes(1, &self.secret.0)?;
         w.bytes(2, &self.cert_pin)?;
         w.strs(3, &self.addresses, MAX_ADDRESS_LEN, MAX_ADDRESSES)?;
+        let sum = checksum(w.buf);
+        w.bytes(CHECKSUM_TAG, &sum)?;
         Ok(format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(&buf)))
     }
 
@@ -68,6 +76,20 @@ impl JoinToken {
         let bytes = URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|_| TokenError::Base64)?;
+        // A token whose last field has a tag of 128 or more ends in a
+        // checksum, which must match. Tokens from before checksums end in an
+        // address (tag 3, and text that is ASCII), so they are taken as
+        // they are.
+        let field = 3 + CHECKSUM_LEN;
+        if let Some(start) = bytes.len().checked_sub(field) {
+            let (body, tail) = bytes.split_at(start);
+            if tail[0] >= CHECKSUM_TAG
+                && (tail[..3] != [CHECKSUM_TAG, 0, CHECKSUM_LEN as u8]
+                    || tail[3..] != checksum(body))
+            {
+                return Err(TokenError::Checksum);
+            }
+        }
         let mut f = Fields::new(&bytes, "JoinToken");
         let (mut secret, mut pin) = (None, None);
         let mut addresses = Vec::new();
@@ -93,6 +115,18 @@ impl JoinToken {
             addresses,
         })
     }
+}
+
+/// The first bytes of SHA-256 over a token's other fields: a typo in a
+/// pasted token is reported as damage, not as a token for another mesh.
+fn checksum(fields: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let mut h = Sha256::new();
+    h.update(b"meshd join token checksum");
+    h.update(fields);
+    let digest: [u8; 32] = h.finalize().into();
+    let mut out = [0; CHECKSUM_LEN];
+    out.copy_from_slice(&digest[..CHECKSUM_LEN]);
+    out
 }
 
 /// What the coordinator stores and looks tokens up by instead of the secret.

@@ -501,9 +501,31 @@ fn join_tokens_round_trip_and_refuse_damage() {
     assert_eq!(JoinToken::parse(&format!("  {text}\n")).unwrap(), t);
     assert_eq!(JoinToken::parse("tskey-abc"), Err(TokenError::Prefix));
     assert_eq!(JoinToken::parse("meshd1_***"), Err(TokenError::Base64));
-    // Cut short: the last address field is truncated.
+    // Cut short: the checksum (or, shorter, the last address) is missing.
     let cut = &text[..text.len() - 8];
     assert!(matches!(JoinToken::parse(cut), Err(TokenError::Decode(_))));
+    // A typo anywhere (one character changed) says the token is damaged,
+    // never that it is for another coordinator or another mesh.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let body_start = "meshd1_".len();
+    let bytes = b64.decode(&text[body_start..]).unwrap();
+    for i in body_start..text.len() {
+        let mut typo = text.clone().into_bytes();
+        typo[i] = if typo[i] == b'A' { b'B' } else { b'A' };
+        let typo = String::from_utf8(typo).unwrap();
+        // The last character's low bits carry nothing: no change there.
+        if b64.decode(&typo[body_start..]).ok().as_ref() == Some(&bytes) {
+            continue;
+        }
+        match JoinToken::parse(&typo) {
+            Err(TokenError::Checksum | TokenError::Decode(_) | TokenError::Base64) => {}
+            other => panic!("a typo at {i} gave {other:?}"),
+        }
+    }
+    // A token from before checksums (no field 128) is still accepted.
+    let old = format!("meshd1_{}", b64.encode(&bytes[..bytes.len() - 7]));
+    assert_eq!(JoinToken::parse(&old).unwrap(), t);
     let none = JoinToken {
         addresses: vec![],
         ..t
