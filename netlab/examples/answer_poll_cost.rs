@@ -5,7 +5,8 @@
 //! minute (user + system, from /proc) and the pings' median round trip.
 //!
 //! `answer_poll_cost ROUNDS SECS RATE POLL...`, e.g.
-//! `answer_poll_cost 3 30 1000 0 150us`.
+//! `answer_poll_cost 3 30 1000 0 150us`; the meshd binary is `MESHD`, else the
+//! `meshd` beside this example's directory (`target/release/meshd`).
 #![allow(clippy::print_stdout)] // a command-line benchmark: its report is its output
 
 use std::collections::BTreeMap;
@@ -34,6 +35,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let secs: u32 = args[1].parse()?;
     let rate: u32 = args[2].parse()?;
     let polls = &args[3..];
+    let meshd = match std::env::var_os("MESHD") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(|examples| examples.parent())
+            .ok_or("no directory above this example")?
+            .join("meshd"),
+    };
+    meshd_netlab::peers::use_meshd_binary(meshd);
     let lab = Lab::veth_pair()?;
     let interval = std::time::Duration::from_secs(1) / rate;
     // poll -> (CPU s per minute, median RTT ms) per round
