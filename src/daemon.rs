@@ -1,6 +1,7 @@
 //! The background-daemon plumbing `meshd up` and `meshd wg up` share: the
 //! parent starts this program again with `--daemon-child` and waits for it to
-//! print `READY`; the child (or a `--foreground` run) stops on a signal.
+//! print `ready`, or `failed` and the one error that matters; the child (or a
+//! `--foreground` run) stops on a signal.
 #![allow(clippy::print_stdout)] // the READY line is for the waiting parent
 
 use std::io::{BufRead, BufReader, Write};
@@ -13,6 +14,8 @@ use anyhow::{Context, Result};
 
 /// What a background daemon prints on its stdout once it is up.
 const READY: &str = "ready";
+/// What it prints instead when it cannot start, followed by the error.
+const FAILED: &str = "failed";
 
 /// Installs the SIGINT/SIGTERM handler and returns the flag it sets. A
 /// daemon child also leaves the terminal's session, so its hangup does not
@@ -35,6 +38,13 @@ pub fn report_ready() {
     let _ = std::io::stdout().flush();
 }
 
+/// In the daemon child: tells the waiting parent why it could not start.
+/// After `report_ready` stdout is /dev/null, and this goes nowhere.
+pub fn report_failure(message: &str) {
+    println!("{FAILED}\n{message}");
+    let _ = std::io::stdout().flush();
+}
+
 /// Points a ready daemon's stdout and stderr at /dev/null. They are pipes to the `up` that
 /// started it, which exits now; a later log line would meet a broken pipe, and the log
 /// writer's own error report (to stderr, again) would panic the daemon.
@@ -51,6 +61,8 @@ pub fn detach_stdio() {
 /// How a started daemon child turned out.
 pub enum Started {
     Ready,
+    /// It said why it could not start, and exited.
+    Failed(String),
     /// It exited (or closed its stdout) without reporting ready.
     Exited(ExitStatus),
     /// It was not ready within the timeout and has been killed.
@@ -61,19 +73,29 @@ pub enum Started {
 /// or is not ready within `timeout` (then it is killed).
 pub fn wait_ready(child: &mut Child, timeout: Duration) -> Result<Started> {
     let stdout = child.stdout.take();
-    let (ready_tx, ready) = mpsc::channel();
+    let (said_tx, said) = mpsc::channel();
     std::thread::spawn(move || {
-        let ok = stdout.is_some_and(|out| {
-            BufReader::new(out)
-                .lines()
-                .map_while(Result::ok)
-                .any(|line| line == READY)
-        });
-        let _ = ready_tx.send(ok);
+        let mut lines = stdout
+            .map(|out| BufReader::new(out).lines().map_while(Result::ok))
+            .into_iter()
+            .flatten();
+        let outcome = loop {
+            match lines.next().as_deref() {
+                Some(READY) => break Some(Ok(())),
+                Some(FAILED) => break Some(Err(lines.collect::<Vec<_>>().join("\n"))),
+                Some(_) => {}
+                None => break None,
+            }
+        };
+        let _ = said_tx.send(outcome);
     });
-    match ready.recv_timeout(timeout) {
-        Ok(true) => Ok(Started::Ready),
-        Ok(false) | Err(mpsc::RecvTimeoutError::Disconnected) => Ok(Started::Exited(
+    match said.recv_timeout(timeout) {
+        Ok(Some(Ok(()))) => Ok(Started::Ready),
+        Ok(Some(Err(message))) => {
+            let _ = child.wait();
+            Ok(Started::Failed(message))
+        }
+        Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => Ok(Started::Exited(
             child.wait().context("waiting for the meshd daemon")?,
         )),
         Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -82,14 +104,4 @@ pub fn wait_ready(child: &mut Child, timeout: Duration) -> Result<Started> {
             Ok(Started::TimedOut)
         }
     }
-}
-
-/// If the failed daemon said why (`errors`), prints its words and exits with
-/// its exit code: they are ours. Returns if it said nothing.
-pub fn pass_on_failure(status: ExitStatus, errors: &str) {
-    if errors.trim().is_empty() {
-        return;
-    }
-    eprint!("{errors}");
-    std::process::exit(status.code().unwrap_or(1))
 }

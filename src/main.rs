@@ -1,4 +1,7 @@
 //! meshd: the one binary. A thin CLI that wires subcommands to the library crates.
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -46,13 +49,18 @@ enum Cmd {
     RotateKey(up_cmd::StateArg),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    let daemon_child = std::env::args_os().any(|a| a == "--daemon-child");
+    if daemon_child {
+        close_inherited_fds();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     // wg-quick runs WG_QUICK_USERSPACE_IMPLEMENTATION with the interface
     // name alone; under that name meshd is `meshd wg create`.
@@ -65,7 +73,23 @@ fn main() -> Result<()> {
     if invoked_as.as_deref() == Some(wg_cmd::WG_QUICK_NAME) {
         args.splice(1..1, ["wg".into(), "create".into()]);
     }
-    match Cli::parse_from(args).command {
+    match run(Cli::parse_from(args).command) {
+        Ok(()) => ExitCode::SUCCESS,
+        // The error and its causes on one line, never a backtrace: these
+        // are the user's errors, not ours.
+        Err(e) => {
+            let message = format!("{e:#}");
+            if daemon_child {
+                daemon::report_failure(&message);
+            }
+            eprintln!("meshd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Cmd) -> Result<()> {
+    match command {
         Cmd::Lab(cmd) => lab_cmd::run(cmd),
         Cmd::Genkey => key_cmd::genkey(),
         Cmd::Pubkey => key_cmd::pubkey(),
@@ -76,5 +100,30 @@ fn main() -> Result<()> {
         Cmd::Status(state) => up_cmd::status(state),
         Cmd::Down(state) => up_cmd::down(state),
         Cmd::RotateKey(state) => up_cmd::rotate_key(state),
+    }
+}
+
+/// Closes every file descriptor above stderr that this process inherited:
+/// a daemon must not hold the shell's files (or a pipe someone waits on)
+/// open for its whole life.
+fn close_inherited_fds() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    // The directory's own descriptor is among them; it is closed by now.
+    for fd in fds {
+        // SAFETY: this runs first in `main`, before anything of ours opens a
+        // file, and the standard library's start-up opens none above 2: no
+        // object in this process owns these descriptors, so closing them
+        // cannot invalidate one. A descriptor already closed (the
+        // directory's) gives EBADF, which close ignores.
+        #[allow(unsafe_code)]
+        unsafe {
+            rustix::io::close(fd)
+        };
     }
 }

@@ -166,7 +166,6 @@ fn start_daemon(args: &UpArgs, token: Option<&str>) -> Result<()> {
         .mode(0o600)
         .open(&log_path)
         .with_context(|| format!("{}: cannot open the daemon's log", log_path.display()))?;
-    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut cmd = Command::new(exe);
     cmd.arg("up").arg("--state").arg(&state).args([
         "--interface",
@@ -203,27 +202,16 @@ fn start_daemon(args: &UpArgs, token: Option<&str>) -> Result<()> {
             }
             Ok(())
         }
-        Started::Exited(status) => {
-            daemon::pass_on_failure(status, &read_from(&log_path, log_start));
-            bail!("the meshd daemon exited ({status}) before the node was up");
-        }
+        Started::Failed(message) => Err(anyhow!(message)),
+        Started::Exited(status) => bail!(
+            "the meshd daemon exited ({status}) before the node was up; its log is {}",
+            log_path.display()
+        ),
         Started::TimedOut => bail!(
             "the meshd daemon was not up within {} s and was killed",
             READY_TIMEOUT.as_secs()
         ),
     }
-}
-
-/// What the daemon wrote to its log since `offset`.
-fn read_from(path: &Path, offset: u64) -> String {
-    use std::io::{Seek, SeekFrom};
-    let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        if f.seek(SeekFrom::Start(offset)).is_ok() {
-            let _ = f.read_to_string(&mut text);
-        }
-    }
-    text
 }
 
 pub fn status(state: StateArg) -> Result<()> {

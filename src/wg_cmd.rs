@@ -230,14 +230,25 @@ fn start_daemon(args: Vec<std::ffi::OsString>, name: &str) -> Result<()> {
     match daemon::wait_ready(&mut child, READY_TIMEOUT)? {
         // The daemon keeps its stderr; nothing more is read from it.
         Started::Ready => Ok(()),
-        Started::Exited(status) => {
-            daemon::pass_on_failure(status, &errors.join().unwrap_or_default());
-            bail!("the meshd daemon for {name} exited ({status}) before the interface was up");
-        }
+        Started::Failed(message) => Err(anyhow!(message)),
+        // Not a failure it could report (a crash, a signal): what it wrote
+        // is all there is.
+        Started::Exited(status) => bail!(
+            "the meshd daemon for {name} exited ({status}) before the interface was up{}",
+            said(&errors.join().unwrap_or_default())
+        ),
         Started::TimedOut => bail!(
             "the meshd daemon for {name} was not ready within {} s and was killed",
             READY_TIMEOUT.as_secs()
         ),
+    }
+}
+
+/// A crashed daemon's last words, to append to the error.
+fn said(stderr: &str) -> String {
+    match stderr.trim() {
+        "" => String::new(),
+        text => format!(":\n{text}"),
     }
 }
 
