@@ -36,6 +36,8 @@ pub enum ClientEvent {
     PolicyChanged,
     /// The coordinator accepted the new key; use it from now on.
     KeyRotated(NodeKey),
+    /// This node's own record changed (a rename, a renewed expiry).
+    Updated(NodeInfo),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +51,8 @@ pub enum ClientError {
     },
     #[error("coordinator sent a change for peer {0}, which is not in the peer map")]
     UnknownPeer(NodeId),
+    #[error("coordinator sent node {got}'s record as this node's, which is node {mine}")]
+    NotMine { got: NodeId, mine: NodeId },
     #[error("cannot prove key possession: {0}")]
     Auth(#[from] AuthError),
     #[error("a key rotation is already in progress")]
@@ -211,6 +215,7 @@ impl Client {
                 }
                 Ok(())
             }
+            (State::Joined { .. }, Message::NodeUpdated(info)) => self.updated(info),
             (State::Joined { map_done: true }, msg) => self.delta(msg),
             (_, msg) => Err(unexpected(self, &msg)),
         }
@@ -254,6 +259,19 @@ impl Client {
         self.events.push_back(ClientEvent::Joined(info.clone()));
         self.info = Some(info);
         self.state = State::Joined { map_done: false };
+        Ok(())
+    }
+
+    fn updated(&mut self, info: NodeInfo) -> Result<(), ClientError> {
+        let mine = self.info.as_ref().map_or(info.node_id, |i| i.node_id);
+        if info.node_id != mine {
+            return Err(ClientError::NotMine {
+                got: info.node_id,
+                mine,
+            });
+        }
+        self.events.push_back(ClientEvent::Updated(info.clone()));
+        self.info = Some(info);
         Ok(())
     }
 

@@ -201,12 +201,13 @@ pub enum ErrorCode {
     HandshakeTimeout,
     Unavailable,
     Internal,
+    Replaced,
     /// A code this side does not know; kept so it can be shown.
     Other(u16),
 }
 
 impl ErrorCode {
-    const TABLE: [(ErrorCode, u16); 16] = [
+    const TABLE: [(ErrorCode, u16); 17] = [
         (ErrorCode::Malformed, 1),
         (ErrorCode::UnsupportedVersion, 2),
         (ErrorCode::UnexpectedMessage, 3),
@@ -223,6 +224,7 @@ impl ErrorCode {
         (ErrorCode::HandshakeTimeout, 14),
         (ErrorCode::Unavailable, 15),
         (ErrorCode::Internal, 16),
+        (ErrorCode::Replaced, 17),
     ];
 
     pub fn to_u16(self) -> u16 {
@@ -275,6 +277,9 @@ pub enum Message {
     RotateKey(RotateKey),
     RotateKeyOk(NodeKey),
     Error(ErrorMessage),
+    /// The node's own record changed during the session (a rename, a renewed
+    /// expiry): the whole record as it is now.
+    NodeUpdated(NodeInfo),
 }
 
 pub(crate) mod msg_type {
@@ -293,6 +298,8 @@ pub(crate) mod msg_type {
     pub const ROTATE_KEY: u16 = 0x000d;
     pub const ROTATE_KEY_OK: u16 = 0x000e;
     pub const ERROR: u16 = 0x000f;
+    /// Ignorable: a node that does not know it only misses news about itself.
+    pub const NODE_UPDATED: u16 = 0x8001;
 }
 
 /// Message types with this bit set may be skipped by a receiver that does not
@@ -318,6 +325,7 @@ impl Message {
             Message::RotateKey(_) => ROTATE_KEY,
             Message::RotateKeyOk(_) => ROTATE_KEY_OK,
             Message::Error(_) => ERROR,
+            Message::NodeUpdated(_) => NODE_UPDATED,
         }
     }
 
@@ -339,6 +347,7 @@ impl Message {
             Message::RotateKey(_) => "RotateKey",
             Message::RotateKeyOk(_) => "RotateKeyOk",
             Message::Error(_) => "Error",
+            Message::NodeUpdated(_) => "NodeUpdated",
         }
     }
 
@@ -374,7 +383,9 @@ impl Message {
                 w.bytes(1, &m.node_key.0)?;
                 w.bytes(2, &m.proof)
             }
-            Message::RegisterOk(m) | Message::LoginOk(m) => encode_node_info(w, m),
+            Message::RegisterOk(m) | Message::LoginOk(m) | Message::NodeUpdated(m) => {
+                encode_node_info(w, m)
+            }
             Message::PeerMap(m) => {
                 w.bool(1, m.last)?;
                 w.check_count(2, m.peers.len(), MAX_PEERS_PER_FRAME)?;
@@ -435,6 +446,7 @@ impl Message {
             ROTATE_KEY => decode_rotate_key(body).map(Message::RotateKey),
             ROTATE_KEY_OK => decode_rotate_key_ok(body).map(Message::RotateKeyOk),
             ERROR => decode_error(body).map(Message::Error),
+            NODE_UPDATED => decode_node_info(body, "NodeUpdated").map(Message::NodeUpdated),
             _ => return None,
         };
         Some(decoded)

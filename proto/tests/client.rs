@@ -132,3 +132,38 @@ fn out_of_order_messages_are_errors() {
         Err(ClientError::Rejected(e))
     );
 }
+
+/// The node's own record can change during a session (a rename, a renewed
+/// expiry); another node's record is not taken for its own.
+#[test]
+fn node_updated_replaces_the_nodes_own_record() {
+    let mut c = logged_in();
+    c.handle_message(Message::LoginOk(info())).unwrap();
+    while c.poll_event().is_some() {}
+    let renamed = NodeInfo {
+        name: "renamed".into(),
+        expires_at: Some(1_900_000_000),
+        ..info()
+    };
+    c.handle_message(Message::NodeUpdated(renamed.clone()))
+        .unwrap();
+    assert_eq!(c.info(), Some(&renamed));
+    assert_eq!(c.poll_event(), Some(ClientEvent::Updated(renamed)));
+    let other = NodeInfo {
+        node_id: NodeId(2),
+        ..info()
+    };
+    assert_eq!(
+        c.handle_message(Message::NodeUpdated(other)),
+        Err(ClientError::NotMine {
+            got: NodeId(2),
+            mine: NodeId(1)
+        })
+    );
+    // Before the welcome it is out of place.
+    let mut c = logged_in();
+    assert!(matches!(
+        c.handle_message(Message::NodeUpdated(info())),
+        Err(ClientError::Unexpected { .. })
+    ));
+}

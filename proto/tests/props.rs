@@ -138,6 +138,7 @@ fn message() -> impl Strategy<Value = Message> {
         (key(), any::<[u8; 32]>())
             .prop_map(|(new_key, proof)| Message::RotateKey(RotateKey { new_key, proof })),
         key().prop_map(Message::RotateKeyOk),
+        node_info().prop_map(Message::NodeUpdated),
         (any::<u16>(), "\\PC{0,40}").prop_map(|(c, message)| Message::Error(ErrorMessage {
             code: ErrorCode::from_u16(c),
             message
