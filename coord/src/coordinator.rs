@@ -777,8 +777,12 @@ impl Coordinator {
                 recheck,
             ));
         }
-        if let Some(other) = self.state.node_by_key(&r.node_key) {
-            return Err(unless_changed(
+        // An expired node registers again with its own key: its record is
+        // renewed (same id and addresses) rather than refused as a key in use.
+        let expired = match self.state.node_by_key(&r.node_key) {
+            Some(n) if n.is_expired(now) => Some(n.clone()),
+            None => None,
+            Some(other) => return Err(unless_changed(
                 Reject::new(
                     ErrorCode::KeyInUse,
                     format!(
@@ -787,8 +791,8 @@ impl Coordinator {
                     ),
                 ),
                 vec![Lookup::NodeByKey(r.node_key), Lookup::Node(other.id)],
-            ));
-        }
+            )),
+        };
         if !valid_name(&r.name) {
             return Err(Reject::new(
                 ErrorCode::InvalidName,
@@ -799,7 +803,29 @@ impl Coordinator {
             )
             .into());
         }
-        let name = self.unique_name(&r.name);
+        let name = self.unique_name(&r.name, expired.as_ref().map(|n| n.id));
+        let mut token = token;
+        token.uses += 1;
+        token.version += 1;
+        if let Some(old) = expired {
+            let node = NodeRecord {
+                name,
+                tags: token.tags.clone(),
+                slice: token.slice.clone(),
+                ephemeral: token.ephemeral,
+                token_id: token.id.clone(),
+                expires_at: self.config.node_expiry.map(|d| add_ms(now, d)),
+                endpoints: Vec::new(),
+                disconnected_at: None,
+                session: Some(tag),
+                version: old.version + 1,
+                ..old
+            };
+            return Ok((
+                vec![Change::PutToken(token), Change::PutNode(node.clone())],
+                node,
+            ));
+        }
         let ipv4 = self.state.free_ipv4().ok_or_else(|| {
             Reject::new(
                 ErrorCode::Unavailable,
@@ -828,9 +854,6 @@ impl Coordinator {
             session: Some(tag),
             version: 1,
         };
-        let mut token = token;
-        token.uses += 1;
-        token.version += 1;
         Ok((
             vec![Change::PutToken(token), Change::PutNode(node.clone())],
             node,
@@ -1049,8 +1072,11 @@ impl Coordinator {
         }
     }
 
-    fn unique_name(&self, base: &str) -> String {
-        if self.state.node_by_name(base).is_none() {
+    /// `base`, or `base-2`, `base-3`… if it is taken by a node other than
+    /// `own`.
+    fn unique_name(&self, base: &str, own: Option<NodeId>) -> String {
+        let free = |n: &str| self.state.node_by_name(n).is_none_or(|o| Some(o.id) == own);
+        if free(base) {
             return base.to_owned();
         }
         (2u64..)
@@ -1060,7 +1086,7 @@ impl Coordinator {
                     base[..base.len().min(MAX_NAME_LEN - suffix.len())].trim_end_matches('-');
                 format!("{stem}{suffix}")
             })
-            .find(|n| self.state.node_by_name(n).is_none())
+            .find(|n| free(n))
             .unwrap_or_else(|| base.to_owned())
     }
 

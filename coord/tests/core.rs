@@ -433,3 +433,70 @@ fn a_second_session_for_a_node_replaces_the_first() {
     h.report(a2, &["192.0.2.7:1"]);
     assert_eq!(h.take(b).len(), 1);
 }
+
+/// The spec says an expired node registers again. With its own key, that was
+/// refused as `KeyInUse` (the expired record still held the key) while Login
+/// said `NodeExpired`: the node could never come back.
+#[test]
+fn an_expired_node_registers_again_with_its_key_and_keeps_its_record() {
+    let mut h = Harness::new(Config {
+        node_expiry: Some(Duration::from_secs(3600)),
+        ..Config::default()
+    });
+    let (tok, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    let b = h.register(2, "b", &secret);
+    let ia = h.info(a);
+    h.coord.expire_node(ia.node_id, h.now).unwrap();
+    h.drive();
+    assert_eq!(h.refused(a), ErrorCode::NodeExpired);
+    let login = h.login(1);
+    assert_eq!(h.refused(login), ErrorCode::NodeExpired);
+    h.take(b);
+
+    h.advance(Duration::from_secs(10));
+    let again = h.register(1, "a", &secret);
+    assert_eq!(h.outcome(again), Ok(()));
+    let renewed = h.info(again);
+    assert_eq!(
+        (
+            renewed.node_id,
+            renewed.name.as_str(),
+            renewed.ipv4,
+            renewed.ipv6
+        ),
+        (ia.node_id, "a", ia.ipv4, ia.ipv6)
+    );
+    assert_eq!(renewed.expires_at, Some(T0 + 10 + 3600));
+    assert_eq!(h.peer_ids(again), [h.info(b).node_id]);
+    assert!(
+        matches!(&h.take(b)[..], [Message::PeerAdded(p)] if p.node_id == ia.node_id && p.ipv4 == ia.ipv4),
+        "its peers see it again"
+    );
+    assert_eq!(h.coord.state().nodes.len(), 2);
+    assert_eq!(h.coord.state().tokens[&tok.id].uses, 3);
+    // The renewed record is stored, and the node logs in as before.
+    h.restart();
+    let later = h.login(1);
+    assert_eq!(h.info(later), renewed);
+}
+
+/// A node whose key is registered and not expired still cannot register
+/// again (it must log in), and a name taken meanwhile is not taken back.
+#[test]
+fn an_expired_node_that_registers_again_gets_a_free_name() {
+    let mut h = Harness::new(Config::default());
+    let (_, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    let ia = h.info(a).node_id;
+    h.coord.expire_node(ia, h.now).unwrap();
+    h.coord.rename_node(ia, "old", h.now).unwrap();
+    h.drive();
+    let other = h.register(2, "a", &secret);
+    assert_eq!(h.info(other).name, "a");
+    let again = h.register(1, "a", &secret);
+    assert_eq!(h.info(again).node_id, ia);
+    assert_eq!(h.info(again).name, "a-2");
+    let twice = h.register(1, "a", &secret);
+    assert_eq!(h.refused(twice), ErrorCode::KeyInUse);
+}
