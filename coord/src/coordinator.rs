@@ -900,7 +900,16 @@ impl Coordinator {
         })?;
         if let Some(old) = self.session_of.get(&node.id).copied() {
             tracing::info!(node = %node.id, ?old, "new session replaces the old one");
+            // Told why, so that its node does not take it for a coordinator
+            // that went away (and log in again, replacing the new one).
             self.sessions.remove(&old);
+            self.send(
+                old,
+                Message::Error(ErrorMessage {
+                    code: ErrorCode::Replaced,
+                    message: "a newer session of this node (the same key) replaced this one".into(),
+                }),
+            );
             self.actions.push_back(Action::Close { session: old });
         }
         tracing::info!(node = %node.id, name = %node.name, "node logged in");
@@ -1240,6 +1249,13 @@ impl Coordinator {
                         _ => {}
                     }
                 }
+            }
+        }
+        // The node's own record as it knows it (a rename, a renewed expiry).
+        if let (Some(o), Some(n), Some(&session)) = (old, new, self.session_of.get(&id)) {
+            let info = self.info_of(n);
+            if !n.is_expired(now) && self.info_of(o) != info {
+                out.push((session, Message::NodeUpdated(info)));
             }
         }
         for (session, message) in out {

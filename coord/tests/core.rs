@@ -500,3 +500,60 @@ fn an_expired_node_that_registers_again_gets_a_free_name() {
     let twice = h.register(1, "a", &secret);
     assert_eq!(h.refused(twice), ErrorCode::KeyInUse);
 }
+
+/// A node whose session was replaced by a newer login of the same node is
+/// told so, and can tell it from a coordinator that went away.
+#[test]
+fn a_replaced_session_gets_an_error_before_it_is_closed() {
+    let mut h = Harness::new(Config::default());
+    let (_, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    h.take(a);
+    let a2 = h.login(1);
+    assert_eq!(h.refused(a), ErrorCode::Replaced);
+    assert!(matches!(h.take(a)[..], [Message::Error(_)]));
+    assert_eq!(h.outcome(a2), Ok(()));
+}
+
+/// A node hears of changes to its own record during a session: a rename by
+/// the operator, and the expiry a key rotation renews.
+#[test]
+fn a_node_is_told_its_own_rename_and_renewed_expiry() {
+    let mut h = Harness::new(Config {
+        node_expiry: Some(Duration::from_secs(3600)),
+        ..Config::default()
+    });
+    let (_, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    let ia = h.info(a);
+    h.take(a);
+    h.coord.rename_node(ia.node_id, "renamed", h.now).unwrap();
+    h.drive();
+    let renamed = NodeInfo {
+        name: "renamed".into(),
+        ..ia.clone()
+    };
+    assert_eq!(h.take(a), [Message::NodeUpdated(renamed.clone())]);
+    assert_eq!(h.info(a), renamed);
+
+    h.advance(Duration::from_secs(600));
+    h.conn(a).client.rotate_key(key(11)).unwrap();
+    h.drive();
+    let renewed = NodeInfo {
+        expires_at: Some(T0 + 600 + 3600),
+        ..renamed
+    };
+    assert_eq!(
+        h.take(a),
+        [
+            Message::NodeUpdated(renewed.clone()),
+            Message::RotateKeyOk(pubkey(11))
+        ]
+    );
+    assert_eq!(h.info(a), renewed);
+    let events: Vec<ClientEvent> = std::iter::from_fn(|| h.conn(a).client.poll_event()).collect();
+    assert!(
+        events.contains(&ClientEvent::Updated(renewed)),
+        "{events:?}"
+    );
+}
