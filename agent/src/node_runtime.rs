@@ -662,6 +662,10 @@ impl<'r> Runtime<'r> {
                     tracing::info!(public_key = %key, "the coordinator confirmed the new key");
                     self.sup.handle(Input::RotationDone, now);
                 }
+                ClientEvent::Updated(info) => {
+                    tracing::info!(node = %info.node_id, name = %info.name, expires_at = ?info.expires_at, "the coordinator changed this node's record");
+                    self.adopt(info)?;
+                }
             }
         }
         Ok(())
@@ -679,6 +683,12 @@ impl<'r> Runtime<'r> {
     fn on_joined(&mut self, info: NodeInfo, now: Instant) -> Result<(), NodeError> {
         tracing::info!(node = %info.node_id, name = %info.name, ipv4 = %info.ipv4, ipv6 = %info.ipv6, "joined the mesh");
         self.sup.handle(Input::Joined, now);
+        self.adopt(info)
+    }
+
+    /// Makes `info` this node's record: saved, shown, and its addresses on
+    /// the interface.
+    fn adopt(&mut self, info: NodeInfo) -> Result<(), NodeError> {
         self.node_file.node = Some(NodeRecordFile::from_info(&info));
         self.state.save_node(&self.node_file)?;
         self.info = Some(info.clone());

@@ -569,6 +569,17 @@ impl Supervisor {
                     self.stop(format!("cannot join: {message}"));
                 }
             }
+            // Another process logged in with this node's key (a copy of its
+            // state directory) and took the session over. Logging in again
+            // would take it back, and the two would take turns for ever; the
+            // newer one keeps the node, this one stops (tunnels stay up).
+            // A session this node gave up itself is never told: it has
+            // already closed it before its next login.
+            (ErrorCode::Replaced, _) => self.stop(format!(
+                "another meshd logged in as this node (with its key: a copy of this state \
+                 directory?) and replaced this session; stopped so the two do not take turns \
+                 ({message})"
+            )),
             (
                 ErrorCode::TokenInvalid
                 | ErrorCode::TokenExpired
@@ -1113,6 +1124,22 @@ mod tests {
             );
             assert!(matches!(t.s.state(), ControlState::Stopped { .. }));
         }
+    }
+
+    /// Two processes with one key would replace each other's session for
+    /// ever if each logged in again: the replaced one stops instead.
+    #[test]
+    fn a_replaced_session_stops_instead_of_taking_the_node_back() {
+        let mut t = T::registered();
+        t.cmds();
+        t.session_up();
+        let cmds = t.input(rejected(ErrorCode::Replaced));
+        assert!(
+            matches!(&cmds[..], [Command::Fatal(why)] if why.contains("another meshd")),
+            "{cmds:?}"
+        );
+        assert!(matches!(t.s.state(), ControlState::Stopped { .. }));
+        assert_eq!(t.s.poll_timeout(), None);
     }
 
     #[test]
