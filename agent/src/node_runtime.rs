@@ -569,7 +569,13 @@ impl<'r> Runtime<'r> {
             Event::Received(Ok(None)) => {
                 self.session_lost("the coordinator closed the session".into(), now)
             }
-            Event::Received(Err(e)) => self.session_lost(e.to_string(), now),
+            Event::Received(Err(e)) => {
+                if let (ConnError::Decode(d), Some(s)) = (&e, self.session.as_mut()) {
+                    s.client.handle_decode_error(d);
+                    let _ = self.flush().await;
+                }
+                self.session_lost(e.to_string(), now)
+            }
             Event::Timer => self.sup.handle_timeout(now),
             Event::Ipc(req, reply) => self.on_ipc(req, reply, now).await,
             Event::Tick => self.on_tick(now)?,
@@ -643,6 +649,8 @@ impl<'r> Runtime<'r> {
                 return Ok(());
             }
             Err(e) => {
+                // The client queued an Error telling the coordinator why.
+                let _ = self.flush().await;
                 self.session_lost(format!("control protocol: {e}"), now);
                 return Ok(());
             }

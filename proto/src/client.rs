@@ -4,8 +4,12 @@
 //! reacts to [`Client::poll_event`].
 //!
 //! Calling order: after the transport is up, feed every decoded message to
-//! [`Client::handle_message`], then drain `poll_transmit` and `poll_event`.
-//! Any error ends the session; the caller reconnects with a new `Client`.
+//! [`Client::handle_message`] (a frame that did not decode to
+//! [`Client::handle_decode_error`]), then drain `poll_transmit` and
+//! `poll_event`. Any error ends the session: the client has queued the
+//! `Error` that tells the coordinator why (unless the coordinator's own
+//! `Error` ended it), so drain `poll_transmit`, close, and reconnect with a
+//! new `Client`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -14,6 +18,7 @@ use x25519_dalek::StaticSecret;
 
 use crate::auth::{self, AuthError, ProofInput, Purpose};
 use crate::message::*;
+use crate::DecodeError;
 
 /// How the session authenticates.
 #[derive(Debug, Clone)]
@@ -184,7 +189,38 @@ impl Client {
         }
     }
 
+    /// Handles one message from the coordinator. On an error other than the
+    /// coordinator's own refusal, an `Error` frame for the coordinator is
+    /// queued: the session is over.
     pub fn handle_message(&mut self, msg: Message) -> Result<(), ClientError> {
+        let result = self.dispatch(msg);
+        if let Err(e) = &result {
+            let code = match e {
+                ClientError::Rejected(_) => return result,
+                ClientError::Auth(AuthError::LowOrderKey(_)) => ErrorCode::InvalidKey,
+                _ => ErrorCode::UnexpectedMessage,
+            };
+            self.refuse(code, e.to_string());
+        }
+        result
+    }
+
+    /// A frame from the coordinator did not decode: the session is over, and
+    /// an `Error` saying why is queued.
+    pub fn handle_decode_error(&mut self, error: &DecodeError) {
+        let code = match error {
+            DecodeError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            _ => ErrorCode::Malformed,
+        };
+        self.refuse(code, error.to_string());
+    }
+
+    fn refuse(&mut self, code: ErrorCode, message: String) {
+        self.out
+            .push_back(Message::Error(ErrorMessage { code, message }));
+    }
+
+    fn dispatch(&mut self, msg: Message) -> Result<(), ClientError> {
         let unexpected = |me: &Self, m: &Message| ClientError::Unexpected {
             got: m.name(),
             state: me.state_name(),

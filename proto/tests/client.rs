@@ -167,3 +167,29 @@ fn node_updated_replaces_the_nodes_own_record() {
         Err(ClientError::Unexpected { .. })
     ));
 }
+
+/// The spec: the side that detects a bad frame or message sends an `Error`
+/// and closes. The node's side queues it; a refusal from the coordinator is
+/// not answered.
+#[test]
+fn a_rejected_message_or_frame_is_answered_with_an_error() {
+    let mut c = logged_in();
+    assert!(c.handle_message(Message::PeerRemoved(NodeId(2))).is_err());
+    assert!(matches!(c.poll_transmit(),
+        Some(Message::Error(e)) if e.code == ErrorCode::UnexpectedMessage && e.message.contains("PeerRemoved")));
+
+    let mut c = logged_in();
+    let mut d = FrameDecoder::new();
+    d.feed(&[0, 0, 0, 3, 2, 0, 1]);
+    c.handle_decode_error(&d.next_message().unwrap_err());
+    assert!(matches!(c.poll_transmit(),
+        Some(Message::Error(e)) if e.code == ErrorCode::UnsupportedVersion));
+
+    let mut c = logged_in();
+    let e = ErrorMessage {
+        code: ErrorCode::Replaced,
+        message: "replaced".into(),
+    };
+    assert!(c.handle_message(Message::Error(e)).is_err());
+    assert_eq!(c.poll_transmit(), None);
+}
