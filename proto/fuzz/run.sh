@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs the fuzz target of the node's side of a session (proto::client) for a
+# bounded time and exits non-zero on a crash (the crashing input is saved
+# under proto/fuzz/artifacts/).
+#
+#   proto/fuzz/run.sh [SECONDS_PER_TARGET]     (default 60)
+#
+# As dataplane/fuzz/run.sh: stable toolchain with RUSTC_BOOTSTRAP=1, no
+# sanitizer (the fuzzed code has no `unsafe`).
+set -euo pipefail
+secs=${1:-60}
+cd "$(dirname "$0")/.."
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+for target in client; do
+    mkdir -p "fuzz/corpus/$target"
+    extra=()
+    [[ -d fuzz/seeds/$target ]] && extra+=("fuzz/seeds/$target")
+    RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none "$target" "fuzz/corpus/$target" "${extra[@]}" -- \
+        -max_total_time="$secs" -rss_limit_mb=1024
+done
