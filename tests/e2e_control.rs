@@ -534,6 +534,80 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
     assert!(!gone.status.success(), "meshd0 left behind");
 }
 
+/// An expired node registers again with its own key. It used to be refused
+/// `KeyInUse` (its expired record still held the key) while a login said
+/// `NodeExpired`, so the agent alternated between the two for ever. open1
+/// still holds the reusable token it joined with and comes back by itself;
+/// open2's one-time token is used up, so it stops with the reason until the
+/// operator gives it a new token. Both come back as the same node, with the
+/// same addresses, and carry traffic.
+#[test]
+fn an_expired_node_given_a_token_is_back_in_the_mesh_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::up(
+        &Topology::new()
+            .host("coord")
+            .site(Site::new("open", ["open1", "open2"])),
+    )
+    .unwrap();
+    let coord = Coordinator::start(&lab, &dir.path().join("coord"));
+    let reusable = coord.admin(&lab, &["token", "create", "--reusable"]);
+    let once = coord.admin(&lab, &["token", "create"]);
+    let root = dir.path();
+    let open1 = Node::up(&lab, "open1", root, Some(reusable.trim()));
+    let mut open2 = Node::up(&lab, "open2", root, Some(once.trim()));
+    wait_all_connected(&lab, &[&open1, &open2], 1, 1);
+    let before = [open1.status(&lab), open2.status(&lab)];
+
+    // ---- open1 has a token that still admits nodes: back by itself ----
+    coord.admin(&lab, &["nodes", "expire", &before[0].node_id()]);
+    let back = time_until("open1 back in the mesh", Duration::from_secs(30), || {
+        let s = open1.status(&lab);
+        s.connected() && s.sessions() >= 2 && open2.status(&lab).peers().contains_key("open1")
+    });
+    println!("open1 back in the mesh {back:?} after it was expired");
+    assert!(back < Duration::from_secs(5), "{back:?}\n{}", open1.log());
+    let after = open1.status(&lab);
+    assert_eq!(after.node_id(), before[0].node_id());
+    assert_eq!(after.ipv4(), before[0].ipv4());
+    assert_eq!(pings(&lab, "open2", &after.ipv4().to_string(), 3), 3);
+
+    // ---- open2's token is used up: it stops until given a new one ----
+    coord.admin(&lab, &["nodes", "expire", &before[1].node_id()]);
+    lab.wait_until("open2 to stop", Duration::from_secs(30), || {
+        open2
+            .status(&lab)
+            .node_field("coordinator")
+            .is_some_and(|c| c.contains("stopped"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", open2.status(&lab).0, open2.log()));
+    let why = open2
+        .status(&lab)
+        .node_field("last error")
+        .unwrap_or_default();
+    assert!(why.contains("used"), "{why}");
+    let out = open2.meshd(&lab, "down", &[]);
+    assert!(out.status.success(), "{out:?}");
+    open2
+        .proc
+        .as_mut()
+        .unwrap()
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap();
+    let fresh = coord.admin(&lab, &["token", "create"]);
+    let start = std::time::Instant::now();
+    open2.start(&lab, Some(fresh.trim()));
+    wait_all_connected(&lab, &[&open2], 1, 1);
+    println!(
+        "open2 back in the mesh {:?} after its restart with a new token",
+        start.elapsed()
+    );
+    let after = open2.status(&lab);
+    assert_eq!(after.node_id(), before[1].node_id());
+    assert_eq!(after.ipv4(), before[1].ipv4());
+    assert_eq!(pings(&lab, "open1", &after.ipv4().to_string(), 3), 3);
+}
+
 /// A PostgreSQL server on a lab host, listening on its lab address.
 struct Postgres {
     _proc: Proc,
