@@ -114,16 +114,18 @@ fn close_inherited_fds() {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .filter(|&fd| fd > 2)
         .collect();
-    // The directory's own descriptor is among them; it is closed by now.
+    // The directory's own descriptor is among them; it is closed by now,
+    // and closing it again would trip rustix's debug assertion on EBADF.
     for fd in fds {
         // SAFETY: this runs first in `main`, before anything of ours opens a
         // file, and the standard library's start-up opens none above 2: no
         // object in this process owns these descriptors, so closing them
-        // cannot invalidate one. A descriptor already closed (the
-        // directory's) gives EBADF, which close ignores.
+        // cannot invalidate one; one that is not open is skipped.
         #[allow(unsafe_code)]
         unsafe {
-            rustix::io::close(fd)
-        };
+            if rustix::io::fcntl_getfd(rustix::fd::BorrowedFd::borrow_raw(fd)).is_ok() {
+                rustix::io::close(fd);
+            }
+        }
     }
 }
