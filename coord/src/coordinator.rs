@@ -613,10 +613,10 @@ impl Coordinator {
                     vec![Lookup::NodeByName(name.to_owned()), Lookup::Node(other.id)],
                 ));
             }
+            // Written even when the name is already this one: the store then
+            // checks that the node still exists (another replica may have
+            // deleted it), which memory alone cannot tell.
             let mut n = c.node(id)?;
-            if n.name == name {
-                return Ok((vec![], ()));
-            }
             n.name = name.to_owned();
             n.version += 1;
             Ok((vec![Change::PutNode(n)], ()))
@@ -627,11 +627,12 @@ impl Coordinator {
     pub fn expire_node(&mut self, id: NodeId, now: SystemTime) -> Result<(), CoordError> {
         let now = unix_ms(now);
         self.transact::<_, CoordError>(now, |c| {
+            // Written even when it has expired already (the expiry kept), so
+            // that the store checks the node still exists, as for a rename.
             let mut n = c.node(id)?;
-            if n.is_expired(now) {
-                return Ok((vec![], ()));
+            if !n.is_expired(now) {
+                n.expires_at = Some(now);
             }
-            n.expires_at = Some(now);
             n.version += 1;
             Ok((vec![Change::PutNode(n)], ()))
         })
