@@ -60,7 +60,7 @@ fn info(id: u8, name: u8) -> NodeInfo {
         ipv6: "fd00::1".parse().expect("an address"),
         mesh_ipv4: "100.64.0.0/10".parse().expect("a prefix"),
         mesh_ipv6: "fd00::/48".parse().expect("a prefix"),
-        expires_at: (name % 2 == 0).then_some(u64::from(name)),
+        expires_at: name.is_multiple_of(2).then_some(u64::from(name)),
         tags: vec![],
     }
 }
@@ -96,7 +96,7 @@ fn message(input: &mut Input<'_>) -> Message {
         2 => Message::LoginOk(info(a, b)),
         3 => Message::PeerMap(PeerMap {
             peers: (0..a % 4).map(|i| peer(b.wrapping_add(i), i)).collect(),
-            last: b % 2 == 0,
+            last: b.is_multiple_of(2),
         }),
         4 => Message::PeerAdded(peer(a, b)),
         5 => Message::PeerRemoved(NodeId(u64::from(a % 8))),
@@ -134,7 +134,7 @@ struct Session {
 impl Session {
     fn new(input: &mut Input<'_>) -> Session {
         let (k, how) = (input.byte(), input.byte());
-        let join = if how % 2 == 0 {
+        let join = if how.is_multiple_of(2) {
             Join::Login
         } else {
             Join::Register {
