@@ -313,13 +313,31 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
         state: root.join("nat2"),
         proc: None,
     };
-    let out = nat2.meshd(&lab, "up", &["--name", "nat2", "--token", &token]);
+    // Started from a shell holding a file open without close-on-exec, as
+    // shells do: the daemon must not keep it.
+    let held = root.join("held-by-the-shell");
+    let script = format!(
+        "exec 9>>{}; exec {MESHD} up --name nat2 --token {token} --state {}",
+        held.display(),
+        nat2.state.display()
+    );
+    let out = lab.exec("nat2", &["sh", "-c", &script]).unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(
         out.stderr.contains("nat2 is up on meshd0"),
         "{}",
         out.stderr
     );
+    // No colour codes off a terminal, in what it printed or in its log.
+    assert!(!out.stderr.contains('\x1b'), "{}", out.stderr);
+    let daemon_log = std::fs::read_to_string(nat2.state.join("meshd.log")).unwrap();
+    assert!(!daemon_log.contains('\x1b'), "{daemon_log}");
+    let daemon = daemon_pid(&nat2.state);
+    let open: Vec<_> = std::fs::read_dir(format!("/proc/{daemon}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect();
+    assert!(!open.contains(&held), "{open:?}");
     let all = [&open1, &open2, &nat1, &tcp1, &nat2];
     wait_all_connected(&lab, &all, 1, 4);
     // One daemon per state directory.
@@ -427,6 +445,26 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
         assert_eq!(after.ipv4(), before.ipv4(), "{}", n.name);
         assert_eq!(after.node_id(), before.node_id(), "{}", n.name);
     }
+    // A quick restart, before the nodes' heartbeats notice: the new process
+    // resets their old QUIC sessions (its reset key comes from its stored
+    // identity), and they are back at once.
+    coord.kill();
+    coord = Coordinator::start(&lab, &coord_state);
+    let back = time_until(
+        "every node on a new session",
+        Duration::from_secs(30),
+        || {
+            all.iter().all(|n| {
+                let s = n.status(&lab);
+                s.connected() && s.sessions() >= 3
+            })
+        },
+    );
+    println!(
+        "quick restart: every node on a new session {:.2} s after the coordinator was up",
+        back.as_secs_f64()
+    );
+    assert!(back <= Duration::from_secs(2), "{back:?}");
 
     // ---- rotate open1's key while two peers talk to it ----
     let old_key = status[0].public_key();
@@ -481,14 +519,34 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
         state: root.join("open3"),
         proc: None,
     };
-    let out = late.meshd(&lab, "up", &["--name", "open3", "--token", &token]);
+    let out = lab
+        .exec(
+            "open3",
+            &[
+                "env",
+                "RUST_BACKTRACE=1",
+                MESHD,
+                "up",
+                "--name",
+                "open3",
+                "--token",
+                &token,
+                "--state",
+                late.state.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
     assert!(!out.status.success(), "{out:?}");
     assert!(
         out.stderr.contains("cannot join") && out.stderr.contains("revoked"),
         "{}",
         out.stderr
     );
-    assert!(!late.state.join("control.sock").exists());
+    // The one error that matters, on one line: no backtrace, no log lines.
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.starts_with("meshd: "), "{}", out.stderr);
+    // A failed first join leaves no state directory (and no key) behind.
+    assert!(!late.state.exists());
     // ... while the nodes that joined with it stay.
     assert!(open1.status(&lab).connected());
 
@@ -532,6 +590,21 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
     assert!(!nat2.state.join("control.sock").exists());
     let gone = lab.exec("nat2", &["ip", "link", "show", "meshd0"]).unwrap();
     assert!(!gone.status.success(), "meshd0 left behind");
+}
+
+/// The pid of the background daemon that serves the state directory `state`.
+fn daemon_pid(state: &Path) -> u32 {
+    let state = state.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                args.contains(&b"--daemon-child".as_slice()) && args.contains(&state.as_bytes())
+            })
+        })
+        .unwrap_or_else(|| panic!("no daemon for {state}"))
 }
 
 /// A PostgreSQL server on a lab host, listening on its lab address.
