@@ -592,6 +592,55 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
     assert!(!gone.status.success(), "meshd0 left behind");
 }
 
+/// The first ping after `meshd up` returns gets its answer, both ways
+/// between open hosts and from a node behind a NAT, 5 joins each: a new
+/// node's endpoints reach its peers right after its registration, and
+/// packets wait (instead of being dropped) while a peer's endpoint or
+/// session is pending.
+#[test]
+fn the_first_ping_after_up_returns_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::up(&topology()).unwrap();
+    let coord = Coordinator::start(&lab, &dir.path().join("coord"));
+    let token = coord.admin(&lab, &["token", "create", "--reusable"]);
+    let token = token.trim();
+    let open1 = Node::up(&lab, "open1", dir.path(), Some(token));
+    wait_all_connected(&lab, &[&open1], 1, 0);
+    let ip1 = open1.status(&lab).ipv4().to_string();
+    for round in 0..5 {
+        for (name, both_ways) in [("open2", true), ("nat1", false)] {
+            let n = Node {
+                name,
+                state: dir.path().join(format!("{name}-{round}")),
+                proc: None,
+            };
+            let out = n.meshd(&lab, "up", &["--name", name, "--token", token]);
+            assert!(out.status.success(), "{out:?}");
+            let first = lab
+                .exec(name, &["ping", "-n", "-c", "1", "-W", "2", &ip1])
+                .unwrap();
+            assert_eq!(
+                received(&first.stdout),
+                1,
+                "round {round}: {name} -> open1 {first:?}"
+            );
+            if both_ways {
+                let ip = n.status(&lab).ipv4().to_string();
+                let back = lab
+                    .exec("open1", &["ping", "-n", "-c", "1", "-W", "2", &ip])
+                    .unwrap();
+                assert_eq!(
+                    received(&back.stdout),
+                    1,
+                    "round {round}: open1 -> {name} {back:?}"
+                );
+            }
+            let out = n.meshd(&lab, "down", &[]);
+            assert!(out.status.success(), "{out:?}");
+        }
+    }
+}
+
 /// The pid of the background daemon that serves the state directory `state`.
 fn daemon_pid(state: &Path) -> u32 {
     let state = state.to_str().unwrap();

@@ -585,9 +585,9 @@ impl Coordinator {
                     vec![Lookup::Token(id.to_owned())],
                 )
             })?;
-            if t.revoked {
-                return Ok((vec![], ()));
-            }
+            // Already revoked: the record is written again all the same, so
+            // the answer does not rest on this replica's copy alone (another
+            // may have deleted the token meanwhile).
             let mut t = t.clone();
             t.revoked = true;
             t.version += 1;
@@ -613,10 +613,9 @@ impl Coordinator {
                     vec![Lookup::NodeByName(name.to_owned()), Lookup::Node(other.id)],
                 ));
             }
+            // Even when the name is the same: the conditional write checks
+            // that the node still exists as this replica saw it.
             let mut n = c.node(id)?;
-            if n.name == name {
-                return Ok((vec![], ()));
-            }
             n.name = name.to_owned();
             n.version += 1;
             Ok((vec![Change::PutNode(n)], ()))
@@ -627,11 +626,12 @@ impl Coordinator {
     pub fn expire_node(&mut self, id: NodeId, now: SystemTime) -> Result<(), CoordError> {
         let now = unix_ms(now);
         self.transact::<_, CoordError>(now, |c| {
+            // Already expired: written again unchanged, so the answer does not
+            // rest on this replica's copy alone.
             let mut n = c.node(id)?;
-            if n.is_expired(now) {
-                return Ok((vec![], ()));
+            if !n.is_expired(now) {
+                n.expires_at = Some(now);
             }
-            n.expires_at = Some(now);
             n.version += 1;
             Ok((vec![Change::PutNode(n)], ()))
         })
