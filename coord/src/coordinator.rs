@@ -168,6 +168,16 @@ impl<E> From<E> for Refused<E> {
     }
 }
 
+/// A node's endpoints as reported, without repeats, at most [`MAX_ENDPOINTS`].
+fn unique_endpoints(endpoints: Vec<std::net::SocketAddr>) -> Vec<std::net::SocketAddr> {
+    let mut seen = BTreeSet::new();
+    endpoints
+        .into_iter()
+        .filter(|e| seen.insert(*e))
+        .take(MAX_ENDPOINTS)
+        .collect()
+}
+
 fn unless_changed<E>(error: E, recheck: Vec<Lookup>) -> Refused<E> {
     Refused { error, recheck }
 }
@@ -823,7 +833,7 @@ impl Coordinator {
             token_id: token.id.clone(),
             created_at: now,
             expires_at: self.config.node_expiry.map(|d| add_ms(now, d)),
-            endpoints: Vec::new(),
+            endpoints: unique_endpoints(r.endpoints.clone()),
             disconnected_at: None,
             session: Some(tag),
             version: 1,
@@ -872,6 +882,9 @@ impl Coordinator {
             let mut rec = node.clone();
             rec.disconnected_at = None;
             rec.session = Some(tag);
+            if !l.endpoints.is_empty() {
+                rec.endpoints = unique_endpoints(l.endpoints.clone());
+            }
             rec.version += 1;
             Ok((vec![Change::PutNode(rec.clone())], rec))
         })?;
@@ -893,12 +906,7 @@ impl Coordinator {
         endpoints: Vec<std::net::SocketAddr>,
         now: u64,
     ) -> Result<(), Reject> {
-        let mut seen = BTreeSet::new();
-        let endpoints: Vec<_> = endpoints
-            .into_iter()
-            .filter(|e| seen.insert(*e))
-            .take(MAX_ENDPOINTS)
-            .collect();
+        let endpoints = unique_endpoints(endpoints);
         self.transact(now, |c| {
             let Some(rec) = c.state.nodes.get(&node) else {
                 return Err(Reject::new(ErrorCode::UnknownNode, "this node was deleted").into());
