@@ -114,18 +114,21 @@ fn close_inherited_fds() {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .filter(|&fd| fd > 2)
         .collect();
-    // The directory's own descriptor is among them; it is closed by now,
-    // and closing it again would trip rustix's debug assertion on EBADF.
+    // The directory's own descriptor is among them, closed by now: skip
+    // what no longer exists (closing it would be EBADF, which rustix
+    // treats as a bug).
     for fd in fds {
+        if std::fs::read_link(format!("/proc/self/fd/{fd}")).is_err() {
+            continue;
+        }
         // SAFETY: this runs first in `main`, before anything of ours opens a
         // file, and the standard library's start-up opens none above 2: no
         // object in this process owns these descriptors, so closing them
-        // cannot invalidate one; one that is not open is skipped.
+        // cannot invalidate one, and each is open (checked just above, in
+        // this single-threaded moment).
         #[allow(unsafe_code)]
         unsafe {
-            if rustix::io::fcntl_getfd(rustix::fd::BorrowedFd::borrow_raw(fd)).is_ok() {
-                rustix::io::close(fd);
-            }
-        }
+            rustix::io::close(fd)
+        };
     }
 }

@@ -613,7 +613,12 @@ impl<'r> Runtime<'r> {
             join = ?self.sup.join(),
             "control connection up"
         );
-        let client = Client::new(secret, join, conn.binding());
+        let mut client = Client::new(secret, join, conn.binding());
+        // With the join, so the node's peers learn where it is together
+        // with the node (their first packets need not wait for a report).
+        if let Some(port) = self.join_port() {
+            client.report_endpoints(local_endpoints(port, &self.opts.interface));
+        }
         self.session = Some(Session {
             conn,
             client,
@@ -701,6 +706,28 @@ impl<'r> Runtime<'r> {
         self.state.save_node(&self.node_file)?;
         self.info = Some(info.clone());
         self.ensure_engine(&info)
+    }
+
+    /// The data plane's UDP port, known before the engine starts: a first
+    /// join picks a free one now (saved, so the engine takes it; should it
+    /// be taken by then, the engine takes another and reports that).
+    fn join_port(&mut self) -> Option<u16> {
+        if let Some(engine) = &self.engine {
+            return Some(engine.listen_port);
+        }
+        if let Some(port) = self.opts.listen_port.or(self.node_file.listen_port) {
+            return Some(port);
+        }
+        let port = std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0))
+            .or_else(|_| std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)))
+            .and_then(|s| s.local_addr())
+            .ok()?
+            .port();
+        self.node_file.listen_port = Some(port);
+        if let Err(e) = self.state.save_node(&self.node_file) {
+            tracing::warn!(error = %e, "cannot save the data plane's port");
+        }
+        Some(port)
     }
 
     /// Starts the engine for `info`'s addresses, or restarts it if they

@@ -168,6 +168,16 @@ impl<E> From<E> for Refused<E> {
     }
 }
 
+/// A node's endpoints as reported, without repeats, at most [`MAX_ENDPOINTS`].
+fn unique_endpoints(endpoints: Vec<std::net::SocketAddr>) -> Vec<std::net::SocketAddr> {
+    let mut seen = BTreeSet::new();
+    endpoints
+        .into_iter()
+        .filter(|e| seen.insert(*e))
+        .take(MAX_ENDPOINTS)
+        .collect()
+}
+
 fn unless_changed<E>(error: E, recheck: Vec<Lookup>) -> Refused<E> {
     Refused { error, recheck }
 }
@@ -585,9 +595,9 @@ impl Coordinator {
                     vec![Lookup::Token(id.to_owned())],
                 )
             })?;
-            if t.revoked {
-                return Ok((vec![], ()));
-            }
+            // Already revoked: the record is written again all the same, so
+            // the answer does not rest on this replica's copy alone (another
+            // may have deleted the token meanwhile).
             let mut t = t.clone();
             t.revoked = true;
             t.version += 1;
@@ -613,9 +623,8 @@ impl Coordinator {
                     vec![Lookup::NodeByName(name.to_owned()), Lookup::Node(other.id)],
                 ));
             }
-            // Written even when the name is already this one: the store then
-            // checks that the node still exists (another replica may have
-            // deleted it), which memory alone cannot tell.
+            // Even when the name is the same: the conditional write checks
+            // that the node still exists as this replica saw it.
             let mut n = c.node(id)?;
             n.name = name.to_owned();
             n.version += 1;
@@ -627,8 +636,8 @@ impl Coordinator {
     pub fn expire_node(&mut self, id: NodeId, now: SystemTime) -> Result<(), CoordError> {
         let now = unix_ms(now);
         self.transact::<_, CoordError>(now, |c| {
-            // Written even when it has expired already (the expiry kept), so
-            // that the store checks the node still exists, as for a rename.
+            // Already expired: written again unchanged, so the answer does not
+            // rest on this replica's copy alone.
             let mut n = c.node(id)?;
             if !n.is_expired(now) {
                 n.expires_at = Some(now);
@@ -816,7 +825,7 @@ impl Coordinator {
                 ephemeral: token.ephemeral,
                 token_id: token.id.clone(),
                 expires_at: self.config.node_expiry.map(|d| add_ms(now, d)),
-                endpoints: Vec::new(),
+                endpoints: unique_endpoints(r.endpoints.clone()),
                 disconnected_at: None,
                 session: Some(tag),
                 version: old.version + 1,
@@ -850,7 +859,7 @@ impl Coordinator {
             token_id: token.id.clone(),
             created_at: now,
             expires_at: self.config.node_expiry.map(|d| add_ms(now, d)),
-            endpoints: Vec::new(),
+            endpoints: unique_endpoints(r.endpoints.clone()),
             disconnected_at: None,
             session: Some(tag),
             version: 1,
@@ -896,6 +905,9 @@ impl Coordinator {
             let mut rec = node.clone();
             rec.disconnected_at = None;
             rec.session = Some(tag);
+            if !l.endpoints.is_empty() {
+                rec.endpoints = unique_endpoints(l.endpoints.clone());
+            }
             rec.version += 1;
             Ok((vec![Change::PutNode(rec.clone())], rec))
         })?;
@@ -926,12 +938,7 @@ impl Coordinator {
         endpoints: Vec<std::net::SocketAddr>,
         now: u64,
     ) -> Result<(), Reject> {
-        let mut seen = BTreeSet::new();
-        let endpoints: Vec<_> = endpoints
-            .into_iter()
-            .filter(|e| seen.insert(*e))
-            .take(MAX_ENDPOINTS)
-            .collect();
+        let endpoints = unique_endpoints(endpoints);
         self.transact(now, |c| {
             let Some(rec) = c.state.nodes.get(&node) else {
                 return Err(Reject::new(ErrorCode::UnknownNode, "this node was deleted").into());

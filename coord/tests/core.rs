@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, UNIX_EPOCH};
 
 use meshd_coord::*;
-use meshd_proto::client::ClientEvent;
+use meshd_proto::client::{ClientEvent, Join};
 use meshd_proto::*;
 use support::harness::*;
 
@@ -62,6 +62,42 @@ fn second_node_sees_the_first_and_the_first_learns_of_the_second() {
         (pubkey(1), ia.ipv4, "a")
     );
     assert!(matches!(h.take(a).last(), Some(Message::PeerAdded(p)) if p.node_id == ib.node_id));
+}
+
+#[test]
+fn endpoints_given_with_the_join_reach_peers_with_the_node() {
+    let mut h = Harness::new(Config::default());
+    let (_, secret) = h.token(reusable());
+    let first = h.register(1, "n1", &secret);
+    h.take(first);
+    let join = Join::Register {
+        token_secret: secret.clone(),
+        name: "n2".into(),
+    };
+    let eps = ["192.0.2.2:51820", "[2001:db8::2]:51820"];
+    let second = h.connect_at(key(2), join, &eps);
+    let id = h.info(second).node_id;
+    let got = h.take(first);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let Message::PeerAdded(p) = &got[0] else {
+        panic!("{got:?}")
+    };
+    assert_eq!(p.node_id, id);
+    let want: Vec<std::net::SocketAddr> = eps.iter().map(|e| e.parse().unwrap()).collect();
+    assert_eq!(p.endpoints, want);
+    // A login with other endpoints replaces them; one without keeps them.
+    h.disconnect(second);
+    h.take(first);
+    let again = h.connect_at(key(2), Join::Login, &["192.0.2.3:51820"]);
+    assert!(h.outcome(again).is_ok());
+    assert_eq!(
+        h.conn(first).client.peers()[&id].endpoints,
+        vec!["192.0.2.3:51820".parse::<std::net::SocketAddr>().unwrap()]
+    );
+    h.disconnect(again);
+    let plain = h.login(2);
+    assert!(h.outcome(plain).is_ok());
+    assert_eq!(h.conn(first).client.peers()[&id].endpoints.len(), 1);
 }
 
 #[test]
@@ -143,6 +179,7 @@ fn a_node_cannot_claim_another_nodes_key() {
             Message::Login(Login {
                 node_key: victim_key,
                 proof: [0x5a; 32],
+                endpoints: vec![],
             })
         } else {
             Message::Register(Register {
@@ -150,6 +187,7 @@ fn a_node_cannot_claim_another_nodes_key() {
                 node_key: victim_key,
                 name: "evil".into(),
                 proof: [0x5a; 32],
+                endpoints: vec![],
             })
         };
         h.coord.handle_message(id, msg, h.now);

@@ -87,6 +87,8 @@ pub struct Client {
     rotating: Option<StaticSecret>,
     out: VecDeque<Message>,
     events: VecDeque<ClientEvent>,
+    /// Endpoints reported before the join, sent with Register or Login.
+    endpoints: Vec<SocketAddr>,
 }
 
 impl std::fmt::Debug for Client {
@@ -115,6 +117,7 @@ impl Client {
             rotating: None,
             out: VecDeque::new(),
             events: VecDeque::new(),
+            endpoints: Vec::new(),
         }
     }
 
@@ -145,9 +148,16 @@ impl Client {
     }
 
     /// Tells the coordinator where this node can be reached now.
+    /// Before the challenge: sent with Register or Login, so the node's
+    /// first peers learn where it is together with the node. After: an
+    /// EndpointReport (which the coordinator reads after Register or Login).
     pub fn report_endpoints(&mut self, endpoints: Vec<SocketAddr>) {
-        self.out
-            .push_back(Message::EndpointReport(EndpointReport { endpoints }));
+        if matches!(self.state, State::AwaitChallenge) {
+            self.endpoints = endpoints;
+        } else {
+            self.out
+                .push_back(Message::EndpointReport(EndpointReport { endpoints }));
+        }
     }
 
     /// Asks to replace the node's key with `new_secret`'s. Keep using the old
@@ -279,10 +289,12 @@ impl Client {
                 node_key: self.key,
                 name: name.clone(),
                 proof,
+                endpoints: self.endpoints.clone(),
             }),
             Join::Login => Message::Login(Login {
                 node_key: self.key,
                 proof,
+                endpoints: self.endpoints.clone(),
             }),
         };
         self.out.push_back(msg);

@@ -17,6 +17,10 @@ pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_TAG_LEN: usize = 64;
 /// Most tags on one node.
 pub const MAX_TAGS: usize = 32;
+/// The tag of Register's and Login's endpoints: ignorable (≥ 128), so a
+/// coordinator that predates it still accepts the join.
+const JOIN_ENDPOINTS: u8 = 128;
+
 /// Most endpoints a node may report or a peer may carry.
 pub const MAX_ENDPOINTS: usize = 16;
 /// Most rules in one packet filter.
@@ -94,6 +98,9 @@ pub struct Register {
     pub name: String,
     /// [`crate::auth::Purpose::Register`] proof over the challenge.
     pub proof: [u8; 32],
+    /// Where the node can be reached now, so its first peers learn it with
+    /// the node itself (ignorable tag 128: older coordinators skip it).
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// A registered node opens a session.
@@ -102,6 +109,8 @@ pub struct Login {
     pub node_key: NodeKey,
     /// [`crate::auth::Purpose::Login`] proof over the challenge.
     pub proof: [u8; 32],
+    /// As in [`Register`].
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// What a node learns about itself on `RegisterOk` and `LoginOk`.
@@ -377,11 +386,13 @@ impl Message {
                 w.bytes(1, &m.token_secret.0)?;
                 w.bytes(2, &m.node_key.0)?;
                 w.str(3, &m.name, MAX_NAME_LEN)?;
-                w.bytes(4, &m.proof)
+                w.bytes(4, &m.proof)?;
+                w.socket_addrs(JOIN_ENDPOINTS, &m.endpoints, MAX_ENDPOINTS)
             }
             Message::Login(m) => {
                 w.bytes(1, &m.node_key.0)?;
-                w.bytes(2, &m.proof)
+                w.bytes(2, &m.proof)?;
+                w.socket_addrs(JOIN_ENDPOINTS, &m.endpoints, MAX_ENDPOINTS)
             }
             Message::RegisterOk(m) | Message::LoginOk(m) | Message::NodeUpdated(m) => {
                 encode_node_info(w, m)
@@ -495,12 +506,14 @@ fn decode_challenge(body: &[u8]) -> Result<Challenge, DecodeError> {
 fn decode_register(body: &[u8]) -> Result<Register, DecodeError> {
     let mut f = Fields::new(body, "Register");
     let (mut secret, mut key, mut name, mut proof) = (None, None, None, None);
+    let mut endpoints = Vec::new();
     while let Some((tag, v)) = f.next_field()? {
         match tag {
             1 => f.set(&mut secret, tag, TokenSecret(f.array(tag, v, "32")?))?,
             2 => f.set(&mut key, tag, NodeKey(f.array(tag, v, "32")?))?,
             3 => f.set(&mut name, tag, f.str(tag, v, MAX_NAME_LEN)?)?,
             4 => f.set(&mut proof, tag, f.array(tag, v, "32")?)?,
+            JOIN_ENDPOINTS => f.push(&mut endpoints, MAX_ENDPOINTS, tag, f.socket_addr(tag, v)?)?,
             t => f.unknown(t)?,
         }
     }
@@ -509,22 +522,26 @@ fn decode_register(body: &[u8]) -> Result<Register, DecodeError> {
         node_key: f.need(key, 2)?,
         name: f.need(name, 3)?,
         proof: f.need(proof, 4)?,
+        endpoints,
     })
 }
 
 fn decode_login(body: &[u8]) -> Result<Login, DecodeError> {
     let mut f = Fields::new(body, "Login");
     let (mut key, mut proof) = (None, None);
+    let mut endpoints = Vec::new();
     while let Some((tag, v)) = f.next_field()? {
         match tag {
             1 => f.set(&mut key, tag, NodeKey(f.array(tag, v, "32")?))?,
             2 => f.set(&mut proof, tag, f.array(tag, v, "32")?)?,
+            JOIN_ENDPOINTS => f.push(&mut endpoints, MAX_ENDPOINTS, tag, f.socket_addr(tag, v)?)?,
             t => f.unknown(t)?,
         }
     }
     Ok(Login {
         node_key: f.need(key, 1)?,
         proof: f.need(proof, 2)?,
+        endpoints,
     })
 }
 

@@ -94,18 +94,29 @@ fn message() -> impl Strategy<Value = Message> {
                 nonce
             }
         )),
-        (any::<[u8; 32]>(), key(), name(), any::<[u8; 32]>()).prop_map(
-            |(s, node_key, name, proof)| {
+        (
+            any::<[u8; 32]>(),
+            key(),
+            name(),
+            any::<[u8; 32]>(),
+            endpoints()
+        )
+            .prop_map(|(s, node_key, name, proof, endpoints)| {
                 Message::Register(Register {
                     token_secret: TokenSecret(s),
                     node_key,
                     name,
                     proof,
+                    endpoints,
                 })
-            }
-        ),
-        (key(), any::<[u8; 32]>())
-            .prop_map(|(node_key, proof)| Message::Login(Login { node_key, proof })),
+            }),
+        (key(), any::<[u8; 32]>(), endpoints()).prop_map(|(node_key, proof, endpoints)| {
+            Message::Login(Login {
+                node_key,
+                proof,
+                endpoints,
+            })
+        }),
         node_info().prop_map(Message::RegisterOk),
         node_info().prop_map(Message::LoginOk),
         (vec(peer(), 0..4), any::<bool>())

@@ -57,10 +57,15 @@ fn samples() -> Vec<Message> {
             node_key: NodeKey([4; 32]),
             name: "edge-1".into(),
             proof: [5; 32],
+            endpoints: vec![
+                "192.0.2.1:41641".parse().unwrap(),
+                "[2001:db8::1]:41641".parse().unwrap(),
+            ],
         }),
         Message::Login(Login {
             node_key: NodeKey([4; 32]),
             proof: [6; 32],
+            endpoints: vec![],
         }),
         Message::RegisterOk(info.clone()),
         Message::LoginOk(NodeInfo {
@@ -371,6 +376,7 @@ fn too_many_repetitions_are_refused() {
         node_key: NodeKey([0; 32]),
         name: "x".repeat(MAX_NAME_LEN + 1),
         proof: [0; 32],
+        endpoints: vec![],
     });
     assert!(matches!(
         encode(&long_name),

@@ -232,8 +232,6 @@ pub struct Supervisor {
     endpoints: Option<Vec<SocketAddr>>,
     reported: Option<Vec<SocketAddr>>,
     last_error: Option<String>,
-    /// The last session was synchronised at least once in this process.
-    ever_synced: bool,
     commands: VecDeque<Command>,
 }
 
@@ -264,7 +262,6 @@ impl Supervisor {
             endpoints: None,
             reported: None,
             last_error: None,
-            ever_synced: false,
             commands: VecDeque::new(),
         };
         s.config.addresses = s.config.addresses.max(1);
@@ -285,11 +282,6 @@ impl Supervisor {
     /// The node has been registered (now or before this process started).
     pub fn is_registered(&self) -> bool {
         self.identity.registered
-    }
-
-    /// A session has been fully synchronised since this process started.
-    pub fn ever_synced(&self) -> bool {
-        self.ever_synced
     }
 
     /// The join of the current or next session.
@@ -431,7 +423,6 @@ impl Supervisor {
                 self.round_start = address;
                 self.failures = 0;
                 self.last_error = None;
-                self.ever_synced = true;
                 if let Some(target) = self.returning.take() {
                     self.return_wait = if target == address {
                         self.config.return_check

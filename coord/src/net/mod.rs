@@ -236,7 +236,7 @@ impl Server {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_err(io::Error::other("no async runtime")))?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            restartable_endpoint(identity),
             Some(quic_config),
             socket,
             runtime,
@@ -709,6 +709,29 @@ async fn write_pending<W: AsyncWrite + Unpin>(w: &mut W, pending: Pending) -> bo
         return false;
     }
     true
+}
+
+/// An endpoint whose connection IDs and stateless resets survive a restart:
+/// both keys are derived from the coordinator's stored identity (quinn's
+/// defaults are random at every start). A restarted coordinator (or another
+/// replica with the same identity) then recognises its old connection IDs
+/// as its own and answers a packet of a session it no longer has with a
+/// reset its client accepts, so the client reconnects at once instead of
+/// waiting for its idle timeout.
+fn restartable_endpoint(identity: &Identity) -> quinn::EndpointConfig {
+    use ring::hmac;
+    let master = hmac::Key::new(hmac::HMAC_SHA256, identity.static_key.as_bytes());
+    let reset = hmac::sign(&master, b"meshd QUIC stateless reset key");
+    let cid = hmac::sign(&master, b"meshd QUIC connection ID key");
+    let mut cid_key = [0; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config =
+        quinn::EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
 }
 
 #[cfg(test)]
