@@ -624,8 +624,15 @@ impl Coordinator {
                 ));
             }
             // Even when the name is the same: the conditional write checks
-            // that the node still exists as this replica saw it.
-            let mut n = c.node(id)?;
+            // that the node still exists as this replica saw it. A missing
+            // node is checked with the name, which one coordinator checks
+            // first (another replica may have just given it away).
+            let mut n = c.state.nodes.get(&id).cloned().ok_or_else(|| {
+                unless_changed(
+                    CoordError::NoSuchNode(id),
+                    vec![Lookup::Node(id), Lookup::NodeByName(name.to_owned())],
+                )
+            })?;
             n.name = name.to_owned();
             n.version += 1;
             Ok((vec![Change::PutNode(n)], ()))
