@@ -109,6 +109,16 @@ impl Impl {
 }
 
 impl Impl {
+    /// What `scripts/install-peers` must build for this implementation (nothing for those
+    /// that come from Debian or crates.io).
+    pub fn install_peers_args(self) -> &'static [&'static str] {
+        match self {
+            Impl::WireguardGoCurrent => &["wireguard-go"],
+            Impl::Tailscale => &["tailscale", "headscale"],
+            Impl::WireguardGo | Impl::BoringtunCli { .. } | Impl::Nebula | Impl::Meshd => &[],
+        }
+    }
+
     /// The installed version, as the program itself reports it ("wireguard-go v0.0.20220316",
     /// "boringtun 0.7.1", "nebula 1.6.1", "tailscale 1.102.5").
     pub fn version(self) -> Result<String, LabError> {
@@ -941,6 +951,43 @@ pub fn locate_installed_peer(program: &str, peer: &str) -> Result<PathBuf, LabEr
             dir.display()
         ))
     })
+}
+
+/// Runs this source tree's `scripts/install-peers` with `peers` (it skips what is already built
+/// at its pin; a build takes minutes). Its output goes to this process's stderr. Fails if the
+/// script is gone (a binary moved away from its source tree): then run it by hand.
+pub fn install_peers(peers: &[&str]) -> Result<(), LabError> {
+    if peers.is_empty() {
+        return Ok(());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-peers");
+    if !script.is_file() {
+        return Err(LabError::Lab(format!(
+            "{} is not there to build {}; build them with scripts/install-peers from meshd's \
+             source tree",
+            script.display(),
+            peers.join(", ")
+        )));
+    }
+    tracing::info!(peers = ?peers, "scripts/install-peers");
+    let status = std::process::Command::new(&script)
+        .args(peers)
+        .stdout(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::inherit())
+        .status()
+        .map_err(|source| LabError::Io {
+            what: format!("running {}", script.display()),
+            source,
+        })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(LabError::Lab(format!(
+            "{} {} failed ({status})",
+            script.display(),
+            peers.join(" ")
+        )))
+    }
 }
 
 fn find_program(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {

@@ -53,6 +53,8 @@ pub(super) fn version() -> Result<String, LabError> {
             .ok_or_else(|| super::bad_output(&format!("{program} {}", args.join(" ")), &out))
     };
     let ts = first_line("tailscaled", "tailscale", &["--version"])?;
+    // Built by `go install` rather than its own build script, it cannot tell its commit.
+    let ts = ts.trim_end_matches("-ERR-BuildInfo");
     let hs = first_line("headscale", "headscale", &["version"])?;
     Ok(format!(
         "tailscale {ts}, headscale {}",
