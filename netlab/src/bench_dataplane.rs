@@ -652,6 +652,18 @@ mod tests {
         );
     }
 
+    #[test]
+    fn peers_are_named_once_each_and_the_defaults_all_have_names() {
+        for (name, peer) in Peer::NAMES {
+            assert_eq!(Peer::from_name(name).unwrap(), peer);
+        }
+        for peer in default_peers() {
+            assert!(Peer::NAMES.iter().any(|(_, p)| *p == peer), "{peer:?}");
+        }
+        let err = Peer::from_name("tailscaled").unwrap_err().to_string();
+        assert!(err.contains("wireguard-go-current"), "{err}");
+    }
+
     fn result(peer: Peer, gbit: [f64; 4]) -> PeerResult {
         PeerResult {
             peer,

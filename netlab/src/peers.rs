@@ -972,7 +972,8 @@ pub fn install_peers(peers: &[&str]) -> Result<(), LabError> {
     tracing::info!(peers = ?peers, "scripts/install-peers");
     let status = std::process::Command::new(&script)
         .args(peers)
-        .stdout(std::process::Stdio::inherit())
+        // stdout too: a benchmark's stdout is its table.
+        .stdout(std::io::stderr())
         .stderr(std::process::Stdio::inherit())
         .status()
         .map_err(|source| LabError::Io {
