@@ -545,7 +545,9 @@ impl<'lab> SeedPrototype<'lab> {
         opts: &SeedOptions,
     ) -> Result<Self, LabError> {
         check_installed()?;
-        let dir = lab.log_dir().join("seed");
+        // Numbered like the tunnels, so one lab may hold several (on different nodes).
+        let seq = super::NEXT_TUNNEL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = lab.log_dir().join(format!("seed{seq}"));
         std::fs::create_dir_all(&dir).map_err(|source| LabError::Io {
             what: format!("creating {}", dir.display()),
             source,
