@@ -325,9 +325,12 @@ fn start_daemon(
     let port = TAILSCALED_PORT.to_string();
     let bin = program("tailscaled")?;
     let mtu_env = mtu.map(|m| format!("TS_DEBUG_MTU={m}"));
+    // Its log configuration would otherwise go to the machine's /var/lib/tailscale.
+    let logs_env = format!("TS_LOGS_DIR={state_s}");
     let mut argv = vec![
         "env",
         "TS_NO_LOGS_NO_SUPPORT=true",
+        &logs_env,
         // The lab's derper speaks plain HTTP: there is no certificate authority here.
         "TS_DEBUG_USE_DERP_HTTP=true",
     ];
