@@ -8,8 +8,9 @@
 //! Nothing here reaches beyond the lab: Headscale gets no DERP map URL (only a file naming
 //! the lab's derper), no update check and no log upload, and every `tailscaled` runs with
 //! `--no-logs-no-support`. DERP is spoken over plain HTTP (`TS_DEBUG_USE_DERP_HTTP`): the lab
-//! has no certificate authority. Each daemon has its own state directory and socket under
-//! the lab's log directory, so several run on one machine.
+//! has no certificate authority. Each daemon has its own state directory (which also holds
+//! its log configuration: `TS_LOGS_DIR`) and socket under the lab's log directory, so several
+//! run on one machine and nothing is left outside it.
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
