@@ -114,13 +114,18 @@ fn close_inherited_fds() {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .filter(|&fd| fd > 2)
         .collect();
-    // The directory's own descriptor is among them; it is closed by now.
+    // The directory's own descriptor is among them, closed by now: skip
+    // what no longer exists (closing it would be EBADF, which rustix
+    // treats as a bug).
     for fd in fds {
+        if std::fs::read_link(format!("/proc/self/fd/{fd}")).is_err() {
+            continue;
+        }
         // SAFETY: this runs first in `main`, before anything of ours opens a
         // file, and the standard library's start-up opens none above 2: no
         // object in this process owns these descriptors, so closing them
-        // cannot invalidate one. A descriptor already closed (the
-        // directory's) gives EBADF, which close ignores.
+        // cannot invalidate one, and each is open (checked just above, in
+        // this single-threaded moment).
         #[allow(unsafe_code)]
         unsafe {
             rustix::io::close(fd)

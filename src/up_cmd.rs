@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use meshd_agent::control::ipc::NodeStatus;
-use meshd_agent::control::state_dir::{StateDir, DEFAULT_STATE_DIR};
+use meshd_agent::control::state_dir::{FirstJoin, StateDir, DEFAULT_STATE_DIR};
 use meshd_agent::node_runtime::{self, UpOptions};
 use meshd_dataplane::standalone;
 use meshd_proto::token::JoinToken;
@@ -103,9 +103,27 @@ pub fn up(args: UpArgs) -> Result<()> {
         .map(|t| JoinToken::parse(t))
         .transpose()
         .map_err(|e| anyhow!("--token: {e}"))?;
-    if !(args.foreground || args.daemon_child) {
-        return start_daemon(&args, token_text.as_deref().map(String::as_str));
+    if args.daemon_child {
+        return run(&args, token);
     }
+    // A first join that fails leaves nothing behind; the daemon child's
+    // parent, or the foreground run, cleans up.
+    let first_join = token
+        .as_ref()
+        .and_then(|_| FirstJoin::note(&absolute(&args.state.dir).ok()?));
+    let result = if args.foreground {
+        run(&args, token)
+    } else {
+        start_daemon(&args, token_text.as_deref().map(String::as_str))
+    };
+    result.inspect_err(|e| {
+        if let Some(first_join) = first_join {
+            first_join.undo(e.is::<SeeLog>());
+        }
+    })
+}
+
+fn run(args: &UpArgs, token: Option<JoinToken>) -> Result<()> {
     let stop = daemon::stop_on_signal(args.daemon_child)?;
     let mut opts = UpOptions::new(absolute(&args.state.dir)?, args.interface.clone());
     opts.token = token;
@@ -203,16 +221,31 @@ fn start_daemon(args: &UpArgs, token: Option<&str>) -> Result<()> {
             Ok(())
         }
         Started::Failed(message) => Err(anyhow!(message)),
-        Started::Exited(status) => bail!(
+        Started::Exited(status) => Err(SeeLog(format!(
             "the meshd daemon exited ({status}) before the node was up; its log is {}",
             log_path.display()
-        ),
-        Started::TimedOut => bail!(
-            "the meshd daemon was not up within {} s and was killed",
-            READY_TIMEOUT.as_secs()
-        ),
+        ))
+        .into()),
+        Started::TimedOut => Err(SeeLog(format!(
+            "the meshd daemon was not up within {} s and was killed; its log is {}",
+            READY_TIMEOUT.as_secs(),
+            log_path.display()
+        ))
+        .into()),
     }
 }
+
+/// A daemon that failed without saying why: its log is where to look.
+#[derive(Debug)]
+struct SeeLog(String);
+
+impl std::fmt::Display for SeeLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SeeLog {}
 
 pub fn status(state: StateArg) -> Result<()> {
     let s = node_runtime::status(&absolute(&state.dir)?)?;

@@ -70,8 +70,9 @@ pub enum WgCmd {
 #[derive(Args, Clone, Copy)]
 pub struct AnswerPollArg {
     /// After sending a lone packet (a ping, a request), poll this long for
-    /// its answer before sleeping: lower latency for a little CPU (see
-    /// docs/benchmarks.md). 0 turns it off.
+    /// its answer before sleeping (e.g. 150us): lower latency for sparse
+    /// request/response traffic, for CPU (see docs/benchmarks.md). Off (0)
+    /// by default.
     #[arg(long = "answer-poll", value_name = "DURATION", value_parser = parse_poll)]
     answer_poll: Option<Duration>,
 }

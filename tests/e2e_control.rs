@@ -313,13 +313,31 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
         state: root.join("nat2"),
         proc: None,
     };
-    let out = nat2.meshd(&lab, "up", &["--name", "nat2", "--token", &token]);
+    // Started from a shell holding a file open without close-on-exec, as
+    // shells do: the daemon must not keep it.
+    let held = root.join("held-by-the-shell");
+    let script = format!(
+        "exec 9>>{}; exec {MESHD} up --name nat2 --token {token} --state {}",
+        held.display(),
+        nat2.state.display()
+    );
+    let out = lab.exec("nat2", &["sh", "-c", &script]).unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(
         out.stderr.contains("nat2 is up on meshd0"),
         "{}",
         out.stderr
     );
+    // No colour codes off a terminal, in what it printed or in its log.
+    assert!(!out.stderr.contains('\x1b'), "{}", out.stderr);
+    let daemon_log = std::fs::read_to_string(nat2.state.join("meshd.log")).unwrap();
+    assert!(!daemon_log.contains('\x1b'), "{daemon_log}");
+    let daemon = daemon_pid(&nat2.state);
+    let open: Vec<_> = std::fs::read_dir(format!("/proc/{daemon}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect();
+    assert!(!open.contains(&held), "{open:?}");
     let all = [&open1, &open2, &nat1, &tcp1, &nat2];
     wait_all_connected(&lab, &all, 1, 4);
     // One daemon per state directory.
@@ -427,6 +445,34 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
         assert_eq!(after.ipv4(), before.ipv4(), "{}", n.name);
         assert_eq!(after.node_id(), before.node_id(), "{}", n.name);
     }
+    // A quick restart, before the nodes' heartbeats notice: the new process
+    // resets their old QUIC sessions (its reset key comes from its stored
+    // identity), and they are back at once.
+    coord.kill();
+    coord = Coordinator::start(&lab, &coord_state);
+    wait_all_connected(&lab, &all, 3, 4);
+    // Timed by the coordinator's own log (polling five nodes' status
+    // would add its own delay): its ready line to the last login.
+    let log = coord.proc.as_ref().unwrap().log();
+    let at = |line: &str| log_seconds(line).unwrap_or_else(|| panic!("{line}"));
+    let ready = at(log
+        .lines()
+        .find(|l| l.contains("coordinator ready"))
+        .unwrap());
+    // Each node's first login after the restart.
+    let mut logins = std::collections::BTreeMap::new();
+    for l in log.lines().filter(|l| l.contains("node logged in")) {
+        let name = l.split("name=").nth(1).unwrap_or_default().to_owned();
+        logins.entry(name).or_insert_with(|| at(l));
+    }
+    assert_eq!(logins.len(), all.len(), "{log}");
+    let last = logins.values().copied().fold(ready, f64::max);
+    let back = Duration::from_secs_f64((last - ready).rem_euclid(86_400.0));
+    println!(
+        "quick restart: every node on a new session {:.2} s after the coordinator was up",
+        back.as_secs_f64()
+    );
+    assert!(back <= Duration::from_secs(2), "{back:?}");
 
     // ---- rotate open1's key while two peers talk to it ----
     let old_key = status[0].public_key();
@@ -481,14 +527,34 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
         state: root.join("open3"),
         proc: None,
     };
-    let out = late.meshd(&lab, "up", &["--name", "open3", "--token", &token]);
+    let out = lab
+        .exec(
+            "open3",
+            &[
+                "env",
+                "RUST_BACKTRACE=1",
+                MESHD,
+                "up",
+                "--name",
+                "open3",
+                "--token",
+                &token,
+                "--state",
+                late.state.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
     assert!(!out.status.success(), "{out:?}");
     assert!(
         out.stderr.contains("cannot join") && out.stderr.contains("revoked"),
         "{}",
         out.stderr
     );
-    assert!(!late.state.join("control.sock").exists());
+    // The one error that matters, on one line: no backtrace, no log lines.
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.starts_with("meshd: "), "{}", out.stderr);
+    // A failed first join leaves no state directory (and no key) behind.
+    assert!(!late.state.exists());
     // ... while the nodes that joined with it stay.
     assert!(open1.status(&lab).connected());
 
@@ -532,6 +598,156 @@ fn nodes_join_survive_a_coordinator_restart_rotate_keys_and_tokens_are_revoked()
     assert!(!nat2.state.join("control.sock").exists());
     let gone = lab.exec("nat2", &["ip", "link", "show", "meshd0"]).unwrap();
     assert!(!gone.status.success(), "meshd0 left behind");
+}
+
+/// An expired node registers again with its own key. It used to be refused
+/// `KeyInUse` (its expired record still held the key) while a login said
+/// `NodeExpired`, so the agent alternated between the two for ever. open1
+/// still holds the reusable token it joined with and comes back by itself;
+/// open2's one-time token is used up, so it stops with the reason until the
+/// operator gives it a new token. Both come back as the same node, with the
+/// same addresses, and carry traffic.
+#[test]
+fn an_expired_node_given_a_token_is_back_in_the_mesh_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::up(
+        &Topology::new()
+            .host("coord")
+            .site(Site::new("open", ["open1", "open2"])),
+    )
+    .unwrap();
+    let coord = Coordinator::start(&lab, &dir.path().join("coord"));
+    let reusable = coord.admin(&lab, &["token", "create", "--reusable"]);
+    let once = coord.admin(&lab, &["token", "create"]);
+    let root = dir.path();
+    let open1 = Node::up(&lab, "open1", root, Some(reusable.trim()));
+    let mut open2 = Node::up(&lab, "open2", root, Some(once.trim()));
+    wait_all_connected(&lab, &[&open1, &open2], 1, 1);
+    let before = [open1.status(&lab), open2.status(&lab)];
+
+    // ---- open1 has a token that still admits nodes: back by itself ----
+    coord.admin(&lab, &["nodes", "expire", &before[0].node_id()]);
+    let back = time_until("open1 back in the mesh", Duration::from_secs(30), || {
+        let s = open1.status(&lab);
+        s.connected() && s.sessions() >= 2 && open2.status(&lab).peers().contains_key("open1")
+    });
+    println!("open1 back in the mesh {back:?} after it was expired");
+    assert!(back < Duration::from_secs(5), "{back:?}\n{}", open1.log());
+    let after = open1.status(&lab);
+    assert_eq!(after.node_id(), before[0].node_id());
+    assert_eq!(after.ipv4(), before[0].ipv4());
+    assert_eq!(pings(&lab, "open2", &after.ipv4().to_string(), 3), 3);
+
+    // ---- open2's token is used up: it stops until given a new one ----
+    coord.admin(&lab, &["nodes", "expire", &before[1].node_id()]);
+    lab.wait_until("open2 to stop", Duration::from_secs(30), || {
+        open2
+            .status(&lab)
+            .node_field("coordinator")
+            .is_some_and(|c| c.contains("stopped"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", open2.status(&lab).0, open2.log()));
+    let why = open2
+        .status(&lab)
+        .node_field("last error")
+        .unwrap_or_default();
+    assert!(why.contains("used"), "{why}");
+    let out = open2.meshd(&lab, "down", &[]);
+    assert!(out.status.success(), "{out:?}");
+    open2
+        .proc
+        .as_mut()
+        .unwrap()
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap();
+    let fresh = coord.admin(&lab, &["token", "create"]);
+    let start = std::time::Instant::now();
+    open2.start(&lab, Some(fresh.trim()));
+    wait_all_connected(&lab, &[&open2], 1, 1);
+    println!(
+        "open2 back in the mesh {:?} after its restart with a new token",
+        start.elapsed()
+    );
+    let after = open2.status(&lab);
+    assert_eq!(after.node_id(), before[1].node_id());
+    assert_eq!(after.ipv4(), before[1].ipv4());
+    assert_eq!(pings(&lab, "open1", &after.ipv4().to_string(), 3), 3);
+}
+
+/// The first ping after `meshd up` returns gets its answer, both ways
+/// between open hosts and from a node behind a NAT, 5 joins each: a new
+/// node's endpoints reach its peers right after its registration, and
+/// packets wait (instead of being dropped) while a peer's endpoint or
+/// session is pending.
+#[test]
+fn the_first_ping_after_up_returns_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::up(&topology()).unwrap();
+    let coord = Coordinator::start(&lab, &dir.path().join("coord"));
+    let token = coord.admin(&lab, &["token", "create", "--reusable"]);
+    let token = token.trim();
+    let open1 = Node::up(&lab, "open1", dir.path(), Some(token));
+    wait_all_connected(&lab, &[&open1], 1, 0);
+    let ip1 = open1.status(&lab).ipv4().to_string();
+    for round in 0..5 {
+        for (name, both_ways) in [("open2", true), ("nat1", false)] {
+            let n = Node {
+                name,
+                state: dir.path().join(format!("{name}-{round}")),
+                proc: None,
+            };
+            let out = n.meshd(&lab, "up", &["--name", name, "--token", token]);
+            assert!(out.status.success(), "{out:?}");
+            let first = lab
+                .exec(name, &["ping", "-n", "-c", "1", "-W", "2", &ip1])
+                .unwrap();
+            assert_eq!(
+                received(&first.stdout),
+                1,
+                "round {round}: {name} -> open1 {first:?}"
+            );
+            if both_ways {
+                let ip = n.status(&lab).ipv4().to_string();
+                let back = lab
+                    .exec("open1", &["ping", "-n", "-c", "1", "-W", "2", &ip])
+                    .unwrap();
+                assert_eq!(
+                    received(&back.stdout),
+                    1,
+                    "round {round}: open1 -> {name} {back:?}"
+                );
+            }
+            let out = n.meshd(&lab, "down", &[]);
+            assert!(out.status.success(), "{out:?}");
+        }
+    }
+}
+
+/// The time of day, in seconds, of a log line (`2026-12-07T22:10:15.908Z …`).
+fn log_seconds(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split('T').nth(1)?;
+    let mut parts = time.trim_end_matches('Z').split(':');
+    let (h, m, s): (f64, f64, f64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// The pid of the background daemon that serves the state directory `state`.
+fn daemon_pid(state: &Path) -> u32 {
+    let state = state.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                args.contains(&b"--daemon-child".as_slice()) && args.contains(&state.as_bytes())
+            })
+        })
+        .unwrap_or_else(|| panic!("no daemon for {state}"))
 }
 
 /// A PostgreSQL server on a lab host, listening on its lab address.

@@ -569,7 +569,13 @@ impl<'r> Runtime<'r> {
             Event::Received(Ok(None)) => {
                 self.session_lost("the coordinator closed the session".into(), now)
             }
-            Event::Received(Err(e)) => self.session_lost(e.to_string(), now),
+            Event::Received(Err(e)) => {
+                if let (ConnError::Decode(d), Some(s)) = (&e, self.session.as_mut()) {
+                    s.client.handle_decode_error(d);
+                    let _ = self.flush().await;
+                }
+                self.session_lost(e.to_string(), now)
+            }
             Event::Timer => self.sup.handle_timeout(now),
             Event::Ipc(req, reply) => self.on_ipc(req, reply, now).await,
             Event::Tick => self.on_tick(now)?,
@@ -607,7 +613,12 @@ impl<'r> Runtime<'r> {
             join = ?self.sup.join(),
             "control connection up"
         );
-        let client = Client::new(secret, join, conn.binding());
+        let mut client = Client::new(secret, join, conn.binding());
+        // With the join, so the node's peers learn where it is together
+        // with the node (their first packets need not wait for a report).
+        if let Some(port) = self.join_port() {
+            client.report_endpoints(local_endpoints(port, &self.opts.interface));
+        }
         self.session = Some(Session {
             conn,
             client,
@@ -643,6 +654,8 @@ impl<'r> Runtime<'r> {
                 return Ok(());
             }
             Err(e) => {
+                // The client queued an Error telling the coordinator why.
+                let _ = self.flush().await;
                 self.session_lost(format!("control protocol: {e}"), now);
                 return Ok(());
             }
@@ -662,6 +675,10 @@ impl<'r> Runtime<'r> {
                     tracing::info!(public_key = %key, "the coordinator confirmed the new key");
                     self.sup.handle(Input::RotationDone, now);
                 }
+                ClientEvent::Updated(info) => {
+                    tracing::info!(node = %info.node_id, name = %info.name, expires_at = ?info.expires_at, "the coordinator changed this node's record");
+                    self.adopt(info)?;
+                }
             }
         }
         Ok(())
@@ -679,10 +696,38 @@ impl<'r> Runtime<'r> {
     fn on_joined(&mut self, info: NodeInfo, now: Instant) -> Result<(), NodeError> {
         tracing::info!(node = %info.node_id, name = %info.name, ipv4 = %info.ipv4, ipv6 = %info.ipv6, "joined the mesh");
         self.sup.handle(Input::Joined, now);
+        self.adopt(info)
+    }
+
+    /// Makes `info` this node's record: saved, shown, and its addresses on
+    /// the interface.
+    fn adopt(&mut self, info: NodeInfo) -> Result<(), NodeError> {
         self.node_file.node = Some(NodeRecordFile::from_info(&info));
         self.state.save_node(&self.node_file)?;
         self.info = Some(info.clone());
         self.ensure_engine(&info)
+    }
+
+    /// The data plane's UDP port, known before the engine starts: a first
+    /// join picks a free one now (saved, so the engine takes it; should it
+    /// be taken by then, the engine takes another and reports that).
+    fn join_port(&mut self) -> Option<u16> {
+        if let Some(engine) = &self.engine {
+            return Some(engine.listen_port);
+        }
+        if let Some(port) = self.opts.listen_port.or(self.node_file.listen_port) {
+            return Some(port);
+        }
+        let port = std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0))
+            .or_else(|_| std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)))
+            .and_then(|s| s.local_addr())
+            .ok()?
+            .port();
+        self.node_file.listen_port = Some(port);
+        if let Err(e) = self.state.save_node(&self.node_file) {
+            tracing::warn!(error = %e, "cannot save the data plane's port");
+        }
+        Some(port)
     }
 
     /// Starts the engine for `info`'s addresses, or restarts it if they

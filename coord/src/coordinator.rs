@@ -168,6 +168,16 @@ impl<E> From<E> for Refused<E> {
     }
 }
 
+/// A node's endpoints as reported, without repeats, at most [`MAX_ENDPOINTS`].
+fn unique_endpoints(endpoints: Vec<std::net::SocketAddr>) -> Vec<std::net::SocketAddr> {
+    let mut seen = BTreeSet::new();
+    endpoints
+        .into_iter()
+        .filter(|e| seen.insert(*e))
+        .take(MAX_ENDPOINTS)
+        .collect()
+}
+
 fn unless_changed<E>(error: E, recheck: Vec<Lookup>) -> Refused<E> {
     Refused { error, recheck }
 }
@@ -585,9 +595,9 @@ impl Coordinator {
                     vec![Lookup::Token(id.to_owned())],
                 )
             })?;
-            if t.revoked {
-                return Ok((vec![], ()));
-            }
+            // Already revoked: the record is written again all the same, so
+            // the answer does not rest on this replica's copy alone (another
+            // may have deleted the token meanwhile).
             let mut t = t.clone();
             t.revoked = true;
             t.version += 1;
@@ -613,10 +623,9 @@ impl Coordinator {
                     vec![Lookup::NodeByName(name.to_owned()), Lookup::Node(other.id)],
                 ));
             }
+            // Even when the name is the same: the conditional write checks
+            // that the node still exists as this replica saw it.
             let mut n = c.node(id)?;
-            if n.name == name {
-                return Ok((vec![], ()));
-            }
             n.name = name.to_owned();
             n.version += 1;
             Ok((vec![Change::PutNode(n)], ()))
@@ -627,11 +636,12 @@ impl Coordinator {
     pub fn expire_node(&mut self, id: NodeId, now: SystemTime) -> Result<(), CoordError> {
         let now = unix_ms(now);
         self.transact::<_, CoordError>(now, |c| {
+            // Already expired: written again unchanged, so the answer does not
+            // rest on this replica's copy alone.
             let mut n = c.node(id)?;
-            if n.is_expired(now) {
-                return Ok((vec![], ()));
+            if !n.is_expired(now) {
+                n.expires_at = Some(now);
             }
-            n.expires_at = Some(now);
             n.version += 1;
             Ok((vec![Change::PutNode(n)], ()))
         })
@@ -777,8 +787,12 @@ impl Coordinator {
                 recheck,
             ));
         }
-        if let Some(other) = self.state.node_by_key(&r.node_key) {
-            return Err(unless_changed(
+        // An expired node registers again with its own key: its record is
+        // renewed (same id and addresses) rather than refused as a key in use.
+        let expired = match self.state.node_by_key(&r.node_key) {
+            Some(n) if n.is_expired(now) => Some(n.clone()),
+            None => None,
+            Some(other) => return Err(unless_changed(
                 Reject::new(
                     ErrorCode::KeyInUse,
                     format!(
@@ -787,8 +801,8 @@ impl Coordinator {
                     ),
                 ),
                 vec![Lookup::NodeByKey(r.node_key), Lookup::Node(other.id)],
-            ));
-        }
+            )),
+        };
         if !valid_name(&r.name) {
             return Err(Reject::new(
                 ErrorCode::InvalidName,
@@ -799,7 +813,29 @@ impl Coordinator {
             )
             .into());
         }
-        let name = self.unique_name(&r.name);
+        let name = self.unique_name(&r.name, expired.as_ref().map(|n| n.id));
+        let mut token = token;
+        token.uses += 1;
+        token.version += 1;
+        if let Some(old) = expired {
+            let node = NodeRecord {
+                name,
+                tags: token.tags.clone(),
+                slice: token.slice.clone(),
+                ephemeral: token.ephemeral,
+                token_id: token.id.clone(),
+                expires_at: self.config.node_expiry.map(|d| add_ms(now, d)),
+                endpoints: unique_endpoints(r.endpoints.clone()),
+                disconnected_at: None,
+                session: Some(tag),
+                version: old.version + 1,
+                ..old
+            };
+            return Ok((
+                vec![Change::PutToken(token), Change::PutNode(node.clone())],
+                node,
+            ));
+        }
         let ipv4 = self.state.free_ipv4().ok_or_else(|| {
             Reject::new(
                 ErrorCode::Unavailable,
@@ -823,14 +859,11 @@ impl Coordinator {
             token_id: token.id.clone(),
             created_at: now,
             expires_at: self.config.node_expiry.map(|d| add_ms(now, d)),
-            endpoints: Vec::new(),
+            endpoints: unique_endpoints(r.endpoints.clone()),
             disconnected_at: None,
             session: Some(tag),
             version: 1,
         };
-        let mut token = token;
-        token.uses += 1;
-        token.version += 1;
         Ok((
             vec![Change::PutToken(token), Change::PutNode(node.clone())],
             node,
@@ -872,12 +905,24 @@ impl Coordinator {
             let mut rec = node.clone();
             rec.disconnected_at = None;
             rec.session = Some(tag);
+            if !l.endpoints.is_empty() {
+                rec.endpoints = unique_endpoints(l.endpoints.clone());
+            }
             rec.version += 1;
             Ok((vec![Change::PutNode(rec.clone())], rec))
         })?;
         if let Some(old) = self.session_of.get(&node.id).copied() {
             tracing::info!(node = %node.id, ?old, "new session replaces the old one");
+            // Told why, so that its node does not take it for a coordinator
+            // that went away (and log in again, replacing the new one).
             self.sessions.remove(&old);
+            self.send(
+                old,
+                Message::Error(ErrorMessage {
+                    code: ErrorCode::Replaced,
+                    message: "a newer session of this node (the same key) replaced this one".into(),
+                }),
+            );
             self.actions.push_back(Action::Close { session: old });
         }
         tracing::info!(node = %node.id, name = %node.name, "node logged in");
@@ -893,12 +938,7 @@ impl Coordinator {
         endpoints: Vec<std::net::SocketAddr>,
         now: u64,
     ) -> Result<(), Reject> {
-        let mut seen = BTreeSet::new();
-        let endpoints: Vec<_> = endpoints
-            .into_iter()
-            .filter(|e| seen.insert(*e))
-            .take(MAX_ENDPOINTS)
-            .collect();
+        let endpoints = unique_endpoints(endpoints);
         self.transact(now, |c| {
             let Some(rec) = c.state.nodes.get(&node) else {
                 return Err(Reject::new(ErrorCode::UnknownNode, "this node was deleted").into());
@@ -1049,8 +1089,11 @@ impl Coordinator {
         }
     }
 
-    fn unique_name(&self, base: &str) -> String {
-        if self.state.node_by_name(base).is_none() {
+    /// `base`, or `base-2`, `base-3`… if it is taken by a node other than
+    /// `own`.
+    fn unique_name(&self, base: &str, own: Option<NodeId>) -> String {
+        let free = |n: &str| self.state.node_by_name(n).is_none_or(|o| Some(o.id) == own);
+        if free(base) {
             return base.to_owned();
         }
         (2u64..)
@@ -1060,7 +1103,7 @@ impl Coordinator {
                     base[..base.len().min(MAX_NAME_LEN - suffix.len())].trim_end_matches('-');
                 format!("{stem}{suffix}")
             })
-            .find(|n| self.state.node_by_name(n).is_none())
+            .find(|n| free(n))
             .unwrap_or_else(|| base.to_owned())
     }
 
@@ -1214,6 +1257,13 @@ impl Coordinator {
                         _ => {}
                     }
                 }
+            }
+        }
+        // The node's own record as it knows it (a rename, a renewed expiry).
+        if let (Some(o), Some(n), Some(&session)) = (old, new, self.session_of.get(&id)) {
+            let info = self.info_of(n);
+            if !n.is_expired(now) && self.info_of(o) != info {
+                out.push((session, Message::NodeUpdated(info)));
             }
         }
         for (session, message) in out {

@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, UNIX_EPOCH};
 
 use meshd_coord::*;
-use meshd_proto::client::ClientEvent;
+use meshd_proto::client::{ClientEvent, Join};
 use meshd_proto::*;
 use support::harness::*;
 
@@ -62,6 +62,42 @@ fn second_node_sees_the_first_and_the_first_learns_of_the_second() {
         (pubkey(1), ia.ipv4, "a")
     );
     assert!(matches!(h.take(a).last(), Some(Message::PeerAdded(p)) if p.node_id == ib.node_id));
+}
+
+#[test]
+fn endpoints_given_with_the_join_reach_peers_with_the_node() {
+    let mut h = Harness::new(Config::default());
+    let (_, secret) = h.token(reusable());
+    let first = h.register(1, "n1", &secret);
+    h.take(first);
+    let join = Join::Register {
+        token_secret: secret.clone(),
+        name: "n2".into(),
+    };
+    let eps = ["192.0.2.2:51820", "[2001:db8::2]:51820"];
+    let second = h.connect_at(key(2), join, &eps);
+    let id = h.info(second).node_id;
+    let got = h.take(first);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let Message::PeerAdded(p) = &got[0] else {
+        panic!("{got:?}")
+    };
+    assert_eq!(p.node_id, id);
+    let want: Vec<std::net::SocketAddr> = eps.iter().map(|e| e.parse().unwrap()).collect();
+    assert_eq!(p.endpoints, want);
+    // A login with other endpoints replaces them; one without keeps them.
+    h.disconnect(second);
+    h.take(first);
+    let again = h.connect_at(key(2), Join::Login, &["192.0.2.3:51820"]);
+    assert!(h.outcome(again).is_ok());
+    assert_eq!(
+        h.conn(first).client.peers()[&id].endpoints,
+        vec!["192.0.2.3:51820".parse::<std::net::SocketAddr>().unwrap()]
+    );
+    h.disconnect(again);
+    let plain = h.login(2);
+    assert!(h.outcome(plain).is_ok());
+    assert_eq!(h.conn(first).client.peers()[&id].endpoints.len(), 1);
 }
 
 #[test]
@@ -143,6 +179,7 @@ fn a_node_cannot_claim_another_nodes_key() {
             Message::Login(Login {
                 node_key: victim_key,
                 proof: [0x5a; 32],
+                endpoints: vec![],
             })
         } else {
             Message::Register(Register {
@@ -150,6 +187,7 @@ fn a_node_cannot_claim_another_nodes_key() {
                 node_key: victim_key,
                 name: "evil".into(),
                 proof: [0x5a; 32],
+                endpoints: vec![],
             })
         };
         h.coord.handle_message(id, msg, h.now);
@@ -432,4 +470,128 @@ fn a_second_session_for_a_node_replaces_the_first() {
     h.take(b);
     h.report(a2, &["192.0.2.7:1"]);
     assert_eq!(h.take(b).len(), 1);
+}
+
+/// The spec says an expired node registers again. With its own key, that was
+/// refused as `KeyInUse` (the expired record still held the key) while Login
+/// said `NodeExpired`: the node could never come back.
+#[test]
+fn an_expired_node_registers_again_with_its_key_and_keeps_its_record() {
+    let mut h = Harness::new(Config {
+        node_expiry: Some(Duration::from_secs(3600)),
+        ..Config::default()
+    });
+    let (tok, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    let b = h.register(2, "b", &secret);
+    let ia = h.info(a);
+    h.coord.expire_node(ia.node_id, h.now).unwrap();
+    h.drive();
+    assert_eq!(h.refused(a), ErrorCode::NodeExpired);
+    let login = h.login(1);
+    assert_eq!(h.refused(login), ErrorCode::NodeExpired);
+    h.take(b);
+
+    h.advance(Duration::from_secs(10));
+    let again = h.register(1, "a", &secret);
+    assert_eq!(h.outcome(again), Ok(()));
+    let renewed = h.info(again);
+    assert_eq!(
+        (
+            renewed.node_id,
+            renewed.name.as_str(),
+            renewed.ipv4,
+            renewed.ipv6
+        ),
+        (ia.node_id, "a", ia.ipv4, ia.ipv6)
+    );
+    assert_eq!(renewed.expires_at, Some(T0 + 10 + 3600));
+    assert_eq!(h.peer_ids(again), [h.info(b).node_id]);
+    assert!(
+        matches!(&h.take(b)[..], [Message::PeerAdded(p)] if p.node_id == ia.node_id && p.ipv4 == ia.ipv4),
+        "its peers see it again"
+    );
+    assert_eq!(h.coord.state().nodes.len(), 2);
+    assert_eq!(h.coord.state().tokens[&tok.id].uses, 3);
+    // The renewed record is stored, and the node logs in as before.
+    h.restart();
+    let later = h.login(1);
+    assert_eq!(h.info(later), renewed);
+}
+
+/// A node whose key is registered and not expired still cannot register
+/// again (it must log in), and a name taken meanwhile is not taken back.
+#[test]
+fn an_expired_node_that_registers_again_gets_a_free_name() {
+    let mut h = Harness::new(Config::default());
+    let (_, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    let ia = h.info(a).node_id;
+    h.coord.expire_node(ia, h.now).unwrap();
+    h.coord.rename_node(ia, "old", h.now).unwrap();
+    h.drive();
+    let other = h.register(2, "a", &secret);
+    assert_eq!(h.info(other).name, "a");
+    let again = h.register(1, "a", &secret);
+    assert_eq!(h.info(again).node_id, ia);
+    assert_eq!(h.info(again).name, "a-2");
+    let twice = h.register(1, "a", &secret);
+    assert_eq!(h.refused(twice), ErrorCode::KeyInUse);
+}
+
+/// A node whose session was replaced by a newer login of the same node is
+/// told so, and can tell it from a coordinator that went away.
+#[test]
+fn a_replaced_session_gets_an_error_before_it_is_closed() {
+    let mut h = Harness::new(Config::default());
+    let (_, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    h.take(a);
+    let a2 = h.login(1);
+    assert_eq!(h.refused(a), ErrorCode::Replaced);
+    assert!(matches!(h.take(a)[..], [Message::Error(_)]));
+    assert_eq!(h.outcome(a2), Ok(()));
+}
+
+/// A node hears of changes to its own record during a session: a rename by
+/// the operator, and the expiry a key rotation renews.
+#[test]
+fn a_node_is_told_its_own_rename_and_renewed_expiry() {
+    let mut h = Harness::new(Config {
+        node_expiry: Some(Duration::from_secs(3600)),
+        ..Config::default()
+    });
+    let (_, secret) = h.token(reusable());
+    let a = h.register(1, "a", &secret);
+    let ia = h.info(a);
+    h.take(a);
+    h.coord.rename_node(ia.node_id, "renamed", h.now).unwrap();
+    h.drive();
+    let renamed = NodeInfo {
+        name: "renamed".into(),
+        ..ia.clone()
+    };
+    assert_eq!(h.take(a), [Message::NodeUpdated(renamed.clone())]);
+    assert_eq!(h.info(a), renamed);
+
+    h.advance(Duration::from_secs(600));
+    h.conn(a).client.rotate_key(key(11)).unwrap();
+    h.drive();
+    let renewed = NodeInfo {
+        expires_at: Some(T0 + 600 + 3600),
+        ..renamed
+    };
+    assert_eq!(
+        h.take(a),
+        [
+            Message::NodeUpdated(renewed.clone()),
+            Message::RotateKeyOk(pubkey(11))
+        ]
+    );
+    assert_eq!(h.info(a), renewed);
+    let events: Vec<ClientEvent> = std::iter::from_fn(|| h.conn(a).client.poll_event()).collect();
+    assert!(
+        events.contains(&ClientEvent::Updated(renewed)),
+        "{events:?}"
+    );
 }

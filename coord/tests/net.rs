@@ -258,3 +258,73 @@ async fn a_quic_node_may_open_no_streams_and_send_no_datagrams() {
     assert!(len > 3, "a frame with a body");
     s.server.shutdown().await;
 }
+
+/// Decodes everything a session's stream carried until its clean end.
+fn frames(bytes: &[u8]) -> Vec<Message> {
+    let mut d = FrameDecoder::new();
+    d.feed(bytes);
+    let out = std::iter::from_fn(|| d.next_message().unwrap()).collect();
+    d.finish().unwrap();
+    out
+}
+
+/// A node whose stream ends inside a frame is answered `Malformed`, as the
+/// spec promises for every decoding error, and the coordinator then closes
+/// its side cleanly: a TLS close_notify (the node's read ends without an
+/// "unexpected EOF"), a QUIC FIN. It used to stop reading and drop the TCP
+/// connection without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_ends_inside_a_frame_is_answered_malformed_and_closed_cleanly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start().await;
+    let partial = [0u8, 0, 0, 40, 1, 0, 3, 1];
+    let wait = Duration::from_secs(10);
+
+    // TLS over TCP.
+    let config = meshd_control::client_config(s.token.cert_pin).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(s.server.quic_addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(&partial).await.unwrap();
+    tls.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(wait, tls.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .expect("the coordinator ends with close_notify");
+    let got = frames(&got);
+    assert!(
+        matches!(&got[..], [Message::Challenge(_), Message::Error(e)] if e.code == ErrorCode::Malformed),
+        "TLS/TCP: {got:?}"
+    );
+
+    // QUIC.
+    let crypto = meshd_control::client_config(s.token.cert_pin).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let conn = endpoint
+        .connect(s.server.quic_addr, SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = tokio::time::timeout(wait, conn.accept_bi())
+        .await
+        .unwrap()
+        .unwrap();
+    send.write_all(&partial).await.unwrap();
+    send.finish().unwrap();
+    let got = tokio::time::timeout(wait, recv.read_to_end(1 << 20))
+        .await
+        .unwrap()
+        .expect("the coordinator ends the stream cleanly");
+    let got = frames(&got);
+    assert!(
+        matches!(&got[..], [Message::Challenge(_), Message::Error(e)] if e.code == ErrorCode::Malformed),
+        "QUIC: {got:?}"
+    );
+    s.server.shutdown().await;
+}

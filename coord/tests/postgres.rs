@@ -577,3 +577,79 @@ fn pg_race_expire_versus_login() {
         a.coord.write_conflicts() + b.coord.write_conflicts()
     );
 }
+
+/// An expired node registering again through both replicas at once (its
+/// agent retrying on another address, say) renews its record once: one
+/// session gets it back, the other is refused `KeyInUse` as the record it
+/// re-read has not expired, and the database holds one node with that key.
+#[test]
+fn pg_race_rejoin_versus_rejoin_of_an_expired_node() {
+    let pg = TestPostgres::start();
+    let (mut a, mut b, mut db) = two_replicas(&pg);
+    let mut rng = rng_for("rejoin-versus-rejoin");
+    let (mut a_won, mut b_won) = (0, 0);
+    let (_, secret) = a.token(TokenSpec {
+        reusable: true,
+        ..TokenSpec::default()
+    });
+    settle(&mut a, &mut b, "the token", |h| {
+        h.coord.state().tokens.len() == 1
+    });
+    for i in 0..TRIALS {
+        let s = register_as(&mut a, trial_key(i, 6), &format!("re{i}"), &secret);
+        let info = a.info(s);
+        a.coord.expire_node(info.node_id, a.now).unwrap();
+        a.drive();
+        let now = a.now;
+        settle(&mut a, &mut b, "the expiry", |h| {
+            h.coord
+                .state()
+                .nodes
+                .get(&info.node_id)
+                .is_some_and(|n| n.is_expired(meshd_coord::unix_ms(now)))
+        });
+        let ((sa, ra), (sb, rb)) = race(
+            &mut a,
+            &mut b,
+            &mut rng,
+            |a| {
+                let s = register_as(a, trial_key(i, 6), &format!("re{i}"), &secret);
+                (s, a.outcome(s))
+            },
+            |b| {
+                let s = register_as(b, trial_key(i, 6), &format!("re{i}"), &secret);
+                (s, b.outcome(s))
+            },
+        );
+        let winner = match (ra, rb) {
+            (Ok(()), Err(ErrorCode::KeyInUse)) => {
+                a_won += 1;
+                a.info(sa)
+            }
+            (Err(ErrorCode::KeyInUse), Ok(())) => {
+                b_won += 1;
+                b.info(sb)
+            }
+            other => panic!("trial {i}: {other:?}"),
+        };
+        assert_eq!(
+            (winner.node_id, winner.ipv4),
+            (info.node_id, info.ipv4),
+            "trial {i}"
+        );
+        let rows: i64 = db
+            .query_one(
+                "SELECT count(*) FROM nodes WHERE key = $1 AND expires_at IS NULL",
+                &[&trial_key_public(i, 6).as_slice()],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 1, "trial {i}");
+    }
+    println!("rejoin-versus-rejoin: {TRIALS} trials: {a_won} renewed through A, {b_won} through B; {} writes decided again after a conflict",
+        a.coord.write_conflicts() + b.coord.write_conflicts());
+}
+
+fn trial_key_public(trial: u32, which: u8) -> [u8; 32] {
+    meshd_proto::auth::public_key(&trial_key(trial, which)).0
+}

@@ -41,8 +41,11 @@ use crate::udp::{
 };
 pub use node::{Counters, Endpoint, Event, Node, PeerStatus, RelayId, Sink};
 
-/// See [`EngineConfig::answer_poll`].
-pub const DEFAULT_ANSWER_POLL: Duration = answer_wait::WINDOW;
+/// See [`EngineConfig::answer_poll`]: off by default. At 1,000 requests a
+/// second a 150 µs window cost both ends 2.6 times their CPU and gained
+/// nothing; at 100 a second it gained 35 µs a round trip for a third more
+/// CPU (docs/benchmarks.md, "Answer polling").
+pub const DEFAULT_ANSWER_POLL: Duration = Duration::ZERO;
 
 /// Batches read from each side per turn before serving the other.
 const BUDGET: usize = 8;

@@ -161,8 +161,16 @@ fn unsolicited_datagrams_to_a_router_do_not_move_mappings() {
     );
     drop(knocks);
 
-    // The node's flows to the knocker keep the node's mapping.
-    let r2 = UdpReflector::start(&lab, "refl2", 3478).unwrap();
+    // The node's flows to the knocker keep the node's mapping. The knocks'
+    // port may be held a moment longer by a child another test is forking
+    // (its copy of our descriptors lives until it execs).
+    let mut r2 = None;
+    lab.wait_until("refl2's port 3478 to be free", ANSWER, || {
+        r2 = UdpReflector::start(&lab, "refl2", 3478).ok();
+        r2.is_some()
+    })
+    .unwrap();
+    let r2 = r2.unwrap();
     assert_eq!(
         seen_by(&node, &r2),
         mapped,

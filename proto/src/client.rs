@@ -4,8 +4,12 @@
 //! reacts to [`Client::poll_event`].
 //!
 //! Calling order: after the transport is up, feed every decoded message to
-//! [`Client::handle_message`], then drain `poll_transmit` and `poll_event`.
-//! Any error ends the session; the caller reconnects with a new `Client`.
+//! [`Client::handle_message`] (a frame that did not decode to
+//! [`Client::handle_decode_error`]), then drain `poll_transmit` and
+//! `poll_event`. Any error ends the session: the client has queued the
+//! `Error` that tells the coordinator why (unless the coordinator's own
+//! `Error` ended it), so drain `poll_transmit`, close, and reconnect with a
+//! new `Client`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -14,6 +18,7 @@ use x25519_dalek::StaticSecret;
 
 use crate::auth::{self, AuthError, ProofInput, Purpose};
 use crate::message::*;
+use crate::DecodeError;
 
 /// How the session authenticates.
 #[derive(Debug, Clone)]
@@ -36,6 +41,8 @@ pub enum ClientEvent {
     PolicyChanged,
     /// The coordinator accepted the new key; use it from now on.
     KeyRotated(NodeKey),
+    /// This node's own record changed (a rename, a renewed expiry).
+    Updated(NodeInfo),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +56,8 @@ pub enum ClientError {
     },
     #[error("coordinator sent a change for peer {0}, which is not in the peer map")]
     UnknownPeer(NodeId),
+    #[error("coordinator sent node {got}'s record as this node's, which is node {mine}")]
+    NotMine { got: NodeId, mine: NodeId },
     #[error("cannot prove key possession: {0}")]
     Auth(#[from] AuthError),
     #[error("a key rotation is already in progress")]
@@ -78,6 +87,8 @@ pub struct Client {
     rotating: Option<StaticSecret>,
     out: VecDeque<Message>,
     events: VecDeque<ClientEvent>,
+    /// Endpoints reported before the join, sent with Register or Login.
+    endpoints: Vec<SocketAddr>,
 }
 
 impl std::fmt::Debug for Client {
@@ -106,6 +117,7 @@ impl Client {
             rotating: None,
             out: VecDeque::new(),
             events: VecDeque::new(),
+            endpoints: Vec::new(),
         }
     }
 
@@ -136,9 +148,16 @@ impl Client {
     }
 
     /// Tells the coordinator where this node can be reached now.
+    /// Before the challenge: sent with Register or Login, so the node's
+    /// first peers learn where it is together with the node. After: an
+    /// EndpointReport (which the coordinator reads after Register or Login).
     pub fn report_endpoints(&mut self, endpoints: Vec<SocketAddr>) {
-        self.out
-            .push_back(Message::EndpointReport(EndpointReport { endpoints }));
+        if matches!(self.state, State::AwaitChallenge) {
+            self.endpoints = endpoints;
+        } else {
+            self.out
+                .push_back(Message::EndpointReport(EndpointReport { endpoints }));
+        }
     }
 
     /// Asks to replace the node's key with `new_secret`'s. Keep using the old
@@ -180,7 +199,38 @@ impl Client {
         }
     }
 
+    /// Handles one message from the coordinator. On an error other than the
+    /// coordinator's own refusal, an `Error` frame for the coordinator is
+    /// queued: the session is over.
     pub fn handle_message(&mut self, msg: Message) -> Result<(), ClientError> {
+        let result = self.dispatch(msg);
+        if let Err(e) = &result {
+            let code = match e {
+                ClientError::Rejected(_) => return result,
+                ClientError::Auth(AuthError::LowOrderKey(_)) => ErrorCode::InvalidKey,
+                _ => ErrorCode::UnexpectedMessage,
+            };
+            self.refuse(code, e.to_string());
+        }
+        result
+    }
+
+    /// A frame from the coordinator did not decode: the session is over, and
+    /// an `Error` saying why is queued.
+    pub fn handle_decode_error(&mut self, error: &DecodeError) {
+        let code = match error {
+            DecodeError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            _ => ErrorCode::Malformed,
+        };
+        self.refuse(code, error.to_string());
+    }
+
+    fn refuse(&mut self, code: ErrorCode, message: String) {
+        self.out
+            .push_back(Message::Error(ErrorMessage { code, message }));
+    }
+
+    fn dispatch(&mut self, msg: Message) -> Result<(), ClientError> {
         let unexpected = |me: &Self, m: &Message| ClientError::Unexpected {
             got: m.name(),
             state: me.state_name(),
@@ -211,6 +261,7 @@ impl Client {
                 }
                 Ok(())
             }
+            (State::Joined { .. }, Message::NodeUpdated(info)) => self.updated(info),
             (State::Joined { map_done: true }, msg) => self.delta(msg),
             (_, msg) => Err(unexpected(self, &msg)),
         }
@@ -238,10 +289,12 @@ impl Client {
                 node_key: self.key,
                 name: name.clone(),
                 proof,
+                endpoints: self.endpoints.clone(),
             }),
             Join::Login => Message::Login(Login {
                 node_key: self.key,
                 proof,
+                endpoints: self.endpoints.clone(),
             }),
         };
         self.out.push_back(msg);
@@ -254,6 +307,19 @@ impl Client {
         self.events.push_back(ClientEvent::Joined(info.clone()));
         self.info = Some(info);
         self.state = State::Joined { map_done: false };
+        Ok(())
+    }
+
+    fn updated(&mut self, info: NodeInfo) -> Result<(), ClientError> {
+        let mine = self.info.as_ref().map_or(info.node_id, |i| i.node_id);
+        if info.node_id != mine {
+            return Err(ClientError::NotMine {
+                got: info.node_id,
+                mine,
+            });
+        }
+        self.events.push_back(ClientEvent::Updated(info.clone()));
+        self.info = Some(info);
         Ok(())
     }
 

@@ -17,6 +17,10 @@ pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_TAG_LEN: usize = 64;
 /// Most tags on one node.
 pub const MAX_TAGS: usize = 32;
+/// The tag of Register's and Login's endpoints: ignorable (≥ 128), so a
+/// coordinator that predates it still accepts the join.
+const JOIN_ENDPOINTS: u8 = 128;
+
 /// Most endpoints a node may report or a peer may carry.
 pub const MAX_ENDPOINTS: usize = 16;
 /// Most rules in one packet filter.
@@ -94,6 +98,9 @@ pub struct Register {
     pub name: String,
     /// [`crate::auth::Purpose::Register`] proof over the challenge.
     pub proof: [u8; 32],
+    /// Where the node can be reached now, so its first peers learn it with
+    /// the node itself (ignorable tag 128: older coordinators skip it).
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// A registered node opens a session.
@@ -102,6 +109,8 @@ pub struct Login {
     pub node_key: NodeKey,
     /// [`crate::auth::Purpose::Login`] proof over the challenge.
     pub proof: [u8; 32],
+    /// As in [`Register`].
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// What a node learns about itself on `RegisterOk` and `LoginOk`.
@@ -201,12 +210,13 @@ pub enum ErrorCode {
     HandshakeTimeout,
     Unavailable,
     Internal,
+    Replaced,
     /// A code this side does not know; kept so it can be shown.
     Other(u16),
 }
 
 impl ErrorCode {
-    const TABLE: [(ErrorCode, u16); 16] = [
+    const TABLE: [(ErrorCode, u16); 17] = [
         (ErrorCode::Malformed, 1),
         (ErrorCode::UnsupportedVersion, 2),
         (ErrorCode::UnexpectedMessage, 3),
@@ -223,6 +233,7 @@ impl ErrorCode {
         (ErrorCode::HandshakeTimeout, 14),
         (ErrorCode::Unavailable, 15),
         (ErrorCode::Internal, 16),
+        (ErrorCode::Replaced, 17),
     ];
 
     pub fn to_u16(self) -> u16 {
@@ -275,6 +286,9 @@ pub enum Message {
     RotateKey(RotateKey),
     RotateKeyOk(NodeKey),
     Error(ErrorMessage),
+    /// The node's own record changed during the session (a rename, a renewed
+    /// expiry): the whole record as it is now.
+    NodeUpdated(NodeInfo),
 }
 
 pub(crate) mod msg_type {
@@ -293,6 +307,8 @@ pub(crate) mod msg_type {
     pub const ROTATE_KEY: u16 = 0x000d;
     pub const ROTATE_KEY_OK: u16 = 0x000e;
     pub const ERROR: u16 = 0x000f;
+    /// Ignorable: a node that does not know it only misses news about itself.
+    pub const NODE_UPDATED: u16 = 0x8001;
 }
 
 /// Message types with this bit set may be skipped by a receiver that does not
@@ -318,6 +334,7 @@ impl Message {
             Message::RotateKey(_) => ROTATE_KEY,
             Message::RotateKeyOk(_) => ROTATE_KEY_OK,
             Message::Error(_) => ERROR,
+            Message::NodeUpdated(_) => NODE_UPDATED,
         }
     }
 
@@ -339,6 +356,7 @@ impl Message {
             Message::RotateKey(_) => "RotateKey",
             Message::RotateKeyOk(_) => "RotateKeyOk",
             Message::Error(_) => "Error",
+            Message::NodeUpdated(_) => "NodeUpdated",
         }
     }
 
@@ -368,13 +386,17 @@ impl Message {
                 w.bytes(1, &m.token_secret.0)?;
                 w.bytes(2, &m.node_key.0)?;
                 w.str(3, &m.name, MAX_NAME_LEN)?;
-                w.bytes(4, &m.proof)
+                w.bytes(4, &m.proof)?;
+                w.socket_addrs(JOIN_ENDPOINTS, &m.endpoints, MAX_ENDPOINTS)
             }
             Message::Login(m) => {
                 w.bytes(1, &m.node_key.0)?;
-                w.bytes(2, &m.proof)
+                w.bytes(2, &m.proof)?;
+                w.socket_addrs(JOIN_ENDPOINTS, &m.endpoints, MAX_ENDPOINTS)
             }
-            Message::RegisterOk(m) | Message::LoginOk(m) => encode_node_info(w, m),
+            Message::RegisterOk(m) | Message::LoginOk(m) | Message::NodeUpdated(m) => {
+                encode_node_info(w, m)
+            }
             Message::PeerMap(m) => {
                 w.bool(1, m.last)?;
                 w.check_count(2, m.peers.len(), MAX_PEERS_PER_FRAME)?;
@@ -435,6 +457,7 @@ impl Message {
             ROTATE_KEY => decode_rotate_key(body).map(Message::RotateKey),
             ROTATE_KEY_OK => decode_rotate_key_ok(body).map(Message::RotateKeyOk),
             ERROR => decode_error(body).map(Message::Error),
+            NODE_UPDATED => decode_node_info(body, "NodeUpdated").map(Message::NodeUpdated),
             _ => return None,
         };
         Some(decoded)
@@ -483,12 +506,14 @@ fn decode_challenge(body: &[u8]) -> Result<Challenge, DecodeError> {
 fn decode_register(body: &[u8]) -> Result<Register, DecodeError> {
     let mut f = Fields::new(body, "Register");
     let (mut secret, mut key, mut name, mut proof) = (None, None, None, None);
+    let mut endpoints = Vec::new();
     while let Some((tag, v)) = f.next_field()? {
         match tag {
             1 => f.set(&mut secret, tag, TokenSecret(f.array(tag, v, "32")?))?,
             2 => f.set(&mut key, tag, NodeKey(f.array(tag, v, "32")?))?,
             3 => f.set(&mut name, tag, f.str(tag, v, MAX_NAME_LEN)?)?,
             4 => f.set(&mut proof, tag, f.array(tag, v, "32")?)?,
+            JOIN_ENDPOINTS => f.push(&mut endpoints, MAX_ENDPOINTS, tag, f.socket_addr(tag, v)?)?,
             t => f.unknown(t)?,
         }
     }
@@ -497,22 +522,26 @@ fn decode_register(body: &[u8]) -> Result<Register, DecodeError> {
         node_key: f.need(key, 2)?,
         name: f.need(name, 3)?,
         proof: f.need(proof, 4)?,
+        endpoints,
     })
 }
 
 fn decode_login(body: &[u8]) -> Result<Login, DecodeError> {
     let mut f = Fields::new(body, "Login");
     let (mut key, mut proof) = (None, None);
+    let mut endpoints = Vec::new();
     while let Some((tag, v)) = f.next_field()? {
         match tag {
             1 => f.set(&mut key, tag, NodeKey(f.array(tag, v, "32")?))?,
             2 => f.set(&mut proof, tag, f.array(tag, v, "32")?)?,
+            JOIN_ENDPOINTS => f.push(&mut endpoints, MAX_ENDPOINTS, tag, f.socket_addr(tag, v)?)?,
             t => f.unknown(t)?,
         }
     }
     Ok(Login {
         node_key: f.need(key, 1)?,
         proof: f.need(proof, 2)?,
+        endpoints,
     })
 }
 

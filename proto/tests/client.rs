@@ -132,3 +132,64 @@ fn out_of_order_messages_are_errors() {
         Err(ClientError::Rejected(e))
     );
 }
+
+/// The node's own record can change during a session (a rename, a renewed
+/// expiry); another node's record is not taken for its own.
+#[test]
+fn node_updated_replaces_the_nodes_own_record() {
+    let mut c = logged_in();
+    c.handle_message(Message::LoginOk(info())).unwrap();
+    while c.poll_event().is_some() {}
+    let renamed = NodeInfo {
+        name: "renamed".into(),
+        expires_at: Some(1_900_000_000),
+        ..info()
+    };
+    c.handle_message(Message::NodeUpdated(renamed.clone()))
+        .unwrap();
+    assert_eq!(c.info(), Some(&renamed));
+    assert_eq!(c.poll_event(), Some(ClientEvent::Updated(renamed)));
+    let other = NodeInfo {
+        node_id: NodeId(2),
+        ..info()
+    };
+    assert_eq!(
+        c.handle_message(Message::NodeUpdated(other)),
+        Err(ClientError::NotMine {
+            got: NodeId(2),
+            mine: NodeId(1)
+        })
+    );
+    // Before the welcome it is out of place.
+    let mut c = logged_in();
+    assert!(matches!(
+        c.handle_message(Message::NodeUpdated(info())),
+        Err(ClientError::Unexpected { .. })
+    ));
+}
+
+/// The spec: the side that detects a bad frame or message sends an `Error`
+/// and closes. The node's side queues it; a refusal from the coordinator is
+/// not answered.
+#[test]
+fn a_rejected_message_or_frame_is_answered_with_an_error() {
+    let mut c = logged_in();
+    assert!(c.handle_message(Message::PeerRemoved(NodeId(2))).is_err());
+    assert!(matches!(c.poll_transmit(),
+        Some(Message::Error(e)) if e.code == ErrorCode::UnexpectedMessage && e.message.contains("PeerRemoved")));
+
+    let mut c = logged_in();
+    let mut d = FrameDecoder::new();
+    d.feed(&[0, 0, 0, 3, 2, 0, 1]);
+    c.handle_decode_error(&d.next_message().unwrap_err());
+    assert!(matches!(c.poll_transmit(),
+        Some(Message::Error(e)) if e.code == ErrorCode::UnsupportedVersion));
+
+    let mut c = logged_in();
+    let e = ErrorMessage {
+        code: ErrorCode::Replaced,
+        message: "replaced".into(),
+    };
+    assert!(c.handle_message(Message::Error(e)).is_err());
+    assert_eq!(c.poll_transmit(), None);
+}

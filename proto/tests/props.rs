@@ -94,18 +94,29 @@ fn message() -> impl Strategy<Value = Message> {
                 nonce
             }
         )),
-        (any::<[u8; 32]>(), key(), name(), any::<[u8; 32]>()).prop_map(
-            |(s, node_key, name, proof)| {
+        (
+            any::<[u8; 32]>(),
+            key(),
+            name(),
+            any::<[u8; 32]>(),
+            endpoints()
+        )
+            .prop_map(|(s, node_key, name, proof, endpoints)| {
                 Message::Register(Register {
                     token_secret: TokenSecret(s),
                     node_key,
                     name,
                     proof,
+                    endpoints,
                 })
-            }
-        ),
-        (key(), any::<[u8; 32]>())
-            .prop_map(|(node_key, proof)| Message::Login(Login { node_key, proof })),
+            }),
+        (key(), any::<[u8; 32]>(), endpoints()).prop_map(|(node_key, proof, endpoints)| {
+            Message::Login(Login {
+                node_key,
+                proof,
+                endpoints,
+            })
+        }),
         node_info().prop_map(Message::RegisterOk),
         node_info().prop_map(Message::LoginOk),
         (vec(peer(), 0..4), any::<bool>())
@@ -138,6 +149,7 @@ fn message() -> impl Strategy<Value = Message> {
         (key(), any::<[u8; 32]>())
             .prop_map(|(new_key, proof)| Message::RotateKey(RotateKey { new_key, proof })),
         key().prop_map(Message::RotateKeyOk),
+        node_info().prop_map(Message::NodeUpdated),
         (any::<u16>(), "\\PC{0,40}").prop_map(|(c, message)| Message::Error(ErrorMessage {
             code: ErrorCode::from_u16(c),
             message

@@ -57,16 +57,21 @@ fn samples() -> Vec<Message> {
             node_key: NodeKey([4; 32]),
             name: "edge-1".into(),
             proof: [5; 32],
+            endpoints: vec![
+                "192.0.2.1:41641".parse().unwrap(),
+                "[2001:db8::1]:41641".parse().unwrap(),
+            ],
         }),
         Message::Login(Login {
             node_key: NodeKey([4; 32]),
             proof: [6; 32],
+            endpoints: vec![],
         }),
         Message::RegisterOk(info.clone()),
         Message::LoginOk(NodeInfo {
             expires_at: None,
             tags: vec![],
-            ..info
+            ..info.clone()
         }),
         Message::PeerMap(PeerMap {
             peers: vec![sample_peer(1), sample_peer(2)],
@@ -108,6 +113,10 @@ fn samples() -> Vec<Message> {
             proof: [11; 32],
         }),
         Message::RotateKeyOk(NodeKey([10; 32])),
+        Message::NodeUpdated(NodeInfo {
+            name: "renamed".into(),
+            ..info
+        }),
         Message::Error(ErrorMessage {
             code: ErrorCode::TokenRevoked,
             message: "join token revoked".into(),
@@ -367,6 +376,7 @@ fn too_many_repetitions_are_refused() {
         node_key: NodeKey([0; 32]),
         name: "x".repeat(MAX_NAME_LEN + 1),
         proof: [0; 32],
+        endpoints: vec![],
     });
     assert!(matches!(
         encode(&long_name),
@@ -377,7 +387,7 @@ fn too_many_repetitions_are_refused() {
 #[test]
 fn ignorable_types_and_fields_are_skipped() {
     // An unknown message type with the high bit set, then a known message.
-    let mut stream = hex("00000005 01 8001 abcd");
+    let mut stream = hex("00000005 01 8fff abcd");
     // A PeerRemoved with an unknown field 0x90 after its node id.
     stream.extend_from_slice(&hex("00000012 01 0008 01 0008 0000000000000009 90 0001 ff"));
     let mut d = FrameDecoder::new();

@@ -161,6 +161,51 @@ struct PeersFile {
     peer: Vec<PeerFile>,
 }
 
+/// What a first join may leave behind, noted before it starts: when it
+/// fails, [`FirstJoin::undo`] removes the key and `node.toml` it made and,
+/// if the directory was made for it, the directory, so a failed
+/// `meshd up --token` leaves no half-joined node.
+#[derive(Debug)]
+pub struct FirstJoin {
+    dir: StateDir,
+    dir_existed: bool,
+    made: Vec<PathBuf>,
+}
+
+impl FirstJoin {
+    /// `None` when the node has joined already.
+    pub fn note(path: &Path) -> Option<FirstJoin> {
+        let dir = StateDir::at(path);
+        if dir.joined() {
+            return None;
+        }
+        let made = [KEY_FILE, NODE_FILE]
+            .iter()
+            .map(|f| dir.file(f))
+            .filter(|p| !p.exists())
+            .collect();
+        Some(FirstJoin {
+            dir_existed: path.exists(),
+            dir,
+            made,
+        })
+    }
+
+    /// Removes what the failed join made. `keep_log`: the directory stays
+    /// when the daemon's log in it is where the user must look.
+    pub fn undo(self, keep_log: bool) {
+        if self.dir.joined() {
+            return;
+        }
+        for path in &self.made {
+            let _ = fs::remove_file(path);
+        }
+        if !self.dir_existed && !keep_log {
+            let _ = fs::remove_dir_all(self.dir.path());
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct StateDir {
     path: PathBuf,
@@ -245,6 +290,12 @@ impl StateDir {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
             _ => Ok(()),
         }
+    }
+
+    /// Whether the coordinator has accepted this node (its record is saved).
+    fn joined(&self) -> bool {
+        self.load_node()
+            .is_ok_and(|n| n.is_some_and(|n| n.node.is_some()))
     }
 
     pub fn load_node(&self) -> Result<Option<NodeFile>, StateError> {

@@ -232,8 +232,6 @@ pub struct Supervisor {
     endpoints: Option<Vec<SocketAddr>>,
     reported: Option<Vec<SocketAddr>>,
     last_error: Option<String>,
-    /// The last session was synchronised at least once in this process.
-    ever_synced: bool,
     commands: VecDeque<Command>,
 }
 
@@ -264,7 +262,6 @@ impl Supervisor {
             endpoints: None,
             reported: None,
             last_error: None,
-            ever_synced: false,
             commands: VecDeque::new(),
         };
         s.config.addresses = s.config.addresses.max(1);
@@ -285,11 +282,6 @@ impl Supervisor {
     /// The node has been registered (now or before this process started).
     pub fn is_registered(&self) -> bool {
         self.identity.registered
-    }
-
-    /// A session has been fully synchronised since this process started.
-    pub fn ever_synced(&self) -> bool {
-        self.ever_synced
     }
 
     /// The join of the current or next session.
@@ -431,7 +423,6 @@ impl Supervisor {
                 self.round_start = address;
                 self.failures = 0;
                 self.last_error = None;
-                self.ever_synced = true;
                 if let Some(target) = self.returning.take() {
                     self.return_wait = if target == address {
                         self.config.return_check
@@ -569,6 +560,17 @@ impl Supervisor {
                     self.stop(format!("cannot join: {message}"));
                 }
             }
+            // Another process logged in with this node's key (a copy of its
+            // state directory) and took the session over. Logging in again
+            // would take it back, and the two would take turns for ever; the
+            // newer one keeps the node, this one stops (tunnels stay up).
+            // A session this node gave up itself is never told: it has
+            // already closed it before its next login.
+            (ErrorCode::Replaced, _) => self.stop(format!(
+                "another meshd logged in as this node (with its key: a copy of this state \
+                 directory?) and replaced this session; stopped so the two do not take turns \
+                 ({message})"
+            )),
             (
                 ErrorCode::TokenInvalid
                 | ErrorCode::TokenExpired
@@ -1113,6 +1115,22 @@ mod tests {
             );
             assert!(matches!(t.s.state(), ControlState::Stopped { .. }));
         }
+    }
+
+    /// Two processes with one key would replace each other's session for
+    /// ever if each logged in again: the replaced one stops instead.
+    #[test]
+    fn a_replaced_session_stops_instead_of_taking_the_node_back() {
+        let mut t = T::registered();
+        t.cmds();
+        t.session_up();
+        let cmds = t.input(rejected(ErrorCode::Replaced));
+        assert!(
+            matches!(&cmds[..], [Command::Fatal(why)] if why.contains("another meshd")),
+            "{cmds:?}"
+        );
+        assert!(matches!(t.s.state(), ControlState::Stopped { .. }));
+        assert_eq!(t.s.poll_timeout(), None);
     }
 
     #[test]

@@ -236,7 +236,7 @@ impl Server {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_err(io::Error::other("no async runtime")))?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            restartable_endpoint(identity),
             Some(quic_config),
             socket,
             runtime,
@@ -576,25 +576,38 @@ async fn accept_tcp(
     }
 }
 
+/// What one read from a session's stream brought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Bytes, fed to the decoder.
+    Bytes,
+    /// The node ended its side of the stream cleanly (TLS close_notify, a
+    /// QUIC FIN); it may still read.
+    End,
+    /// The stream failed (reset, TCP closed without close_notify): nothing
+    /// more can be sent either.
+    Failed,
+}
+
 /// The receiving half of a session.
 trait ReadHalf {
-    /// Waits for bytes and feeds them to `decoder`; `false` once the stream
-    /// has ended or failed. Cancel-safe: bytes are fed in the same poll that
-    /// takes them from the stream.
-    fn read_into(&mut self, decoder: &mut FrameDecoder) -> impl Future<Output = bool> + Send;
+    /// Waits for bytes and feeds them to `decoder`. Cancel-safe: bytes are
+    /// fed in the same poll that takes them from the stream.
+    fn read_into(&mut self, decoder: &mut FrameDecoder) -> impl Future<Output = Read> + Send;
 }
 
 /// A QUIC stream: quinn's own chunks go to the decoder, no copy, no buffer.
 struct QuicRead(quinn::RecvStream);
 
 impl ReadHalf for QuicRead {
-    async fn read_into(&mut self, decoder: &mut FrameDecoder) -> bool {
+    async fn read_into(&mut self, decoder: &mut FrameDecoder) -> Read {
         match self.0.read_chunk(usize::MAX, true).await {
             Ok(Some(chunk)) => {
                 decoder.feed(&chunk.bytes);
-                true
+                Read::Bytes
             }
-            Ok(None) | Err(_) => false,
+            Ok(None) => Read::End,
+            Err(_) => Read::Failed,
         }
     }
 }
@@ -606,12 +619,13 @@ struct BufferedRead<R> {
 }
 
 impl<R: AsyncRead + Unpin + Send> ReadHalf for BufferedRead<R> {
-    async fn read_into(&mut self, decoder: &mut FrameDecoder) -> bool {
+    async fn read_into(&mut self, decoder: &mut FrameDecoder) -> Read {
         match self.inner.read(&mut self.buf).await {
-            Ok(0) | Err(_) => false,
+            Ok(0) => Read::End,
+            Err(_) => Read::Failed,
             Ok(n) => {
                 decoder.feed(&self.buf[..n]);
-                true
+                Read::Bytes
             }
         }
     }
@@ -645,22 +659,32 @@ async fn run_stream<R, W>(
     let mut reading = true;
     loop {
         tokio::select! {
-            more = r.read_into(&mut decoder), if reading => {
-                if !more {
-                    break;
-                }
-                loop {
-                    match decoder.next_message() {
-                        Ok(Some(msg)) => {
-                            let _ = events.send(Event::Message { conn, msg });
-                        }
-                        Ok(None) => break,
-                        Err(error) => {
-                            let _ = events.send(Event::Malformed { conn, error });
-                            reading = false;
+            read = r.read_into(&mut decoder), if reading => {
+                let error = match read {
+                    Read::Failed => break,
+                    // Ended inside a frame: malformed, answered as any
+                    // other decoding error. Ended between frames: the node
+                    // has left; close our side cleanly too (close_notify).
+                    Read::End => match decoder.finish() {
+                        Err(error) => Some(error),
+                        Ok(()) => {
+                            let _ = w.shutdown().await;
                             break;
                         }
-                    }
+                    },
+                    Read::Bytes => loop {
+                        match decoder.next_message() {
+                            Ok(Some(msg)) => {
+                                let _ = events.send(Event::Message { conn, msg });
+                            }
+                            Ok(None) => break None,
+                            Err(error) => break Some(error),
+                        }
+                    },
+                };
+                if let Some(error) = error {
+                    let _ = events.send(Event::Malformed { conn, error });
+                    reading = false;
                 }
             },
             pending = out.take() => {
@@ -687,6 +711,29 @@ async fn write_pending<W: AsyncWrite + Unpin>(w: &mut W, pending: Pending) -> bo
     true
 }
 
+/// An endpoint whose connection IDs and stateless resets survive a restart:
+/// both keys are derived from the coordinator's stored identity (quinn's
+/// defaults are random at every start). A restarted coordinator (or another
+/// replica with the same identity) then recognises its old connection IDs
+/// as its own and answers a packet of a session it no longer has with a
+/// reset its client accepts, so the client reconnects at once instead of
+/// waiting for its idle timeout.
+fn restartable_endpoint(identity: &Identity) -> quinn::EndpointConfig {
+    use ring::hmac;
+    let master = hmac::Key::new(hmac::HMAC_SHA256, identity.static_key.as_bytes());
+    let reset = hmac::sign(&master, b"meshd QUIC stateless reset key");
+    let cid = hmac::sign(&master, b"meshd QUIC connection ID key");
+    let mut cid_key = [0; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config =
+        quinn::EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -702,7 +749,7 @@ mod tests {
     struct Silent;
 
     impl ReadHalf for Silent {
-        async fn read_into(&mut self, _: &mut FrameDecoder) -> bool {
+        async fn read_into(&mut self, _: &mut FrameDecoder) -> Read {
             std::future::pending().await
         }
     }

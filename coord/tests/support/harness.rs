@@ -100,9 +100,20 @@ impl Harness {
     }
 
     pub fn connect(&mut self, secret: StaticSecret, join: Join) -> SessionId {
+        self.connect_at(secret, join, &[])
+    }
+
+    /// Connects a node that reports `endpoints` with its Register or Login.
+    pub fn connect_at(
+        &mut self,
+        secret: StaticSecret,
+        join: Join,
+        endpoints: &[&str],
+    ) -> SessionId {
         let binding = [self.conns.len() as u8; 32];
         let id = self.coord.open_session(&binding, self.now);
-        let client = Client::new(secret, join, &binding);
+        let mut client = Client::new(secret, join, &binding);
+        client.report_endpoints(endpoints.iter().map(|e| e.parse().unwrap()).collect());
         self.conns.insert(
             id,
             Conn {

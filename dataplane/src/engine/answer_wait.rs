@@ -4,8 +4,9 @@
 //! Going to sleep in `epoll_wait` then costs a wake-up of the engine thread,
 //! which on a virtual machine can be a halted vCPU to wake: about 100 µs per
 //! round trip on the 2-vCPU lab host (docs/benchmarks.md, "Fourth look").
-//! So after such a send the engine polls without sleeping for up to a window
-//! ([`WINDOW`] unless configured otherwise; zero turns polling off). After [`MISSES`] windows in a row without an answer, polling
+//! So after such a send the engine can poll without sleeping for up to a window
+//! (`--answer-poll`, e.g. 150 µs; off by default, since it costs CPU that
+//! only sparse request/response traffic gets back). After [`MISSES`] windows in a row without an answer, polling
 //! backs off exponentially, so traffic that is not answered quickly (one-way
 //! streams, distant peers) soon costs at most one window every [`MAX_SKIP`]
 //! lone packets; one answer within a window ends the back-off. (Backing off
@@ -16,8 +17,6 @@
 
 use std::time::{Duration, Instant};
 
-/// How long to poll for an answer before sleeping, by default.
-pub const WINDOW: Duration = Duration::from_micros(150);
 /// Windows in a row without an answer before polling backs off.
 pub const MISSES: u32 = 4;
 /// The most lone packets sent without polling after windows that saw no answer.
@@ -35,12 +34,6 @@ pub struct AnswerWait {
     skip: u32,
     /// Windows in a row that saw no answer.
     misses: u32,
-}
-
-impl Default for AnswerWait {
-    fn default() -> Self {
-        AnswerWait::new(WINDOW)
-    }
 }
 
 impl AnswerWait {
@@ -97,6 +90,8 @@ impl AnswerWait {
 
 #[cfg(test)]
 mod tests {
+    /// A window that covers a quick answer on the lab host.
+    const WINDOW: Duration = Duration::from_micros(150);
     use super::*;
 
     /// Sends one lone packet and ends its window (if one opened) as `answered`;
@@ -124,14 +119,14 @@ mod tests {
 
     #[test]
     fn answered_packets_are_polled_for_every_time() {
-        let mut w = AnswerWait::default();
+        let mut w = AnswerWait::new(WINDOW);
         let now = Instant::now();
         assert!((0..100).all(|_| round(&mut w, now, true)));
     }
 
     #[test]
     fn a_window_is_polled_for_once_and_stays_open_while_work_is_ready() {
-        let mut w = AnswerWait::default();
+        let mut w = AnswerWait::new(WINDOW);
         let now = Instant::now();
         assert_eq!(w.deadline(false), None);
         w.sent(now);
@@ -143,7 +138,7 @@ mod tests {
 
     #[test]
     fn an_answer_before_the_poll_is_no_miss() {
-        let mut w = AnswerWait::default();
+        let mut w = AnswerWait::new(WINDOW);
         let now = Instant::now();
         for _ in 0..100 {
             w.sent(now);
@@ -158,7 +153,7 @@ mod tests {
 
     #[test]
     fn unanswered_packets_back_off_exponentially_up_to_the_cap() {
-        let mut w = AnswerWait::default();
+        let mut w = AnswerWait::new(WINDOW);
         let now = Instant::now();
         // Which of the lone packets open a window when none is answered.
         let opened: Vec<usize> = (0..400).filter(|_| round(&mut w, now, false)).collect();
@@ -169,7 +164,7 @@ mod tests {
 
     #[test]
     fn a_few_misses_among_answers_do_not_back_off() {
-        let mut w = AnswerWait::default();
+        let mut w = AnswerWait::new(WINDOW);
         let now = Instant::now();
         for _ in 0..50 {
             for _ in 0..MISSES - 1 {
@@ -181,7 +176,7 @@ mod tests {
 
     #[test]
     fn one_answer_ends_the_back_off() {
-        let mut w = AnswerWait::default();
+        let mut w = AnswerWait::new(WINDOW);
         let now = Instant::now();
         for _ in 0..200 {
             round(&mut w, now, false);
