@@ -47,7 +47,9 @@ pub enum BenchCmd {
         secs: u32,
     },
     /// The data plane against its peers over one veth pair: plain veth (the ceiling),
-    /// wireguard-go, boringtun-cli (1 thread and default), nebula and this meshd binary.
+    /// Debian's and the current wireguard-go, Tailscale (tailscaled joined to Headscale),
+    /// boringtun-cli (1 thread and default), nebula and this meshd binary. Builds the current
+    /// wireguard-go, Tailscale and Headscale first with scripts/install-peers if they are not.
     /// Build meshd with --release first: the meshd measured is the one running.
     Dataplane {
         /// iperf3 runs per peer and case, and RTT rounds (medians are reported).
@@ -59,6 +61,10 @@ pub enum BenchCmd {
         /// Pings for each RTT median (underlay and tunnel, in each of `runs` rounds).
         #[arg(long, default_value_t = 100)]
         pings: u32,
+        /// Only these peers, comma-separated, in this order: veth, wireguard-go,
+        /// wireguard-go-current, tailscale, boringtun-1, boringtun, nebula, meshd.
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<String>,
     },
 }
 
@@ -93,13 +99,24 @@ pub fn run(cmd: LabCmd) -> Result<()> {
         }
         LabCmd::Exec { lab, node, command } => exec(lab, &node, &command),
         LabCmd::Demo { file } => demo(&file),
-        LabCmd::Bench(BenchCmd::Dataplane { runs, secs, pings }) => {
-            let opts = meshd_netlab::bench_dataplane::Options {
+        LabCmd::Bench(BenchCmd::Dataplane {
+            runs,
+            secs,
+            pings,
+            peers,
+        }) => {
+            let mut opts = meshd_netlab::bench_dataplane::Options {
                 runs,
                 secs,
                 pings,
                 ..Default::default()
             };
+            if !peers.is_empty() {
+                opts.peers = peers
+                    .iter()
+                    .map(|p| meshd_netlab::bench_dataplane::Peer::from_name(p))
+                    .collect::<Result<_, _>>()?;
+            }
             let report = meshd_netlab::bench_dataplane::run(&opts)?;
             println!("{}", report.table());
             Ok(())

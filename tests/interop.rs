@@ -1,8 +1,10 @@
-//! `meshd wg up` against standard WireGuard (Debian's wireguard-go, configured
-//! with `wg setconf`) and against itself, in two lab namespaces joined by a
-//! veth pair, with and without a preshared key: handshake, ping both ways,
-//! `meshd wg show`, garbage at meshd's port, `meshd wg down`. TCP throughput
-//! is in the `timing_` tests, which the test command runs alone.
+//! `meshd wg up` against standard WireGuard (Debian's 2022 wireguard-go and the
+//! current wireguard-go with its offloads, built by `scripts/install-peers`, both
+//! configured with `wg setconf`) and against itself, in two lab namespaces joined
+//! by a veth pair, with and without a preshared key: handshake, ping both ways,
+//! `meshd wg show`, garbage at meshd's port, `meshd wg down`; with the current
+//! wireguard-go also a rekey after two minutes. TCP throughput is in the `timing_`
+//! tests, which the test command runs alone.
 //!
 //! meshd is always the left end; the right end is wireguard-go or meshd.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
@@ -90,7 +92,7 @@ fn both_ends_report_the_session(lab: &Lab, pair: &TunnelPair<'_>, preshared_key:
                     s.0
                 );
             }
-            Impl::WireguardGo => {
+            Impl::WireguardGo | Impl::WireguardGoCurrent => {
                 let at = pair.latest_handshake(side).unwrap();
                 assert!(matches!(at, Some(t) if t > 0), "{side:?}: {at:?}");
                 let psk = pair.preshared_key(side).unwrap().unwrap();
@@ -298,6 +300,68 @@ fn meshd_and_wireguard_go_interoperate_with_a_preshared_key() {
 }
 
 #[test]
+fn meshd_and_current_wireguard_go_interoperate() {
+    interoperates(Impl::WireguardGoCurrent, false);
+}
+
+#[test]
+fn meshd_and_current_wireguard_go_interoperate_with_a_preshared_key() {
+    interoperates(Impl::WireguardGoCurrent, true);
+}
+
+/// WireGuard's REKEY_AFTER_TIME: a sender starts a new handshake once its
+/// session is this old.
+const REKEY_AFTER: Duration = Duration::from_secs(120);
+
+/// Pings every 200 ms both ways for a little over two minutes: both ends make a
+/// new session (wireguard-go's latest handshake moves on by at least two
+/// minutes, meshd's handshake age starts again) and no more than one ping is
+/// lost while they do.
+#[test]
+fn meshd_and_current_wireguard_go_rekey_after_two_minutes() {
+    let lab = Lab::veth_pair().unwrap();
+    let pair = meshd_and(&lab, Impl::WireguardGoCurrent, false);
+    let first = pair.latest_handshake(Side::Right).unwrap().unwrap();
+    assert!(first > 0);
+    let started = Instant::now();
+    let (meshd_node, meshd_iface) = (pair.node(Side::Left), pair.iface(Side::Left));
+    let mut sent = 0;
+    let mut lost = 0;
+    // Rounds of pings from each side in turn until wireguard-go reports a
+    // handshake two minutes after the first one; every round is counted.
+    lab.wait_until(
+        "a new handshake two minutes after the first",
+        REKEY_AFTER + Duration::from_secs(60),
+        || {
+            for from in [Side::Left, Side::Right] {
+                let rtts = pair.ping(from, 10, Duration::from_millis(200)).unwrap();
+                sent += 10;
+                lost += 10 - rtts.len();
+            }
+            pair.latest_handshake(Side::Right)
+                .unwrap()
+                .is_some_and(|t| t >= first + REKEY_AFTER.as_secs())
+        },
+    )
+    .unwrap();
+    let elapsed = started.elapsed();
+    let s = show(&lab, meshd_node, meshd_iface);
+    let peer = s.peers().into_values().next().unwrap();
+    let age = handshake_age(&peer).unwrap();
+    eprintln!(
+        "rekeyed after {:.0} s; meshd's handshake is {age} s old; {lost} of {sent} pings lost",
+        elapsed.as_secs_f64()
+    );
+    assert!(
+        age + 60 < elapsed.as_secs(),
+        "meshd's handshake is {age} s old after {elapsed:?}:\n{}",
+        s.0
+    );
+    assert!(lost <= 1, "{lost} of {sent} pings lost across the rekey");
+    pings_cross_both_ways(&pair);
+}
+
+#[test]
 fn meshd_and_meshd_interoperate() {
     interoperates(Impl::Meshd, false);
 }
@@ -345,6 +409,11 @@ fn timing_meshd_and_wireguard_go_carry_tcp_both_ways() {
 #[test]
 fn timing_meshd_and_wireguard_go_carry_tcp_both_ways_with_a_preshared_key() {
     carries_tcp_both_ways(Impl::WireguardGo, true);
+}
+
+#[test]
+fn timing_meshd_and_current_wireguard_go_carry_tcp_both_ways() {
+    carries_tcp_both_ways(Impl::WireguardGoCurrent, false);
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! `meshd lab bench dataplane`: TCP through each userspace tunnel on this machine, against a
 //! plain veth pair (the ceiling), as issue 4 asks: throughput for 1 and 4 streams in both
 //! directions (median of `runs`), CPU per Gbit, added ping RTT and UDP receive-buffer drops.
-//! Not a pass/fail test.
+//! Not a pass/fail test. The peers include the current wireguard-go and Tailscale (issue 15),
+//! built from the Go module proxy by `scripts/install-peers`, which the benchmark runs first.
 //!
 //! The underlay is one [`Lab::veth_pair`]: a single hop with nothing else on the path, so the
 //! only difference between the "veth" row and a tunnel's row is the tunnel. A routed lab would
@@ -33,6 +34,39 @@ pub enum Peer {
 }
 
 impl Peer {
+    /// The names `meshd lab bench dataplane --peers` takes, with what each means.
+    pub const NAMES: [(&'static str, Peer); 8] = [
+        ("veth", Peer::Veth),
+        ("wireguard-go", Peer::Tunnel(Impl::WireguardGo)),
+        (
+            "wireguard-go-current",
+            Peer::Tunnel(Impl::WireguardGoCurrent),
+        ),
+        ("tailscale", Peer::Tunnel(Impl::Tailscale)),
+        (
+            "boringtun-1",
+            Peer::Tunnel(Impl::BoringtunCli { threads: Some(1) }),
+        ),
+        (
+            "boringtun",
+            Peer::Tunnel(Impl::BoringtunCli { threads: None }),
+        ),
+        ("nebula", Peer::Tunnel(Impl::Nebula)),
+        ("meshd", Peer::Tunnel(Impl::Meshd)),
+    ];
+
+    /// The peer a name of [`Peer::NAMES`] stands for.
+    pub fn from_name(name: &str) -> Result<Peer, LabError> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::NAMES.iter().map(|(n, _)| *n).collect();
+                LabError::Lab(format!("no peer {name:?}; known: {}", known.join(", ")))
+            })
+    }
+
     pub fn label(self) -> String {
         match self {
             Peer::Veth => "veth (no tunnel)".into(),
@@ -47,6 +81,8 @@ pub fn default_peers() -> Vec<Peer> {
     vec![
         Peer::Veth,
         Peer::Tunnel(Impl::WireguardGo),
+        Peer::Tunnel(Impl::WireguardGoCurrent),
+        Peer::Tunnel(Impl::Tailscale),
         Peer::Tunnel(Impl::BoringtunCli { threads: Some(1) }),
         Peer::Tunnel(Impl::BoringtunCli { threads: None }),
         Peer::Tunnel(Impl::Nebula),
@@ -169,12 +205,25 @@ pub struct Report {
     pub kernel: String,
 }
 
-/// Runs the benchmark. Fails at once, naming what to install, if a peer's program is missing.
+/// Runs the benchmark. Builds the peers that come from the Go module proxy first
+/// (`scripts/install-peers`, which skips what is built); fails at once, naming what to
+/// install, if another peer's program is missing.
 pub fn run(opts: &Options) -> Result<Report, LabError> {
     let runs = opts.runs.max(1);
     let secs = opts.secs.max(1);
     sys::require_tool("iperf3", "iperf3")?;
     sys::require_tool("ping", "iputils-ping")?;
+    let mut to_build: Vec<&str> = Vec::new();
+    for peer in &opts.peers {
+        if let Peer::Tunnel(imp) = peer {
+            for p in imp.install_peers_args() {
+                if !to_build.contains(p) {
+                    to_build.push(p);
+                }
+            }
+        }
+    }
+    crate::peers::install_peers(&to_build)?;
     let mut versions = Vec::new();
     for peer in &opts.peers {
         versions.push(match peer {
@@ -601,6 +650,18 @@ mod tests {
             parse_snmp("Udp: RcvbufErrors\n", "Udp", "RcvbufErrors"),
             None
         );
+    }
+
+    #[test]
+    fn peers_are_named_once_each_and_the_defaults_all_have_names() {
+        for (name, peer) in Peer::NAMES {
+            assert_eq!(Peer::from_name(name).unwrap(), peer);
+        }
+        for peer in default_peers() {
+            assert!(Peer::NAMES.iter().any(|(_, p)| *p == peer), "{peer:?}");
+        }
+        let err = Peer::from_name("tailscaled").unwrap_err().to_string();
+        assert!(err.contains("wireguard-go-current"), "{err}");
     }
 
     fn result(peer: Peer, gbit: [f64; 4]) -> PeerResult {

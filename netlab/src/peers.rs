@@ -1,8 +1,10 @@
 //! Tunnels between two lab nodes made by real implementations of other meshes: `wireguard-go`
-//! and `boringtun-cli` (both configured over the WireGuard UAPI with `wg setconf`) and
-//! `nebula`. Interop tests pair them with meshd; the data-plane benchmark measures them.
-//! [`Impl::Meshd`] is meshd's own `meshd wg up`, started the same way, so it pairs with any of
-//! the WireGuard implementations.
+//! (Debian's 2022 release and the current one, built by `scripts/install-peers`) and
+//! `boringtun-cli` (all configured over the WireGuard UAPI with `wg setconf`), `nebula`, and
+//! Tailscale (`tailscaled` with a real TUN, joined to Headscale: see [`tailscale`]). Interop
+//! tests pair them with meshd; the data-plane benchmark measures them. [`Impl::Meshd`] is
+//! meshd's own `meshd wg up`, started the same way, so it pairs with any of the WireGuard
+//! implementations.
 //!
 //! A [`TunnelPair`] gives the left node 100.64.0.1/24 and the right node 100.64.0.2/24 inside
 //! the tunnel, carries the tunnel's UDP between the nodes' lab addresses ([`Lab::addr`], so
@@ -20,6 +22,8 @@ use std::time::Duration;
 
 use crate::tools::{ping_addr, tail, Iperf3Result, Iperf3Server, Iperf3Test};
 use crate::{sys, Lab, LabError, Proc};
+
+pub mod tailscale;
 
 /// The left end's address inside the tunnel.
 pub const LEFT_ADDR: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
@@ -39,8 +43,12 @@ static NEXT_TUNNEL: AtomicU32 = AtomicU32::new(0);
 /// A tunnel implementation that runs as a process in a lab node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Impl {
-    /// Debian's `wireguard-go`, the reference userspace WireGuard.
+    /// Debian's `wireguard-go`, the reference userspace WireGuard (the 2022 release, without
+    /// the TUN and UDP offloads of 2023).
     WireguardGo,
+    /// The current `wireguard-go`, with its offloads, built by `scripts/install-peers
+    /// wireguard-go` (see [`locate_installed_peer`]).
+    WireguardGoCurrent,
     /// `boringtun-cli` from crates.io (`cargo install boringtun-cli --locked`); `threads: None`
     /// keeps its default (4).
     BoringtunCli { threads: Option<u32> },
@@ -50,19 +58,28 @@ pub enum Impl {
     /// meshd's standalone mode, `meshd wg up --foreground` with a wg-quick file (see
     /// [`locate_meshd`] for which binary).
     Meshd,
+    /// Tailscale's `tailscaled` with a real TUN in each node, joined to a Headscale control
+    /// server (and a `derper`) in the left node, built by `scripts/install-peers tailscale
+    /// headscale`; pairs only with itself. The pair is measured once the path is direct.
+    Tailscale,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
     WireGuard,
     Nebula,
+    Tailscale,
 }
 
 impl Impl {
     fn family(self) -> Family {
         match self {
-            Impl::WireguardGo | Impl::BoringtunCli { .. } | Impl::Meshd => Family::WireGuard,
+            Impl::WireguardGo
+            | Impl::WireguardGoCurrent
+            | Impl::BoringtunCli { .. }
+            | Impl::Meshd => Family::WireGuard,
             Impl::Nebula => Family::Nebula,
+            Impl::Tailscale => Family::Tailscale,
         }
     }
 
@@ -73,6 +90,11 @@ impl Impl {
                 sys::require_tool("wireguard-go", "wireguard-go")?;
                 sys::require_tool("wg", "wireguard-tools")
             }
+            Impl::WireguardGoCurrent => {
+                locate_installed_peer("wireguard-go", "wireguard-go")?;
+                sys::require_tool("wg", "wireguard-tools")
+            }
+            Impl::Tailscale => tailscale::check_installed(),
             Impl::BoringtunCli { .. } => {
                 locate_boringtun_cli()?;
                 sys::require_tool("wg", "wireguard-tools")
@@ -87,11 +109,28 @@ impl Impl {
 }
 
 impl Impl {
+    /// What `scripts/install-peers` must build for this implementation (nothing for those
+    /// that come from Debian or crates.io).
+    pub fn install_peers_args(self) -> &'static [&'static str] {
+        match self {
+            Impl::WireguardGoCurrent => &["wireguard-go"],
+            Impl::Tailscale => &["tailscale", "headscale"],
+            Impl::WireguardGo | Impl::BoringtunCli { .. } | Impl::Nebula | Impl::Meshd => &[],
+        }
+    }
+
     /// The installed version, as the program itself reports it ("wireguard-go v0.0.20220316",
-    /// "boringtun 0.7.1", "nebula 1.6.1").
+    /// "boringtun 0.7.1", "nebula 1.6.1", "tailscale 1.102.5").
     pub fn version(self) -> Result<String, LabError> {
         let (program, flag) = match self {
             Impl::WireguardGo => ("wireguard-go".to_owned(), "--version"),
+            Impl::WireguardGoCurrent => (
+                locate_installed_peer("wireguard-go", "wireguard-go")?
+                    .display()
+                    .to_string(),
+                "--version",
+            ),
+            Impl::Tailscale => return tailscale::version(),
             Impl::BoringtunCli { .. } => {
                 (locate_boringtun_cli()?.display().to_string(), "--version")
             }
@@ -115,6 +154,8 @@ impl fmt::Display for Impl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Impl::WireguardGo => f.write_str("wireguard-go"),
+            Impl::WireguardGoCurrent => f.write_str("wireguard-go (current)"),
+            Impl::Tailscale => f.write_str("tailscale"),
             Impl::BoringtunCli { threads: Some(n) } => write!(f, "boringtun-cli --threads {n}"),
             Impl::BoringtunCli { threads: None } => {
                 f.write_str("boringtun-cli (default, 4 threads)")
@@ -230,6 +271,8 @@ pub struct TunnelPair<'lab> {
     lab: &'lab Lab,
     ends: [End; 2],
     dir: PathBuf,
+    /// Tailscale: Headscale and derper, stopped after the ends (fields drop in order).
+    control: Option<tailscale::Control>,
 }
 
 /// Everything one end needs to know to start.
@@ -255,7 +298,8 @@ impl<'lab> TunnelPair<'lab> {
     }
 
     /// Each end runs its own implementation; they must speak the same protocol (any two of
-    /// the WireGuard family interoperate, nebula only with nebula).
+    /// the WireGuard family interoperate, nebula only with nebula, Tailscale only with
+    /// Tailscale).
     pub fn up_mixed(
         lab: &'lab Lab,
         left: (&str, Impl),
@@ -265,13 +309,16 @@ impl<'lab> TunnelPair<'lab> {
         let family = left.1.family();
         if right.1.family() != family {
             return Err(LabError::Lab(format!(
-                "{} and {} do not speak the same protocol; pair nebula only with nebula",
+                "{} and {} do not speak the same protocol; pair nebula only with nebula and \
+                 tailscale only with tailscale",
                 left.1, right.1
             )));
         }
         if opts.preshared_key && family != Family::WireGuard {
             return Err(LabError::Lab(
-                "a preshared key is a WireGuard option; nebula has none".into(),
+                "a preshared key is an option of the WireGuard peers; nebula and tailscale have \
+                 none"
+                    .into(),
             ));
         }
         left.1.check_installed()?;
@@ -286,6 +333,7 @@ impl<'lab> TunnelPair<'lab> {
         let prefix = match family {
             Family::WireGuard => "wg",
             Family::Nebula => "nb",
+            Family::Tailscale => "ts",
         };
         let (la, ra) = (lab.addr(left.0)?, lab.addr(right.0)?);
         let specs = [(Side::Left, left, la, ra), (Side::Right, right, ra, la)].map(
@@ -307,12 +355,30 @@ impl<'lab> TunnelPair<'lab> {
             )));
         }
 
-        let ends = match family {
-            Family::WireGuard => start_wireguard_pair(lab, &specs, &dir, opts)?,
-            Family::Nebula => start_nebula_pair(lab, &specs, &dir, opts)?,
+        let (ends, control) = match family {
+            Family::WireGuard => (start_wireguard_pair(lab, &specs, &dir, opts)?, None),
+            Family::Nebula => (start_nebula_pair(lab, &specs, &dir, opts)?, None),
+            Family::Tailscale => {
+                let (ends, control) = tailscale::start_pair(lab, &specs, &dir, opts)?;
+                (ends, Some(control))
+            }
         };
-        let mut pair = TunnelPair { lab, ends, dir };
+        let mut pair = TunnelPair {
+            lab,
+            ends,
+            dir,
+            control,
+        };
         pair.wait_for_traffic(opts.timeout)?;
+        if family == Family::Tailscale {
+            // Measured once the path is direct, not relayed through DERP.
+            tailscale::wait_direct(
+                lab,
+                &pair.dir,
+                [(left.0, LEFT_ADDR), (right.0, RIGHT_ADDR)],
+                opts.timeout,
+            )?;
+        }
         tracing::info!(left = %pair.ends[0].imp, right = %pair.ends[1].imp, "tunnel is up");
         Ok(pair)
     }
@@ -349,8 +415,10 @@ impl<'lab> TunnelPair<'lab> {
         for side in [Side::Left, Side::Right] {
             // Not boringtun-cli: it reports the seconds since the handshake where the UAPI
             // wants a timestamp (cloudflare/boringtun#447), which is 0 right after one.
-            if self.ends[side.index()].imp == Impl::WireguardGo
-                && self.latest_handshake(side)? == Some(0)
+            if matches!(
+                self.ends[side.index()].imp,
+                Impl::WireguardGo | Impl::WireguardGoCurrent
+            ) && self.latest_handshake(side)? == Some(0)
             {
                 return Err(LabError::Lab(format!(
                     "pings crossed, yet {} reports no handshake with its peer",
@@ -383,6 +451,20 @@ impl<'lab> TunnelPair<'lab> {
     /// The daemons' process ids (their CPU time is in /proc/PID/stat).
     pub fn pids(&self) -> [u32; 2] {
         [self.ends[0].proc.pid(), self.ends[1].proc.pid()]
+    }
+
+    /// Tailscale ends: the path to the other end as tailscaled reports it; None for the others.
+    pub fn tailscale_path(&self, side: Side) -> Result<Option<tailscale::PathKind>, LabError> {
+        let end = &self.ends[side.index()];
+        if end.imp != Impl::Tailscale {
+            return Ok(None);
+        }
+        tailscale::pair_path(self.lab, &self.dir, &end.node).map(Some)
+    }
+
+    /// Tailscale pairs: Headscale and derper (in the left node).
+    pub fn tailscale_control(&self) -> Option<&tailscale::Control> {
+        self.control.as_ref()
     }
 
     /// Where the configuration files of this pair are (inside the lab's log directory).
@@ -535,6 +617,12 @@ fn start_wireguard_end(
     }
     let mut argv: Vec<String> = match spec.imp {
         Impl::WireguardGo => vec!["wireguard-go".into(), "-f".into()],
+        Impl::WireguardGoCurrent => vec![
+            locate_installed_peer("wireguard-go", "wireguard-go")?
+                .display()
+                .to_string(),
+            "-f".into(),
+        ],
         Impl::BoringtunCli { threads } => {
             let mut v = vec![
                 locate_boringtun_cli()?.display().to_string(),
@@ -547,7 +635,7 @@ fn start_wireguard_end(
             }
             v
         }
-        Impl::Nebula | Impl::Meshd => {
+        Impl::Nebula | Impl::Meshd | Impl::Tailscale => {
             return Err(LabError::Lab(format!(
                 "{} is not configured with wg setconf",
                 spec.imp
@@ -843,6 +931,64 @@ pub fn locate_boringtun_cli() -> Result<PathBuf, LabError> {
                 .into(),
         )
     })
+}
+
+/// Where `scripts/install-peers` puts what it builds: `$MESHD_PEERS_DIR/bin`, by default
+/// /opt/meshd-peers/bin.
+pub fn installed_peers_dir() -> PathBuf {
+    std::env::var_os("MESHD_PEERS_DIR")
+        .map_or_else(|| PathBuf::from("/opt/meshd-peers"), PathBuf::from)
+        .join("bin")
+}
+
+/// A program built by `scripts/install-peers PEER`; fails naming that command if it is not
+/// there. PATH is not searched: Debian's `wireguard-go` has the same name as the current one.
+pub fn locate_installed_peer(program: &str, peer: &str) -> Result<PathBuf, LabError> {
+    let dir = installed_peers_dir();
+    find_program(std::slice::from_ref(&dir), program).ok_or_else(|| {
+        LabError::Lab(format!(
+            "`{program}` is not built in {}; build it with `scripts/install-peers {peer}`",
+            dir.display()
+        ))
+    })
+}
+
+/// Runs this source tree's `scripts/install-peers` with `peers` (it skips what is already built
+/// at its pin; a build takes minutes). Its output goes to this process's stderr. Fails if the
+/// script is gone (a binary moved away from its source tree): then run it by hand.
+pub fn install_peers(peers: &[&str]) -> Result<(), LabError> {
+    if peers.is_empty() {
+        return Ok(());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-peers");
+    if !script.is_file() {
+        return Err(LabError::Lab(format!(
+            "{} is not there to build {}; build them with scripts/install-peers from meshd's \
+             source tree",
+            script.display(),
+            peers.join(", ")
+        )));
+    }
+    tracing::info!(peers = ?peers, "scripts/install-peers");
+    let status = std::process::Command::new(&script)
+        .args(peers)
+        // stdout too: a benchmark's stdout is its table.
+        .stdout(std::io::stderr())
+        .stderr(std::process::Stdio::inherit())
+        .status()
+        .map_err(|source| LabError::Io {
+            what: format!("running {}", script.display()),
+            source,
+        })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(LabError::Lab(format!(
+            "{} {} failed ({status})",
+            script.display(),
+            peers.join(" ")
+        )))
+    }
 }
 
 fn find_program(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {

@@ -1,11 +1,13 @@
 //! Tunnels of real implementations between lab nodes (needs root, wireguard-go, wireguard-tools,
-//! nebula and iperf3; fails, never skips, when one is missing: scripts/install-deps installs them).
+//! nebula and iperf3, and the current wireguard-go, Tailscale and Headscale; fails, never skips,
+//! when one is missing: scripts/install-deps and scripts/install-peers install them).
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::time::Duration;
 
+use meshd_netlab::peers::tailscale::{PathKind, SeedPrototype};
 use meshd_netlab::peers::{Impl, Side, TunnelOptions, TunnelPair};
-use meshd_netlab::tools::Iperf3Test;
+use meshd_netlab::tools::{self, Iperf3Test};
 use meshd_netlab::{Lab, Topology};
 
 const PINGS: u32 = 10;
@@ -93,6 +95,109 @@ fn wireguard_go_pair_with_a_preshared_key_carries_ping_and_tcp_both_ways() {
     assert_eq!(left.len(), 44, "a base64 key, not {left:?}");
     assert_eq!(pair.preshared_key(Side::Right).unwrap(), Some(left));
     carries_ping_and_tcp_both_ways(&pair);
+}
+
+/// The current wireguard-go, with its TUN and UDP offloads.
+#[test]
+fn current_wireguard_go_pair_carries_ping_and_tcp_both_ways() {
+    let lab = Lab::veth_pair().unwrap();
+    let pair = TunnelPair::up(
+        &lab,
+        "left",
+        "right",
+        Impl::WireguardGoCurrent,
+        &TunnelOptions::default(),
+    )
+    .unwrap();
+    both_ends_handshook(&pair);
+    let version = Impl::WireguardGoCurrent.version().unwrap();
+    assert_ne!(version, Impl::WireguardGo.version().unwrap());
+    carries_ping_and_tcp_both_ways(&pair);
+}
+
+/// tailscaled with a real TUN at each end, joined to Headscale in the left node; the pair is
+/// up only once each end reports a direct path to the other.
+#[test]
+fn tailscale_pair_carries_ping_and_tcp_both_ways() {
+    let lab = Lab::veth_pair().unwrap();
+    let pair = TunnelPair::up(
+        &lab,
+        "left",
+        "right",
+        Impl::Tailscale,
+        &TunnelOptions::default(),
+    )
+    .unwrap();
+    for side in [Side::Left, Side::Right] {
+        let path = pair.tailscale_path(side).unwrap().unwrap();
+        let want = format!("{}:41641", lab.addr(pair.node(side.other())).unwrap());
+        assert_eq!(path, PathKind::Direct(want), "{side:?}");
+        assert_eq!(pair.latest_handshake(side).unwrap(), None);
+    }
+    carries_ping_and_tcp_both_ways(&pair);
+}
+
+/// The seed prototype (Headscale, derper, tailscaled) on the federation lab in one call: nodes
+/// ping each other over their 100.64 addresses; the public node and the node behind an
+/// endpoint-independent NAT end up direct, the node whose site blocks UDP goes through DERP.
+#[test]
+fn seed_prototype_joins_the_federation_lab() {
+    let topo = Topology::from_file(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/federation.toml"
+    )))
+    .unwrap();
+    let lab = Lab::up(&topo).unwrap();
+    let nodes = ["cloud1", "edge1", "cgn1", "corp1"];
+    let seed = SeedPrototype::up(&lab, "coord", "relay", &nodes).unwrap();
+    let addr: Vec<_> = nodes.iter().map(|n| seed.addr(n).unwrap()).collect();
+    for a in &addr {
+        assert!(
+            a.octets()[0] == 100 && (64..128).contains(&a.octets()[1]),
+            "{a}"
+        );
+    }
+    for (from, to) in [(0, 1), (1, 0), (1, 2), (2, 1), (0, 3), (3, 0)] {
+        let rtts =
+            tools::ping_addr(&lab, nodes[from], addr[to], 5, Duration::from_millis(200)).unwrap();
+        assert!(
+            rtts.len() >= 4,
+            "{} -> {} ({}): {} of 5 pings came back",
+            nodes[from],
+            nodes[to],
+            addr[to],
+            rtts.len()
+        );
+    }
+    // `tailscale ping` stops at the first direct pong; the daemon then reports that path.
+    lab.wait_until(
+        "a direct path from edge1 to cloud1",
+        Duration::from_secs(30),
+        || {
+            seed.tailscale(
+                "edge1",
+                &["ping", "--c", "5", "--timeout", "1s", &addr[0].to_string()],
+                Duration::from_secs(10),
+            )
+            .is_ok_and(|o| o.status.success())
+        },
+    )
+    .unwrap();
+    let direct = seed.path("edge1", "cloud1").unwrap();
+    let cloud1 = lab.addr("cloud1").unwrap();
+    assert_eq!(direct, PathKind::Direct(format!("{cloud1}:41641")));
+    assert_eq!(
+        seed.path("corp1", "cloud1").unwrap(),
+        PathKind::Derp("lab".into())
+    );
+    for (from, to) in [
+        ("edge1", "cloud1"),
+        ("edge1", "cgn1"),
+        ("cgn1", "edge1"),
+        ("corp1", "cloud1"),
+    ] {
+        eprintln!("{from} -> {to}: {}", seed.path(from, to).unwrap());
+    }
 }
 
 /// Over a routed underlay (host → core → host) rather than one veth.
