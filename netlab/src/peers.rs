@@ -110,12 +110,13 @@ impl Impl {
 
 impl Impl {
     /// What `scripts/install-peers` must build for this implementation (nothing for those
-    /// that come from Debian or crates.io).
+    /// that come from Debian, and meshd).
     pub fn install_peers_args(self) -> &'static [&'static str] {
         match self {
             Impl::WireguardGoCurrent => &["wireguard-go"],
             Impl::Tailscale => &["tailscale", "headscale"],
-            Impl::WireguardGo | Impl::BoringtunCli { .. } | Impl::Nebula | Impl::Meshd => &[],
+            Impl::BoringtunCli { .. } => &["boringtun"],
+            Impl::WireguardGo | Impl::Nebula | Impl::Meshd => &[],
         }
     }
 
@@ -913,11 +914,15 @@ pub fn locate_meshd() -> Result<PathBuf, LabError> {
     })
 }
 
-/// Finds `boringtun-cli` in PATH, then in Cargo's bin directory, where `cargo install` puts it.
+/// Finds `boringtun-cli` where `scripts/install-peers boringtun` puts it, then in PATH, then in
+/// Cargo's bin directory, where a `cargo install` by hand puts it.
 pub fn locate_boringtun_cli() -> Result<PathBuf, LabError> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = vec![installed_peers_dir()];
+    dirs.extend(
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default(),
+    );
     if let Some(home) = std::env::var_os("CARGO_HOME") {
         dirs.push(PathBuf::from(home).join("bin"));
     }
@@ -926,8 +931,8 @@ pub fn locate_boringtun_cli() -> Result<PathBuf, LabError> {
     }
     find_program(&dirs, "boringtun-cli").ok_or_else(|| {
         LabError::Lab(
-            "`boringtun-cli` is not installed (it is not a Debian package); install it with \
-             `cargo install boringtun-cli --locked` (PATH and ~/.cargo/bin are searched)"
+            "`boringtun-cli` is not installed (it is not a Debian package): run \
+             `scripts/install-peers boringtun` (PATH and ~/.cargo/bin are searched too)"
                 .into(),
         )
     })
