@@ -242,17 +242,12 @@ struct End {
     uapi_socket: Option<PathBuf>,
 }
 
+impl End {}
+
 impl End {
     /// A description of how the daemon ended, if it has.
     fn exited(&mut self) -> Option<String> {
-        let status = self.proc.try_wait()?;
-        Some(format!(
-            "{} in {} exited ({status}); its output ({}):\n{}",
-            self.imp,
-            self.node,
-            self.proc.log_path().display(),
-            tail(&self.proc.log(), 2000)
-        ))
+        died(&mut self.proc, &format!("{} in {}", self.imp, self.node))
     }
 }
 
@@ -821,17 +816,37 @@ fn wait_started(
     end: &mut End,
     what: &str,
     timeout: Duration,
+    ready: impl FnMut() -> bool,
+) -> Result<(), LabError> {
+    let who = format!("{} in {}", end.imp, end.node);
+    wait_running(lab, &mut end.proc, &who, what, timeout, ready)
+}
+
+/// Waits for `ready`, failing at once with `who`'s output if `proc` exits first.
+fn wait_running(
+    lab: &Lab,
+    proc: &mut Proc,
+    who: &str,
+    what: &str,
+    timeout: Duration,
     mut ready: impl FnMut() -> bool,
 ) -> Result<(), LabError> {
-    let mut died = None;
+    let mut ended = None;
     lab.wait_until(what, timeout, || {
-        died = end.exited();
-        died.is_some() || ready()
+        ended = died(proc, who);
+        ended.is_some() || ready()
     })?;
-    match died {
-        Some(d) => Err(LabError::Lab(d)),
-        None => Ok(()),
-    }
+    ended.map_or(Ok(()), |e| Err(LabError::Lab(e)))
+}
+
+/// How `proc` ended, if it has: `who` exited, with the end of its output.
+fn died(proc: &mut Proc, who: &str) -> Option<String> {
+    let status = proc.try_wait()?;
+    Some(format!(
+        "{who} exited ({status}); its output ({}):\n{}",
+        proc.log_path().display(),
+        tail(&proc.log(), 2000)
+    ))
 }
 
 fn into_pair(ends: Vec<End>) -> Result<[End; 2], LabError> {

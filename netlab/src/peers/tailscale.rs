@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{locate_installed_peer, tail, End, EndSpec, TunnelOptions};
+use super::{died, locate_installed_peer, wait_running, End, EndSpec, TunnelOptions};
+use crate::tools::tail;
 use crate::{Lab, LabError, Output, Proc};
 
 /// Headscale's HTTP port (the Tailscale control protocol, and the clients' registration).
@@ -121,7 +122,8 @@ impl Control {
             ],
         )?;
         let derp_at = std::net::SocketAddr::from((relay_addr, DERP_PORT));
-        wait_running(lab, &mut derper, "derper to listen", timeout, || {
+        let who = format!("derper in {relay_host}");
+        wait_running(lab, &mut derper, &who, "derper to listen", timeout, || {
             crate::tools::tcp_connects(lab, relay_host, derp_at, Duration::from_millis(500))
                 .unwrap_or(false)
         })?;
@@ -133,11 +135,19 @@ impl Control {
             &[&headscale_bin, "-c", &config, "serve"],
         )?;
         let http_at = std::net::SocketAddr::from((control_addr, HEADSCALE_PORT));
-        wait_running(lab, &mut headscale, "headscale to listen", timeout, || {
-            crate::tools::tcp_connects(lab, control_host, http_at, Duration::from_millis(500))
-                .unwrap_or(false)
-                && dir.join("headscale.sock").exists()
-        })?;
+        let who = format!("headscale in {control_host}");
+        wait_running(
+            lab,
+            &mut headscale,
+            &who,
+            "headscale to listen",
+            timeout,
+            || {
+                crate::tools::tcp_connects(lab, control_host, http_at, Duration::from_millis(500))
+                    .unwrap_or(false)
+                    && dir.join("headscale.sock").exists()
+            },
+        )?;
 
         let mut control = Control {
             headscale,
@@ -262,29 +272,6 @@ fn headscale_config(dir: &Path, addr: Ipv4Addr, derp_map: &Path) -> String {
     )
 }
 
-/// Waits for `ready`, failing at once with the process's output if it exits first.
-fn wait_running(
-    lab: &Lab,
-    proc: &mut Proc,
-    what: &str,
-    timeout: Duration,
-    mut ready: impl FnMut() -> bool,
-) -> Result<(), LabError> {
-    let mut died = None;
-    lab.wait_until(what, timeout, || {
-        died = proc.try_wait();
-        died.is_some() || ready()
-    })?;
-    match died {
-        Some(status) => Err(LabError::Lab(format!(
-            "{what}: it exited ({status}); its output ({}):\n{}",
-            proc.log_path().display(),
-            tail(&proc.log(), 2000)
-        ))),
-        None => Ok(()),
-    }
-}
-
 /// One `tailscaled` and how to reach it. Its owner stops it with SIGTERM ([`stop`]), so that
 /// it removes its TUN, routes and netfilter rules itself; dropped, it is killed.
 struct Daemon {
@@ -355,6 +342,7 @@ fn start_daemon(
     wait_running(
         lab,
         &mut proc,
+        &format!("tailscaled in {node}"),
         &format!("tailscaled in {node} to open {socket_s}"),
         timeout,
         || socket.exists(),
@@ -394,13 +382,8 @@ fn join(lab: &Lab, control: &Control, d: &mut Daemon, timeout: Duration) -> Resu
         &["up", &login, &key, &host, "--accept-dns=false", &wait],
         timeout + Duration::from_secs(5),
     )?;
-    if let Some(status) = d.proc.try_wait() {
-        return Err(LabError::Lab(format!(
-            "tailscaled in {} exited ({status}); its output ({}):\n{}",
-            d.node,
-            d.proc.log_path().display(),
-            tail(&d.proc.log(), 2000)
-        )));
+    if let Some(e) = died(&mut d.proc, &format!("tailscaled in {}", d.node)) {
+        return Err(LabError::Lab(e));
     }
     out.ok().map(drop)
 }
