@@ -3,7 +3,7 @@
 //! microseconds — from a peer in the same data centre or on the same machine.
 //! Going to sleep in `epoll_wait` then costs a wake-up of the engine thread,
 //! which on a virtual machine can be a halted vCPU to wake: about 100 µs per
-//! round trip on the 2-vCPU lab host (docs/benchmarks.md, "Fourth look").
+//! round trip on the 2-vCPU lab host (docs/benchmarks.md, "Added RTT, A/B").
 //! So after such a send the engine can poll without sleeping for up to a window
 //! (`--answer-poll`, e.g. 150 µs; off by default, since it costs CPU that
 //! only sparse request/response traffic gets back). After [`MISSES`] windows in a row without an answer, polling
