@@ -824,36 +824,23 @@ impl Coordinator {
         let mut token = token;
         token.uses += 1;
         token.version += 1;
-        if let Some(old) = expired {
-            let node = NodeRecord {
-                name,
-                tags: token.tags.clone(),
-                slice: token.slice.clone(),
-                ephemeral: token.ephemeral,
-                token_id: token.id.clone(),
-                expires_at: self.config.node_expiry.map(|d| add_ms(now, d)),
-                endpoints: unique_endpoints(r.endpoints.clone()),
-                disconnected_at: None,
-                session: Some(tag),
-                version: old.version + 1,
-                ..old
-            };
-            return Ok((
-                vec![Change::PutToken(token), Change::PutNode(node.clone())],
-                node,
-            ));
-        }
-        let ipv4 = self.state.free_ipv4().ok_or_else(|| {
-            Reject::new(
-                ErrorCode::Unavailable,
-                "the mesh has no free IPv4 address left",
-            )
-        })?;
-        let ipv6 = self
-            .state
-            .ipv6_for(ipv4)
-            .ok_or_else(|| Reject::new(ErrorCode::Internal, "mesh settings missing"))?;
-        let id = self.new_node_id();
+        // A renewed record keeps its id, addresses and creation time.
+        let (id, ipv4, ipv6, created_at, version) = match expired {
+            Some(old) => (old.id, old.ipv4, old.ipv6, old.created_at, old.version + 1),
+            None => {
+                let ipv4 = self.state.free_ipv4().ok_or_else(|| {
+                    Reject::new(
+                        ErrorCode::Unavailable,
+                        "the mesh has no free IPv4 address left",
+                    )
+                })?;
+                let ipv6 = self
+                    .state
+                    .ipv6_for(ipv4)
+                    .ok_or_else(|| Reject::new(ErrorCode::Internal, "mesh settings missing"))?;
+                (self.new_node_id(), ipv4, ipv6, now, 1)
+            }
+        };
         let node = NodeRecord {
             id,
             name,
@@ -864,12 +851,12 @@ impl Coordinator {
             slice: token.slice.clone(),
             ephemeral: token.ephemeral,
             token_id: token.id.clone(),
-            created_at: now,
+            created_at,
             expires_at: self.config.node_expiry.map(|d| add_ms(now, d)),
             endpoints: unique_endpoints(r.endpoints.clone()),
             disconnected_at: None,
             session: Some(tag),
-            version: 1,
+            version,
         };
         Ok((
             vec![Change::PutToken(token), Change::PutNode(node.clone())],
