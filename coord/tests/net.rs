@@ -223,15 +223,7 @@ fn identity_is_created_once_and_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_node_may_open_no_streams_and_send_no_datagrams() {
     let s = start().await;
-    let crypto = meshd_control::client_config(s.token.cert_pin).unwrap();
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
-    let conn = endpoint
-        .connect(s.server.quic_addr, SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap();
+    let (_endpoint, conn) = raw_quic(&s).await;
     assert_eq!(conn.max_datagram_size(), None, "datagrams accepted");
     let (_send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
         .await
@@ -260,6 +252,21 @@ async fn a_quic_node_may_open_no_streams_and_send_no_datagrams() {
 }
 
 /// Decodes everything a session's stream carried until its clean end.
+/// A plain QUIC connection to the coordinator, pinned as a node's is (the
+/// endpoint must live as long as the connection).
+async fn raw_quic(s: &Setup) -> (quinn::Endpoint, quinn::Connection) {
+    let crypto = meshd_control::client_config(s.token.cert_pin).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let conn = endpoint
+        .connect(s.server.quic_addr, SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    (endpoint, conn)
+}
+
 fn frames(bytes: &[u8]) -> Vec<Message> {
     let mut d = FrameDecoder::new();
     d.feed(bytes);
@@ -302,15 +309,7 @@ async fn a_stream_that_ends_inside_a_frame_is_answered_malformed_and_closed_clea
     );
 
     // QUIC.
-    let crypto = meshd_control::client_config(s.token.cert_pin).unwrap();
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
-    let conn = endpoint
-        .connect(s.server.quic_addr, SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap();
+    let (_endpoint, conn) = raw_quic(&s).await;
     let (mut send, mut recv) = tokio::time::timeout(wait, conn.accept_bi())
         .await
         .unwrap()
