@@ -679,9 +679,15 @@ impl<'r> Runtime<'r> {
                     tracing::info!(node = %info.node_id, name = %info.name, expires_at = ?info.expires_at, "the coordinator changed this node's record");
                     self.adopt(info)?;
                 }
+                ClientEvent::RelaysChanged => self.on_relays(),
             }
         }
         Ok(())
+    }
+
+    fn on_relays(&mut self) {
+        let relays = self.session.as_ref().map(|s| s.client.relays().to_vec());
+        tracing::debug!(relays = relays.map_or(0, |r| r.len()), "relay map received");
     }
 
     async fn flush(&mut self) -> Result<(), ConnError> {

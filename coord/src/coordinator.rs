@@ -30,8 +30,8 @@ use meshd_proto::auth::{self, AuthError, ProofInput, Purpose};
 use meshd_proto::token::{secret_hash, Hex};
 use meshd_proto::{
     Challenge, ErrorCode, ErrorMessage, KeyRotated, Message, NodeId, NodeInfo, NodeKey, Peer,
-    PeerMap, PolicyChanged, Sender, TokenSecret, MAX_ENDPOINTS, MAX_NAME_LEN, MAX_PEERS_PER_FRAME,
-    MAX_TAGS, MAX_TAG_LEN,
+    PeerMap, PolicyChanged, RelayEntry, RelayInfo, Sender, TokenSecret, MAX_ENDPOINTS,
+    MAX_NAME_LEN, MAX_PEERS_PER_FRAME, MAX_RELAYS, MAX_TAGS, MAX_TAG_LEN,
 };
 use rand::RngCore;
 use x25519_dalek::StaticSecret;
@@ -820,6 +820,26 @@ impl Coordinator {
             )
             .into());
         }
+        if let Some(relay) = &r.relay {
+            if !token.tags.iter().any(|t| t == RELAY_TAG) {
+                return Err(Reject::new(
+                    ErrorCode::TokenInvalid,
+                    format!(
+                        "join token {} is not for relays: create one with --tag {RELAY_TAG}",
+                        token.id
+                    ),
+                )
+                .into());
+            }
+            check_relay(relay)?;
+        }
+        if expired.as_ref().is_some_and(|o| o.relay.is_some() != r.relay.is_some()) {
+            return Err(Reject::new(
+                ErrorCode::KeyInUse,
+                "this key belonged to a relay and a node cannot reuse it (or the reverse)",
+            )
+            .into());
+        }
         let name = self.unique_name(&r.name, expired.as_ref().map(|n| n.id));
         let mut token = token;
         token.uses += 1;
@@ -857,6 +877,7 @@ impl Coordinator {
             disconnected_at: None,
             session: Some(tag),
             version,
+            relay: r.relay.clone(),
         };
         Ok((
             vec![Change::PutToken(token), Change::PutNode(node.clone())],
@@ -896,7 +917,19 @@ impl Coordinator {
                     vec![Lookup::Node(node.id)],
                 ));
             }
+            if node.relay.is_some() != l.relay.is_some() {
+                let what = if node.relay.is_some() { "a relay" } else { "a node" };
+                return Err(Reject::new(
+                    ErrorCode::UnexpectedMessage,
+                    format!("node {} ({}) registered as {what} and must log in as one", node.id, node.name),
+                )
+                .into());
+            }
+            if let Some(relay) = &l.relay {
+                check_relay(relay)?;
+            }
             let mut rec = node.clone();
+            rec.relay = l.relay.clone().or(rec.relay);
             rec.disconnected_at = None;
             rec.session = Some(tag);
             if !l.endpoints.is_empty() {
@@ -1021,6 +1054,9 @@ impl Coordinator {
         for s in viewers {
             self.send(s, Message::PeerRemoved(id));
         }
+        if node.relay.is_some() {
+            self.send_relay_map_to_all(at);
+        }
         if let Some(s) = self.session_of.get(&id).copied() {
             self.refuse(
                 s,
@@ -1065,6 +1101,27 @@ impl Coordinator {
         }
         let rules = filter_for(node, &self.state);
         self.send(session, Message::PolicyChanged(PolicyChanged { rules }));
+        let relays = self.relay_map(now);
+        self.send(session, Message::RelayMap(relays));
+    }
+
+    /// Every unexpired relay, in node-id order.
+    fn relay_map(&self, now: u64) -> Vec<RelayEntry> {
+        self.state
+            .nodes
+            .values()
+            .filter(|n| !n.is_expired(now))
+            .filter_map(relay_entry)
+            .take(MAX_RELAYS)
+            .collect()
+    }
+
+    fn send_relay_map_to_all(&mut self, now: u64) {
+        let relays = self.relay_map(now);
+        let sessions: Vec<SessionId> = self.session_of.values().copied().collect();
+        for s in sessions {
+            self.send(s, Message::RelayMap(relays.clone()));
+        }
     }
 
     fn info_of(&self, n: &NodeRecord) -> NodeInfo {
@@ -1263,6 +1320,10 @@ impl Coordinator {
         for (session, message) in out {
             self.send(session, message);
         }
+        let live = |n: Option<&NodeRecord>| n.filter(|n| !n.is_expired(now)).and_then(relay_entry);
+        if live(old) != live(new) {
+            self.send_relay_map_to_all(now);
+        }
         match (new, self.session_of.get(&id).copied()) {
             (None, Some(s)) => self.refuse(
                 s,
@@ -1311,6 +1372,35 @@ fn peer_deltas(old: &Peer, new: &Peer) -> Vec<Message> {
         }));
     }
     out
+}
+
+/// The tag a join token needs to register a relay: a relay learns every
+/// member's key and endpoints.
+pub const RELAY_TAG: &str = "tag:relay";
+
+fn relay_entry(n: &NodeRecord) -> Option<RelayEntry> {
+    n.relay.as_ref().map(|info| RelayEntry {
+        node_id: n.id,
+        key: n.key,
+        name: n.name.clone(),
+        info: info.clone(),
+    })
+}
+
+fn check_relay(r: &RelayInfo) -> Result<(), Reject> {
+    if !valid_name(&r.region) {
+        return Err(Reject::new(
+            ErrorCode::InvalidName,
+            format!("invalid relay region {:?}: use a DNS label", r.region),
+        ));
+    }
+    if r.addrs.is_empty() {
+        return Err(Reject::new(
+            ErrorCode::Malformed,
+            "a relay must state at least one address nodes can reach it at",
+        ));
+    }
+    Ok(())
 }
 
 pub fn peer_of(n: &NodeRecord) -> Peer {

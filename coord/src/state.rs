@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use meshd_proto::{NodeId, NodeKey};
+use meshd_proto::{NodeId, NodeKey, RelayInfo};
 
 /// The mesh's IPv4 range: the shared address space of RFC 6598.
 pub const MESH_IPV4: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0), 10) {
@@ -48,6 +48,8 @@ pub struct NodeRecord {
     /// Counts the writes of this record, from 1 when it was created; a
     /// store refuses a write made from an older version (see [`Change`]).
     pub version: u64,
+    /// Set when this is a relay (`meshd relay`), not a node: how nodes reach it.
+    pub relay: Option<RelayInfo>,
 }
 
 impl NodeRecord {

@@ -8,9 +8,10 @@ use meshd_proto::FilterRule;
 use crate::state::{MeshState, NodeRecord, MESH_IPV4};
 
 /// Whether `viewer` is told about `peer`. Today: every other node that has
-/// not expired.
+/// not expired. Relays are never peers (nodes learn them from the relay map);
+/// a relay sees every node, since it admits only the members it knows.
 pub fn can_see(viewer: &NodeRecord, peer: &NodeRecord, now: u64) -> bool {
-    viewer.id != peer.id && !peer.is_expired(now)
+    viewer.id != peer.id && !peer.is_expired(now) && peer.relay.is_none()
 }
 
 /// The peers `viewer` receives, in node-id order.

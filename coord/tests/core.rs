@@ -19,7 +19,7 @@ fn reusable() -> TokenSpec {
 }
 
 #[test]
-fn first_node_joins_and_gets_addresses_an_empty_map_and_a_policy() {
+fn first_node_joins_and_gets_addresses_an_empty_map_a_policy_and_the_relays() {
     let mut h = Harness::new(Config::default());
     let (_, secret) = h.token(TokenSpec {
         tags: vec!["tag:edge".into()],
@@ -30,7 +30,7 @@ fn first_node_joins_and_gets_addresses_an_empty_map_and_a_policy() {
     let names: Vec<&str> = got.iter().map(Message::name).collect();
     assert_eq!(
         names,
-        ["Challenge", "RegisterOk", "PeerMap", "PolicyChanged"]
+        ["Challenge", "RegisterOk", "PeerMap", "PolicyChanged", "RelayMap"]
     );
     let info = h.info(a);
     assert_eq!(info.name, "edge-1");
@@ -180,6 +180,7 @@ fn a_node_cannot_claim_another_nodes_key() {
                 node_key: victim_key,
                 proof: [0x5a; 32],
                 endpoints: vec![],
+                relay: None,
             })
         } else {
             Message::Register(Register {
@@ -188,6 +189,7 @@ fn a_node_cannot_claim_another_nodes_key() {
                 name: "evil".into(),
                 proof: [0x5a; 32],
                 endpoints: vec![],
+                relay: None,
             })
         };
         h.coord.handle_message(id, msg, h.now);
@@ -594,4 +596,93 @@ fn a_node_is_told_its_own_rename_and_renewed_expiry() {
         events.contains(&ClientEvent::Updated(renewed)),
         "{events:?}"
     );
+}
+
+fn relay_token() -> TokenSpec {
+    TokenSpec {
+        reusable: true,
+        tags: vec!["tag:relay".into()],
+        ..Default::default()
+    }
+}
+
+fn relay_regions(h: &mut Harness, id: SessionId) -> Vec<String> {
+    h.conn(id)
+        .client
+        .relays()
+        .iter()
+        .map(|r| r.info.region.clone())
+        .collect()
+}
+
+#[test]
+fn relays_join_with_a_relay_token_and_reach_every_node_in_its_relay_map() {
+    let mut h = Harness::new(Config::default());
+    let (_, nodes) = h.token(reusable());
+    let (_, relays) = h.token(relay_token());
+    let a = h.register(1, "a", &nodes);
+    // A node's token cannot make a relay: a relay learns every member.
+    let stranger = h.connect_relay(9, "eu", Some(&nodes));
+    assert_eq!(h.refused(stranger), ErrorCode::TokenInvalid);
+    let eu = h.connect_relay(10, "eu", Some(&relays));
+    assert!(h.outcome(eu).is_ok());
+    // The node learns the relay from the relay map, never as a peer.
+    assert_eq!(relay_regions(&mut h, a), ["eu"]);
+    assert!(h.peer_ids(a).is_empty());
+    let entry = h.conn(a).client.relays()[0].clone();
+    assert_eq!((entry.key, entry.info.cert_pin), (pubkey(10), [10; 32]));
+    // The relay sees every node, and the nodes that join later.
+    let ia = h.info(a).node_id;
+    assert_eq!(h.peer_ids(eu), [ia]);
+    let b = h.register(2, "b", &nodes);
+    let ib = h.info(b).node_id;
+    assert_eq!(relay_regions(&mut h, b), ["eu"]);
+    let mut seen = h.peer_ids(eu);
+    seen.sort();
+    let mut want = vec![ia, ib];
+    want.sort();
+    assert_eq!(seen, want);
+    assert_eq!(h.peer_ids(a), [ib]);
+    // A second region reaches everyone, the first relay included.
+    let us = h.connect_relay(11, "us", Some(&relays));
+    assert!(h.outcome(us).is_ok());
+    for s in [a, b, eu, us] {
+        assert_eq!(relay_regions(&mut h, s), ["eu", "us"], "session {s:?}");
+    }
+    // A relay logs in as a relay; a node cannot log in as one.
+    h.disconnect(us);
+    let again = h.connect_relay(11, "us", None);
+    assert!(h.outcome(again).is_ok());
+    h.disconnect(a);
+    let fake = h.connect_relay(1, "eu", None);
+    assert_eq!(h.refused(fake), ErrorCode::UnexpectedMessage);
+}
+
+#[test]
+fn a_deleted_or_expired_relay_leaves_every_relay_map_and_its_members_leave_it() {
+    let mut h = Harness::new(Config {
+        node_expiry: Some(Duration::from_secs(3600)),
+        ..Config::default()
+    });
+    let (_, nodes) = h.token(reusable());
+    let (_, relays) = h.token(relay_token());
+    let eu = h.connect_relay(10, "eu", Some(&relays));
+    let us = h.connect_relay(11, "us", Some(&relays));
+    let a = h.register(1, "a", &nodes);
+    let ia = h.info(a).node_id;
+    assert_eq!(relay_regions(&mut h, a), ["eu", "us"]);
+    let us_id = h.info(us).node_id;
+    h.coord.delete_node(us_id, h.now).unwrap();
+    h.drive();
+    assert_eq!(relay_regions(&mut h, a), ["eu"]);
+    assert_eq!(relay_regions(&mut h, eu), ["eu"]);
+    // A member that is deleted leaves the relay's view at once.
+    h.coord.delete_node(ia, h.now).unwrap();
+    h.drive();
+    assert!(h.peer_ids(eu).is_empty());
+    let b = h.register(2, "b", &nodes);
+    h.advance(Duration::from_secs(3601));
+    h.drive();
+    assert!(relay_regions(&mut h, b).is_empty() || h.conn(b).closed);
+    assert!(h.conn(eu).closed, "an expired relay's session ends");
 }

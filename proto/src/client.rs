@@ -43,6 +43,8 @@ pub enum ClientEvent {
     KeyRotated(NodeKey),
     /// This node's own record changed (a rename, a renewed expiry).
     Updated(NodeInfo),
+    /// The mesh's relays changed (see [`Client::relays`]).
+    RelaysChanged,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,6 +91,9 @@ pub struct Client {
     events: VecDeque<ClientEvent>,
     /// Endpoints reported before the join, sent with Register or Login.
     endpoints: Vec<SocketAddr>,
+    /// Set for a relay's session: sent with Register or Login.
+    relay: Option<RelayInfo>,
+    relays: Vec<RelayEntry>,
 }
 
 impl std::fmt::Debug for Client {
@@ -118,7 +123,21 @@ impl Client {
             out: VecDeque::new(),
             events: VecDeque::new(),
             endpoints: Vec::new(),
+            relay: None,
+            relays: Vec::new(),
         }
+    }
+
+    /// Joins as a relay described by `info` rather than as a node (before
+    /// the challenge).
+    pub fn as_relay(mut self, info: RelayInfo) -> Self {
+        self.relay = Some(info);
+        self
+    }
+
+    /// The mesh's relays, as the last [`ClientEvent::RelaysChanged`] told.
+    pub fn relays(&self) -> &[RelayEntry] {
+        &self.relays
     }
 
     pub fn node_key(&self) -> NodeKey {
@@ -262,6 +281,11 @@ impl Client {
                 Ok(())
             }
             (State::Joined { .. }, Message::NodeUpdated(info)) => self.updated(info),
+            (State::Joined { .. }, Message::RelayMap(relays)) => {
+                self.relays = relays;
+                self.events.push_back(ClientEvent::RelaysChanged);
+                Ok(())
+            }
             (State::Joined { map_done: true }, msg) => self.delta(msg),
             (_, msg) => Err(unexpected(self, &msg)),
         }
@@ -290,11 +314,13 @@ impl Client {
                 name: name.clone(),
                 proof,
                 endpoints: self.endpoints.clone(),
+                relay: self.relay.clone(),
             }),
             Join::Login => Message::Login(Login {
                 node_key: self.key,
                 proof,
                 endpoints: self.endpoints.clone(),
+                relay: self.relay.clone(),
             }),
         };
         self.out.push_back(msg);

@@ -21,6 +21,13 @@ pub const MAX_TAGS: usize = 32;
 /// coordinator that predates it still accepts the join.
 const JOIN_ENDPOINTS: u8 = 128;
 
+/// The tag of Register's and Login's relay description: not ignorable, so a
+/// coordinator that knows no relays refuses a relay rather than taking it
+/// for a node.
+const JOIN_RELAY: u8 = 5;
+/// Most relays in one `RelayMap`.
+pub const MAX_RELAYS: usize = 64;
+
 /// Most endpoints a node may report or a peer may carry.
 pub const MAX_ENDPOINTS: usize = 16;
 /// Most rules in one packet filter.
@@ -101,6 +108,8 @@ pub struct Register {
     /// Where the node can be reached now, so its first peers learn it with
     /// the node itself (ignorable tag 128: older coordinators skip it).
     pub endpoints: Vec<SocketAddr>,
+    /// Set when the joining process is a relay (`meshd relay`), not a node.
+    pub relay: Option<RelayInfo>,
 }
 
 /// A registered node opens a session.
@@ -111,6 +120,32 @@ pub struct Login {
     pub proof: [u8; 32],
     /// As in [`Register`].
     pub endpoints: Vec<SocketAddr>,
+    /// As in [`Register`]; a relay states it on every login, so a moved
+    /// relay is announced with its new addresses.
+    pub relay: Option<RelayInfo>,
+}
+
+/// How nodes reach a relay (docs/relay-protocol.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayInfo {
+    /// The region it serves (a DNS label); nodes home on the nearest region.
+    pub region: String,
+    /// Its public addresses: TLS over TCP and QUIC over UDP on each.
+    pub addrs: Vec<SocketAddr>,
+    /// The UDP port of its STUN responder, on the same addresses.
+    pub stun_port: u16,
+    /// SHA-256 of its TLS certificate, the only one a node accepts from it.
+    pub cert_pin: [u8; 32],
+}
+
+/// One relay of the mesh as nodes learn it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayEntry {
+    pub node_id: NodeId,
+    /// Its static X25519 key: the other half of every proof to it.
+    pub key: NodeKey,
+    pub name: String,
+    pub info: RelayInfo,
 }
 
 /// What a node learns about itself on `RegisterOk` and `LoginOk`.
@@ -289,6 +324,9 @@ pub enum Message {
     /// The node's own record changed during the session (a rename, a renewed
     /// expiry): the whole record as it is now.
     NodeUpdated(NodeInfo),
+    /// Every relay of the mesh, whole, after the peer map and whenever a
+    /// relay joins, moves or leaves.
+    RelayMap(Vec<RelayEntry>),
 }
 
 pub(crate) mod msg_type {
@@ -309,6 +347,8 @@ pub(crate) mod msg_type {
     pub const ERROR: u16 = 0x000f;
     /// Ignorable: a node that does not know it only misses news about itself.
     pub const NODE_UPDATED: u16 = 0x8001;
+    /// Ignorable: a node that does not know it cannot use relays.
+    pub const RELAY_MAP: u16 = 0x8002;
 }
 
 /// Message types with this bit set may be skipped by a receiver that does not
@@ -335,6 +375,7 @@ impl Message {
             Message::RotateKeyOk(_) => ROTATE_KEY_OK,
             Message::Error(_) => ERROR,
             Message::NodeUpdated(_) => NODE_UPDATED,
+            Message::RelayMap(_) => RELAY_MAP,
         }
     }
 
@@ -357,6 +398,7 @@ impl Message {
             Message::RotateKeyOk(_) => "RotateKeyOk",
             Message::Error(_) => "Error",
             Message::NodeUpdated(_) => "NodeUpdated",
+            Message::RelayMap(_) => "RelayMap",
         }
     }
 
@@ -387,11 +429,17 @@ impl Message {
                 w.bytes(2, &m.node_key.0)?;
                 w.str(3, &m.name, MAX_NAME_LEN)?;
                 w.bytes(4, &m.proof)?;
+                if let Some(r) = &m.relay {
+                    w.nested(JOIN_RELAY, "RelayInfo", |w| encode_relay_info(w, r))?;
+                }
                 w.socket_addrs(JOIN_ENDPOINTS, &m.endpoints, MAX_ENDPOINTS)
             }
             Message::Login(m) => {
                 w.bytes(1, &m.node_key.0)?;
                 w.bytes(2, &m.proof)?;
+                if let Some(r) = &m.relay {
+                    w.nested(JOIN_RELAY, "RelayInfo", |w| encode_relay_info(w, r))?;
+                }
                 w.socket_addrs(JOIN_ENDPOINTS, &m.endpoints, MAX_ENDPOINTS)
             }
             Message::RegisterOk(m) | Message::LoginOk(m) | Message::NodeUpdated(m) => {
@@ -435,6 +483,17 @@ impl Message {
                 w.u16(1, m.code.to_u16())?;
                 w.str(2, &m.message, MAX_ERROR_MESSAGE_LEN)
             }
+            Message::RelayMap(relays) => {
+                w.check_count(1, relays.len(), MAX_RELAYS)?;
+                relays.iter().try_for_each(|r| {
+                    w.nested(1, "RelayEntry", |w| {
+                        w.u64(1, r.node_id.0)?;
+                        w.bytes(2, &r.key.0)?;
+                        w.str(3, &r.name, MAX_NAME_LEN)?;
+                        w.nested(4, "RelayInfo", |w| encode_relay_info(w, &r.info))
+                    })
+                })
+            }
         }
     }
 
@@ -458,6 +517,7 @@ impl Message {
             ROTATE_KEY_OK => decode_rotate_key_ok(body).map(Message::RotateKeyOk),
             ERROR => decode_error(body).map(Message::Error),
             NODE_UPDATED => decode_node_info(body, "NodeUpdated").map(Message::NodeUpdated),
+            RELAY_MAP => decode_relay_map(body).map(Message::RelayMap),
             _ => return None,
         };
         Some(decoded)
@@ -475,6 +535,66 @@ fn encode_node_info(w: &mut Writer<'_>, m: &NodeInfo) -> Result<(), EncodeError>
         w.u64(7, t)?;
     }
     w.strs(8, &m.tags, MAX_TAG_LEN, MAX_TAGS)
+}
+
+fn encode_relay_info(w: &mut Writer<'_>, r: &RelayInfo) -> Result<(), EncodeError> {
+    w.str(1, &r.region, MAX_NAME_LEN)?;
+    w.socket_addrs(2, &r.addrs, MAX_ENDPOINTS)?;
+    w.u16(3, r.stun_port)?;
+    w.bytes(4, &r.cert_pin)
+}
+
+fn decode_relay_info(body: &[u8]) -> Result<RelayInfo, DecodeError> {
+    let mut f = Fields::new(body, "RelayInfo");
+    let (mut region, mut stun_port, mut pin) = (None, None, None);
+    let mut addrs = Vec::new();
+    while let Some((tag, v)) = f.next_field()? {
+        match tag {
+            1 => f.set(&mut region, tag, f.str(tag, v, MAX_NAME_LEN)?)?,
+            2 => f.push(&mut addrs, MAX_ENDPOINTS, tag, f.socket_addr(tag, v)?)?,
+            3 => f.set(&mut stun_port, tag, f.u16(tag, v)?)?,
+            4 => f.set(&mut pin, tag, f.array(tag, v, "32")?)?,
+            t => f.unknown(t)?,
+        }
+    }
+    Ok(RelayInfo {
+        region: f.need(region, 1)?,
+        addrs,
+        stun_port: f.need(stun_port, 3)?,
+        cert_pin: f.need(pin, 4)?,
+    })
+}
+
+fn decode_relay_map(body: &[u8]) -> Result<Vec<RelayEntry>, DecodeError> {
+    let mut f = Fields::new(body, "RelayMap");
+    let mut relays = Vec::new();
+    while let Some((tag, v)) = f.next_field()? {
+        match tag {
+            1 => f.push(&mut relays, MAX_RELAYS, tag, decode_relay_entry(v)?)?,
+            t => f.unknown(t)?,
+        }
+    }
+    Ok(relays)
+}
+
+fn decode_relay_entry(body: &[u8]) -> Result<RelayEntry, DecodeError> {
+    let mut f = Fields::new(body, "RelayEntry");
+    let (mut id, mut key, mut name, mut info) = (None, None, None, None);
+    while let Some((tag, v)) = f.next_field()? {
+        match tag {
+            1 => f.set(&mut id, tag, NodeId(f.u64(tag, v)?))?,
+            2 => f.set(&mut key, tag, NodeKey(f.array(tag, v, "32")?))?,
+            3 => f.set(&mut name, tag, f.str(tag, v, MAX_NAME_LEN)?)?,
+            4 => f.set(&mut info, tag, decode_relay_info(v)?)?,
+            t => f.unknown(t)?,
+        }
+    }
+    Ok(RelayEntry {
+        node_id: f.need(id, 1)?,
+        key: f.need(key, 2)?,
+        name: f.need(name, 3)?,
+        info: f.need(info, 4)?,
+    })
 }
 
 fn encode_peer(w: &mut Writer<'_>, p: &Peer) -> Result<(), EncodeError> {
@@ -505,7 +625,7 @@ fn decode_challenge(body: &[u8]) -> Result<Challenge, DecodeError> {
 
 fn decode_register(body: &[u8]) -> Result<Register, DecodeError> {
     let mut f = Fields::new(body, "Register");
-    let (mut secret, mut key, mut name, mut proof) = (None, None, None, None);
+    let (mut secret, mut key, mut name, mut proof, mut relay) = (None, None, None, None, None);
     let mut endpoints = Vec::new();
     while let Some((tag, v)) = f.next_field()? {
         match tag {
@@ -513,6 +633,7 @@ fn decode_register(body: &[u8]) -> Result<Register, DecodeError> {
             2 => f.set(&mut key, tag, NodeKey(f.array(tag, v, "32")?))?,
             3 => f.set(&mut name, tag, f.str(tag, v, MAX_NAME_LEN)?)?,
             4 => f.set(&mut proof, tag, f.array(tag, v, "32")?)?,
+            JOIN_RELAY => f.set(&mut relay, tag, decode_relay_info(v)?)?,
             JOIN_ENDPOINTS => f.push(&mut endpoints, MAX_ENDPOINTS, tag, f.socket_addr(tag, v)?)?,
             t => f.unknown(t)?,
         }
@@ -523,17 +644,19 @@ fn decode_register(body: &[u8]) -> Result<Register, DecodeError> {
         name: f.need(name, 3)?,
         proof: f.need(proof, 4)?,
         endpoints,
+        relay,
     })
 }
 
 fn decode_login(body: &[u8]) -> Result<Login, DecodeError> {
     let mut f = Fields::new(body, "Login");
-    let (mut key, mut proof) = (None, None);
+    let (mut key, mut proof, mut relay) = (None, None, None);
     let mut endpoints = Vec::new();
     while let Some((tag, v)) = f.next_field()? {
         match tag {
             1 => f.set(&mut key, tag, NodeKey(f.array(tag, v, "32")?))?,
             2 => f.set(&mut proof, tag, f.array(tag, v, "32")?)?,
+            JOIN_RELAY => f.set(&mut relay, tag, decode_relay_info(v)?)?,
             JOIN_ENDPOINTS => f.push(&mut endpoints, MAX_ENDPOINTS, tag, f.socket_addr(tag, v)?)?,
             t => f.unknown(t)?,
         }
@@ -542,6 +665,7 @@ fn decode_login(body: &[u8]) -> Result<Login, DecodeError> {
         node_key: f.need(key, 1)?,
         proof: f.need(proof, 2)?,
         endpoints,
+        relay,
     })
 }
 

@@ -108,6 +108,7 @@ fn message() -> impl Strategy<Value = Message> {
                     name,
                     proof,
                     endpoints,
+                    relay: None,
                 })
             }),
         (key(), any::<[u8; 32]>(), endpoints()).prop_map(|(node_key, proof, endpoints)| {
@@ -115,6 +116,7 @@ fn message() -> impl Strategy<Value = Message> {
                 node_key,
                 proof,
                 endpoints,
+                relay: None,
             })
         }),
         node_info().prop_map(Message::RegisterOk),

@@ -61,12 +61,30 @@ fn samples() -> Vec<Message> {
                 "192.0.2.1:41641".parse().unwrap(),
                 "[2001:db8::1]:41641".parse().unwrap(),
             ],
+            relay: None,
         }),
         Message::Login(Login {
             node_key: NodeKey([4; 32]),
             proof: [6; 32],
             endpoints: vec![],
+            relay: Some(RelayInfo {
+                region: "eu".into(),
+                addrs: vec!["198.18.2.2:443".parse().unwrap()],
+                stun_port: 3478,
+                cert_pin: [7; 32],
+            }),
         }),
+        Message::RelayMap(vec![RelayEntry {
+            node_id: NodeId(9),
+            key: NodeKey([8; 32]),
+            name: "relay-eu".into(),
+            info: RelayInfo {
+                region: "eu".into(),
+                addrs: vec!["[2001:db8::2]:443".parse().unwrap()],
+                stun_port: 3478,
+                cert_pin: [7; 32],
+            },
+        }]),
         Message::RegisterOk(info.clone()),
         Message::LoginOk(NodeInfo {
             expires_at: None,
@@ -377,6 +395,7 @@ fn too_many_repetitions_are_refused() {
         name: "x".repeat(MAX_NAME_LEN + 1),
         proof: [0; 32],
         endpoints: vec![],
+        relay: None,
     });
     assert!(matches!(
         encode(&long_name),

@@ -80,10 +80,11 @@ ALTER TABLE nodes ADD COLUMN session BIGINT;
 ALTER TABLE nodes ADD COLUMN version BIGINT NOT NULL DEFAULT 1;
 ALTER TABLE tokens ADD COLUMN version BIGINT NOT NULL DEFAULT 1;
 ",
+    "ALTER TABLE nodes ADD COLUMN relay TEXT;",
 ];
 
 const NODE_COLUMNS: &str = "id, name, key, ipv4, ipv6, tags, slice, ephemeral, token_id, \
-                            created_at, expires_at, endpoints, disconnected_at, session, version";
+                            created_at, expires_at, endpoints, disconnected_at, session, version, relay";
 const TOKEN_COLUMNS: &str = "id, secret_hash, reusable, ephemeral, tags, slice, created_at, \
                              expires_at, revoked, uses, version";
 
@@ -406,19 +407,20 @@ impl PgStore {
                     &r.disconnected_at,
                     &r.session,
                     &r.version,
+                    &r.relay,
                 ];
                 let sql = if n.version == 1 {
                     format!(
                         "INSERT INTO nodes ({NODE_COLUMNS}) VALUES \
-                         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+                         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
                     )
                 } else {
                     params.push(&previous);
                     "UPDATE nodes SET name = $2, key = $3, ipv4 = $4, ipv6 = $5, tags = $6,
                          slice = $7, ephemeral = $8, token_id = $9, created_at = $10,
                          expires_at = $11, endpoints = $12, disconnected_at = $13,
-                         session = $14, version = $15
-                     WHERE id = $1 AND version = $16"
+                         session = $14, version = $15, relay = $16
+                     WHERE id = $1 AND version = $17"
                         .to_owned()
                 };
                 let changed = tx.execute(&sql, &params).map_err(map_err)?;
@@ -655,6 +657,7 @@ fn node_row(r: &Row) -> Result<NodeRow, StoreError> {
             disconnected_at: r.try_get(12)?,
             session: r.try_get(13)?,
             version: r.try_get(14)?,
+            relay: r.try_get(15)?,
         })
     };
     get().map_err(|e| StoreError::Corrupt(describe(&e)))

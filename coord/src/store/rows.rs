@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use meshd_proto::{NodeId, NodeKey};
+use meshd_proto::{NodeId, NodeKey, RelayInfo};
 
 use super::StoreError;
 use crate::state::{MeshSettings, NodeRecord, TokenRecord};
@@ -25,6 +25,8 @@ pub(crate) struct NodeRow {
     pub disconnected_at: Option<i64>,
     pub session: Option<i64>,
     pub version: i64,
+    /// `region pin-hex stun-port addr…`, space-separated; `None` for a node.
+    pub relay: Option<String>,
 }
 
 pub(crate) struct TokenRow {
@@ -83,6 +85,40 @@ fn hash32(v: &[u8], what: &str) -> Result<[u8; 32], StoreError> {
     v.try_into().map_err(|_| corrupt(what, "not 32 bytes"))
 }
 
+fn relay_to_text(r: &RelayInfo) -> String {
+    let pin: String = r.cert_pin.iter().map(|b| format!("{b:02x}")).collect();
+    let mut s = format!("{} {pin} {}", r.region, r.stun_port);
+    for a in &r.addrs {
+        s.push(' ');
+        s.push_str(&a.to_string());
+    }
+    s
+}
+
+fn relay_from_text(s: &str) -> Result<RelayInfo, StoreError> {
+    let bad = || corrupt("relay description", s);
+    let mut parts = s.split(' ');
+    let region = parts.next().filter(|r| !r.is_empty()).ok_or_else(bad)?;
+    let pin = parts.next().ok_or_else(bad)?;
+    let mut cert_pin = [0u8; 32];
+    if pin.len() != 64 || !pin.is_ascii() {
+        return Err(bad());
+    }
+    for (i, b) in cert_pin.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&pin[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    let stun_port = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let addrs = parts
+        .map(|a| a.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    Ok(RelayInfo {
+        region: region.to_owned(),
+        addrs,
+        stun_port,
+        cert_pin,
+    })
+}
+
 impl NodeRow {
     pub fn from_record(n: &NodeRecord) -> Result<Self, StoreError> {
         Ok(NodeRow {
@@ -106,6 +142,7 @@ impl NodeRow {
             disconnected_at: opt_to_sql(n.disconnected_at)?,
             session: opt_to_sql(n.session)?,
             version: to_sql(n.version)?,
+            relay: n.relay.as_ref().map(relay_to_text),
         })
     }
 
@@ -137,6 +174,7 @@ impl NodeRow {
             disconnected_at: opt_from_sql(self.disconnected_at, "node disconnected_at")?,
             session: opt_from_sql(self.session, "node session")?,
             version: from_sql(self.version, "node version")?,
+            relay: self.relay.as_deref().map(relay_from_text).transpose()?,
             name: self.name,
         })
     }

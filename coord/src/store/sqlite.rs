@@ -52,10 +52,11 @@ ALTER TABLE nodes ADD COLUMN session INTEGER;
 ALTER TABLE nodes ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE tokens ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
 ",
+    "ALTER TABLE nodes ADD COLUMN relay TEXT;",
 ];
 
 const NODE_COLUMNS: &str = "id, name, key, ipv4, ipv6, tags, slice, ephemeral, token_id, \
-                            created_at, expires_at, endpoints, disconnected_at, session, version";
+                            created_at, expires_at, endpoints, disconnected_at, session, version, relay";
 const TOKEN_COLUMNS: &str = "id, secret_hash, reusable, ephemeral, tags, slice, created_at, \
                              expires_at, revoked, uses, version";
 
@@ -150,13 +151,13 @@ impl SqliteStore {
                 let sql = if n.version == 1 {
                     format!(
                         "INSERT INTO nodes ({NODE_COLUMNS})
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
                     )
                 } else {
                     "UPDATE nodes SET name = ?2, key = ?3, ipv4 = ?4, ipv6 = ?5, tags = ?6,
                          slice = ?7, ephemeral = ?8, token_id = ?9, created_at = ?10,
                          expires_at = ?11, endpoints = ?12, disconnected_at = ?13,
-                         session = ?14, version = ?15
+                         session = ?14, version = ?15, relay = ?16
                      WHERE id = ?1 AND version = ?15 - 1"
                         .to_owned()
                 };
@@ -177,7 +178,8 @@ impl SqliteStore {
                         r.endpoints,
                         r.disconnected_at,
                         r.session,
-                        r.version
+                        r.version,
+                        r.relay
                     ],
                 )
             }
@@ -292,6 +294,7 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<NodeRow> {
         disconnected_at: r.get(12)?,
         session: r.get(13)?,
         version: r.get(14)?,
+        relay: r.get(15)?,
     })
 }
 

@@ -128,6 +128,42 @@ impl Harness {
         id
     }
 
+    /// Connects a relay of `region` (a Register with `token`, else a Login).
+    pub fn connect_relay(
+        &mut self,
+        n: u8,
+        region: &str,
+        token: Option<&TokenSecret>,
+    ) -> SessionId {
+        let join = match token {
+            Some(t) => Join::Register {
+                token_secret: t.clone(),
+                name: format!("relay-{region}"),
+            },
+            None => Join::Login,
+        };
+        let binding = [self.conns.len() as u8; 32];
+        let id = self.coord.open_session(&binding, self.now);
+        let client = Client::new(key(n), join, &binding).as_relay(RelayInfo {
+            region: region.into(),
+            addrs: vec![format!("198.18.9.{n}:443").parse().unwrap()],
+            stun_port: 3478,
+            cert_pin: [n; 32],
+        });
+        self.conns.insert(
+            id,
+            Conn {
+                client,
+                got: vec![],
+                bytes: 0,
+                error: None,
+                closed: false,
+            },
+        );
+        self.drive();
+        id
+    }
+
     pub fn register(&mut self, n: u8, name: &str, token: &TokenSecret) -> SessionId {
         let join = Join::Register {
             token_secret: token.clone(),

@@ -28,6 +28,13 @@ pub fn node(i: u8) -> NodeRecord {
         disconnected_at: None,
         session: Some(77 + u64::from(i)),
         version: 1,
+        // Every third one a relay, so the stores' round trips cover it.
+        relay: i.is_multiple_of(3).then(|| meshd_proto::RelayInfo {
+            region: "eu-west".into(),
+            addrs: vec!["198.18.2.2:443".parse().unwrap(), "[2001:db8::2]:443".parse().unwrap()],
+            stun_port: 3478,
+            cert_pin: [i; 32],
+        }),
     }
 }
 
