@@ -73,6 +73,9 @@ impl Default for Config {
 }
 
 /// What the driver must do.
+// Actions are queued briefly and drained at once: boxing messages to keep
+// `Close` small would cost an allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Send {
