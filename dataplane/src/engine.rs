@@ -19,6 +19,7 @@ pub mod node;
 
 use std::collections::BTreeSet;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -118,11 +119,18 @@ pub struct EngineCounters {
     pub udp_recv_errors: u64,
     /// Datagrams for a relay when the engine has no relay outlet.
     pub relay_send_dropped: u64,
+    /// Datagrams that are not WireGuard when the engine has no outlet for
+    /// them, and [`EngineHandle::send_udp`] datagrams the batch had no room for.
+    pub other_dropped: u64,
 }
 
 /// Where datagrams for relayed peers go (see [`Engine::set_relay_outlet`]):
 /// called on the engine's thread for each, so it must not block.
 pub type RelayOutlet = Box<dyn FnMut(RelayId, &PublicKey, &[u8]) + Send>;
+
+/// Where datagrams that are not WireGuard go (see [`Engine::set_other_outlet`]):
+/// called on the engine's thread with the sender's address, so it must not block.
+pub type OtherOutlet = Box<dyn FnMut(SocketAddr, &[u8]) + Send>;
 
 /// Where the node's [`Event`]s go (see [`Engine::set_event_handler`]):
 /// called on the engine's thread, so it must not block.
@@ -183,6 +191,10 @@ enum Command {
         peer: PublicKey,
         endpoint: Endpoint,
         reply: Reply<bool>,
+    },
+    SendUdp {
+        to: SocketAddr,
+        datagram: Vec<u8>,
     },
 }
 
@@ -273,6 +285,13 @@ impl EngineHandle {
             endpoint,
             reply: Box::new(reply),
         })
+    }
+
+    /// Sends `datagram` to `to` from the engine's UDP socket, the one its
+    /// WireGuard datagrams leave by (NAT traversal's probes must share its
+    /// NAT mapping). Returns without waiting.
+    pub fn send_udp(&self, to: SocketAddr, datagram: Vec<u8>) -> Result<(), ControlError> {
+        self.send(Command::SendUdp { to, datagram })
     }
 
     /// Hands the engine a datagram that relay `relay` carried from `peer`.
@@ -390,6 +409,7 @@ pub struct Engine {
     relayed_sender: mpsc::Sender<(RelayId, PublicKey, Vec<u8>)>,
     relayed_waker: Arc<OwnedFd>,
     relay_outlet: Option<RelayOutlet>,
+    other_outlet: Option<OtherOutlet>,
     event_handler: Option<EventHandler>,
     /// The TUN, the socket and the waker, registered once: unlike `poll`,
     /// waiting costs no per-call registration on each descriptor.
@@ -484,6 +504,7 @@ impl Engine {
             relayed_sender,
             relayed_waker: Arc::new(relayed_waker),
             relay_outlet: None,
+            other_outlet: None,
             event_handler: None,
             epoll,
             events: Vec::with_capacity(MAX_EVENTS),
@@ -545,6 +566,17 @@ impl Engine {
     /// they are dropped and counted.
     pub fn set_relay_outlet(&mut self, outlet: RelayOutlet) {
         self.relay_outlet = Some(outlet);
+    }
+
+    /// Gives datagrams that are not WireGuard to `outlet`. Without one they
+    /// are dropped and counted.
+    pub fn set_other_outlet(&mut self, outlet: OtherOutlet) {
+        self.other_outlet = Some(outlet);
+    }
+
+    /// See [`Node::set_roaming`]: off when the owner chooses every peer's path.
+    pub fn set_roaming(&mut self, on: bool) {
+        self.node.set_roaming(on);
     }
 
     /// Hands every [`Event`] of the node to `handler`, at the end of the
@@ -786,6 +818,7 @@ impl Engine {
             relayed_waker,
             relayed: relayed_queue,
             relay_outlet,
+            other_outlet,
             ..
         } = self;
         let mut out = Outbox {
@@ -796,6 +829,7 @@ impl Engine {
             udp_batch: udp_out,
             counters,
             relay_outlet,
+            other_outlet,
             tun_written: false,
         };
 
@@ -998,6 +1032,13 @@ impl Engine {
                 let found = self.node.set_endpoint(&peer, endpoint, self.now);
                 reply(found);
             }
+            // Sent with the turn's other datagrams; the batch is empty when
+            // commands run unless many came at once.
+            Command::SendUdp { to, datagram } => {
+                if !(self.udp_out.has_room(datagram.len()) && self.udp_out.push(to, &datagram)) {
+                    self.counters.other_dropped += 1;
+                }
+            }
         }
     }
 }
@@ -1011,6 +1052,7 @@ struct Outbox<'a> {
     udp_batch: &'a mut UdpSendBatch,
     counters: &'a mut EngineCounters,
     relay_outlet: &'a mut Option<RelayOutlet>,
+    other_outlet: &'a mut Option<OtherOutlet>,
     /// Whether this turn wrote to the TUN.
     tun_written: bool,
 }
@@ -1055,6 +1097,13 @@ impl Sink for Outbox<'_> {
         match self.relay_outlet {
             Some(outlet) => outlet(relay, peer, datagram),
             None => self.counters.relay_send_dropped += 1,
+        }
+    }
+
+    fn other(&mut self, from: SocketAddr, datagram: &[u8]) {
+        match self.other_outlet {
+            Some(outlet) => outlet(from, datagram),
+            None => self.counters.other_dropped += 1,
         }
     }
 }

@@ -21,6 +21,7 @@ struct Collect {
     udp: UdpSendBatch,
     tun: TunBatch,
     relayed: Vec<(RelayId, PublicKey, Vec<u8>)>,
+    other: Vec<(SocketAddr, Vec<u8>)>,
 }
 
 impl Sink for Collect {
@@ -34,6 +35,9 @@ impl Sink for Collect {
     }
     fn relay(&mut self, relay: RelayId, peer: &PublicKey, datagram: &[u8]) {
         self.relayed.push((relay, *peer, datagram.to_vec()));
+    }
+    fn other(&mut self, from: SocketAddr, datagram: &[u8]) {
+        self.other.push((from, datagram.to_vec()));
     }
 }
 
@@ -689,4 +693,50 @@ fn a_session_through_a_relay_and_back_to_udp() {
         Some(Endpoint::Udp(sim.addr_a))
     );
     assert_eq!(sim.lost, 0);
+}
+
+#[test]
+fn with_roaming_off_only_the_owner_moves_a_peer() {
+    let mut sim = Sim::new(None);
+    sim.b.set_roaming(false);
+    // B had no endpoint for A: the first handshake still teaches it one.
+    sim.a_sends(b"connect");
+    sim.deliver();
+    let first = Some(Endpoint::Udp(sim.addr_a));
+    assert_eq!(sim.b.peer_status(sim.now)[0].endpoint, first);
+    sim.sb.take_packets();
+    // A moves; B keeps sending where its owner said, and hears A anyway.
+    let old_a = sim.addr_a;
+    sim.addr_a = "198.51.100.7:40000".parse().unwrap();
+    let p = sim.a_sends(b"from elsewhere");
+    sim.deliver();
+    assert_eq!(sim.sb.take_packets(), vec![p]);
+    assert_eq!(sim.b.peer_status(sim.now)[0].endpoint, first);
+    let key_a = sim.b.peer_configs()[0].public_key;
+    assert!(!events(&mut sim.b)
+        .iter()
+        .any(|e| matches!(e, Event::EndpointChanged { endpoint, .. } if *endpoint != Endpoint::Udp(old_a))));
+    assert!(sim.b.set_endpoint(&key_a, Endpoint::Udp(sim.addr_a), sim.now));
+    let q = sim.b_sends(b"reply");
+    sim.deliver();
+    assert_eq!(sim.sa.take_packets(), vec![q]);
+}
+
+#[test]
+fn datagrams_that_are_not_wireguard_go_to_the_sink_untouched() {
+    let mut sim = Sim::new(None);
+    let from: SocketAddr = "203.0.113.9:3478".parse().unwrap();
+    // A STUN binding response and a discovery packet share the socket.
+    let stun = [0x01, 0x01, 0, 0, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+    let disco = [0xff, b'm', b'e', b's', b'h', 1, 2, 3];
+    for d in [&stun[..], &disco[..], &[][..], &[4, 0, 0][..]] {
+        sim.a.handle_datagram(from, d, &mut sim.sa, sim.now);
+    }
+    let got: Vec<Vec<u8>> = sim.sa.other.iter().map(|(_, d)| d.clone()).collect();
+    assert_eq!(got, vec![stun.to_vec(), disco.to_vec(), vec![], vec![4, 0, 0]]);
+    assert_eq!(sim.a.counters().other_datagrams, 4);
+    assert_eq!(sim.a.counters().bad_datagram, 0);
+    // A WireGuard-shaped datagram that does not verify is still WireGuard's.
+    sim.a.handle_datagram(from, &[1, 0, 0, 0, 9, 9], &mut sim.sa, sim.now);
+    assert_eq!(sim.sa.other.len(), 4);
 }

@@ -136,6 +136,15 @@ pub trait Sink {
     fn tun(&mut self) -> &mut TunBatch;
     /// A datagram for `peer` through relay `relay`.
     fn relay(&mut self, relay: RelayId, peer: &PublicKey, datagram: &[u8]);
+    /// A datagram that is not WireGuard (NAT traversal's discovery and STUN
+    /// share the socket, so that they see the same NAT mapping).
+    fn other(&mut self, from: SocketAddr, datagram: &[u8]);
+}
+
+/// Whether `datagram` has WireGuard's shape: a message type of 1 to 4 in a
+/// little-endian `u32` whose other bytes are zero.
+pub fn is_wireguard(datagram: &[u8]) -> bool {
+    matches!(datagram, [1..=4, 0, 0, 0, ..])
 }
 
 /// Sends `datagram` to `to` through `sink`.
@@ -171,6 +180,8 @@ pub struct Counters {
     pub spoofed: u64,
     /// Cookie replies sent because handshakes came too fast.
     pub cookies_sent: u64,
+    /// Datagrams that are not WireGuard, handed to [`Sink::other`].
+    pub other_datagrams: u64,
 }
 
 /// What `wg show` prints about a peer.
@@ -299,6 +310,8 @@ pub struct Node {
     flush_pending: bool,
     events: VecDeque<Event>,
     counters: Counters,
+    /// See [`Node::set_roaming`].
+    roaming: bool,
 }
 
 impl std::fmt::Debug for Node {
@@ -338,7 +351,16 @@ impl Node {
             flush_pending: false,
             events: VecDeque::new(),
             counters: Counters::default(),
+            roaming: true,
         }
+    }
+
+    /// With roaming off, a peer's endpoint changes only by
+    /// [`Node::set_endpoint`] (or when it had none): the owner chooses the
+    /// path (NAT traversal), and a datagram that came another way does not
+    /// override that choice. Answers to handshakes still go where they came from.
+    pub fn set_roaming(&mut self, on: bool) {
+        self.roaming = on;
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -747,6 +769,11 @@ impl Node {
         sink: &mut impl Sink,
         now: Instant,
     ) {
+        if !is_wireguard(datagram) {
+            self.counters.other_datagrams += 1;
+            sink.other(from, datagram);
+            return;
+        }
         self.handle_from(Endpoint::Udp(from), datagram, sink, now);
     }
 
@@ -820,7 +847,7 @@ impl Node {
                 // An initiation answered, or a response that completes ours.
                 let key = peer.config.public_key;
                 Self::event(&mut self.events, Event::SessionUp { peer: key });
-                if peer.endpoint != Some(from) {
+                if peer.endpoint != Some(from) && (self.roaming || peer.endpoint.is_none()) {
                     peer.endpoint = Some(from);
                     self.endpoint_generation += 1;
                     Self::event(
@@ -943,6 +970,7 @@ impl Node {
             endpoint_generation,
             events,
             flush_pending,
+            roaming,
             ..
         } = self;
         let Some(peer) = peers.get_mut(&index) else {
@@ -983,7 +1011,7 @@ impl Node {
             counters.rx_packets += 1;
             packet.len()
         });
-        if authenticated && peer.endpoint != Some(from) {
+        if authenticated && peer.endpoint != Some(from) && (*roaming || peer.endpoint.is_none()) {
             tracing::debug!(peer = %peer.config.public_key, endpoint = %from, "peer roamed");
             peer.endpoint = Some(from);
             peer.sending = false;
