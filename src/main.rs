@@ -42,7 +42,7 @@ enum Cmd {
     /// Join the mesh (first time with --token) and keep this node in it, as a daemon.
     Up(up_cmd::UpArgs),
     /// This node: its mesh addresses, the coordinator connection, its peers.
-    Status(up_cmd::StateArg),
+    Status(up_cmd::StatusArgs),
     /// Stop the node daemon and remove its interface.
     Down(up_cmd::StateArg),
     /// Give this node a new key pair; peers learn it within seconds.

@@ -70,6 +70,15 @@ pub struct StateArg {
     pub dir: PathBuf,
 }
 
+#[derive(Args, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub state: StateArg,
+    /// Print JSON (fields in docs/agent.md) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// A duration as `meshd coord` takes them: `24h`, `30m`, `7d`, `1h 30m`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     match humantime::parse_duration(s) {
@@ -247,10 +256,66 @@ impl std::fmt::Display for SeeLog {
 
 impl std::error::Error for SeeLog {}
 
-pub fn status(state: StateArg) -> Result<()> {
-    let s = node_runtime::status(&absolute(&state.dir)?)?;
-    print!("{}", format_status(&s));
+pub fn status(args: StatusArgs) -> Result<()> {
+    let s = node_runtime::status(&absolute(&args.state.dir)?)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+    } else {
+        print!("{}", format_status(&s));
+    }
     Ok(())
+}
+
+/// `meshd status --json` (docs/agent.md, "Status").
+fn status_json(s: &NodeStatus) -> serde_json::Value {
+    let c = &s.control;
+    let peers: Vec<serde_json::Value> = s
+        .peers
+        .iter()
+        .map(|p| {
+            let via = match (p.path.as_str(), p.endpoint, &p.relay) {
+                ("direct", Some(e), _) => Some(e.to_string()),
+                ("relay", _, Some(r)) => Some(r.clone()),
+                _ => None,
+            };
+            serde_json::json!({
+                "name": p.name,
+                "node_id": p.node_id,
+                "public_key": p.public_key.to_string(),
+                "ipv4": p.ipv4.to_string(),
+                "ipv6": p.ipv6.to_string(),
+                "path": {
+                    "kind": p.path,
+                    "via": via,
+                    "rtt_ms": p.rtt_us.map(|r| r as f64 / 1000.0),
+                },
+                "endpoint": p.endpoint.map(|e| e.to_string()),
+                "last_handshake_s": p.handshake_age,
+                "rx_bytes": p.rx_bytes,
+                "tx_bytes": p.tx_bytes,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "name": s.name,
+        "node_id": s.node_id,
+        "public_key": s.public_key.map(|k| k.to_string()),
+        "ipv4": s.ipv4.map(|a| a.to_string()),
+        "ipv6": s.ipv6.map(|a| a.to_string()),
+        "interface": s.interface,
+        "listen_port": s.listen_port,
+        "home_relay": s.home_relay,
+        "control": {
+            "state": c.state,
+            "coordinator": c.coordinator,
+            "transport": c.transport,
+            "connected_for_s": c.connected_for,
+            "retry_in_ms": c.retry_in_ms,
+            "last_error": c.last_error,
+            "sessions": c.sessions,
+        },
+        "peers": peers,
+    })
 }
 
 pub fn down(state: StateArg) -> Result<()> {
@@ -330,6 +395,15 @@ pub fn format_status(s: &NodeStatus) -> String {
         out.push_str(&format!("  public key: {}\n", p.public_key));
         if let Some(e) = p.endpoint {
             out.push_str(&format!("  endpoint: {e}\n"));
+        }
+        let rtt = p
+            .rtt_us
+            .map(|r| format!(", rtt {:.1} ms", r as f64 / 1000.0))
+            .unwrap_or_default();
+        match (p.path.as_str(), p.endpoint, &p.relay) {
+            ("direct", Some(e), _) => out.push_str(&format!("  path: direct {e}{rtt}\n")),
+            ("relay", _, Some(r)) => out.push_str(&format!("  path: relay {r}{rtt}\n")),
+            (other, _, _) => out.push_str(&format!("  path: {other}\n")),
         }
         match p.handshake_age {
             Some(a) => out.push_str(&format!("  latest handshake: {a} s ago\n")),

@@ -38,7 +38,7 @@ use crate::control::supervisor::{
 };
 use meshd_dataplane::control_socket::{self, Answer, ClaimError};
 use meshd_dataplane::engine::{
-    ControlError, Engine, EngineConfig, EngineError, EngineHandle, EngineStatus,
+    ControlError, Endpoint, Engine, EngineConfig, EngineError, EngineHandle, EngineStatus,
     DEFAULT_ANSWER_POLL,
 };
 use meshd_dataplane::keys::{PrivateKey, PublicKey};
@@ -1054,12 +1054,21 @@ impl<'r> Runtime<'r> {
                             handshake_age: ps.last_handshake.map(|d| d.as_secs()),
                             rx_bytes: ps.rx_bytes,
                             tx_bytes: ps.tx_bytes,
+                            path: match ps.endpoint {
+                                Some(Endpoint::Udp(_)) => "direct",
+                                Some(Endpoint::Relay { .. }) => "relay",
+                                None => "none",
+                            }
+                            .into(),
+                            relay: None,
+                            rtt_us: None,
                         })
                     })
                     .collect()
             })
             .unwrap_or_default();
         NodeStatus {
+            home_relay: None,
             name: self
                 .info
                 .as_ref()

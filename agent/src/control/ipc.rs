@@ -145,6 +145,8 @@ pub struct NodeStatus {
     pub interface: String,
     pub listen_port: Option<u16>,
     pub control: ControlStatus,
+    /// The region of the relay this node is homed on, once it has one.
+    pub home_relay: Option<String>,
     pub peers: Vec<PeerLine>,
 }
 
@@ -178,6 +180,12 @@ pub struct PeerLine {
     pub handshake_age: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// `direct`, `relay` or `none`.
+    pub path: String,
+    /// For a relayed path: the relay's region.
+    pub relay: Option<String>,
+    /// Round-trip time on the current path, in microseconds, when measured.
+    pub rtt_us: Option<u64>,
 }
 
 impl NodeStatus {
@@ -219,6 +227,9 @@ impl NodeStatus {
             add("last_error", v.clone());
         }
         add("sessions", c.sessions.to_string());
+        if let Some(r) = &self.home_relay {
+            add("home_relay", r.clone());
+        }
         for p in &self.peers {
             add("peer", p.node_id.to_string());
             add("peer_name", p.name.clone());
@@ -233,6 +244,13 @@ impl NodeStatus {
             }
             add("peer_rx", p.rx_bytes.to_string());
             add("peer_tx", p.tx_bytes.to_string());
+            add("peer_path", p.path.clone());
+            if let Some(r) = &p.relay {
+                add("peer_relay", r.clone());
+            }
+            if let Some(r) = p.rtt_us {
+                add("peer_rtt_us", r.to_string());
+            }
         }
         f
     }
@@ -257,6 +275,9 @@ impl NodeStatus {
                     handshake_age: None,
                     rx_bytes: 0,
                     tx_bytes: 0,
+                    path: "none".into(),
+                    relay: None,
+                    rtt_us: None,
                 });
                 continue;
             }
@@ -274,6 +295,9 @@ impl NodeStatus {
                     "handshake_age" => p.handshake_age = Some(parse(line, k, v)?),
                     "rx" => p.rx_bytes = parse(line, k, v)?,
                     "tx" => p.tx_bytes = parse(line, k, v)?,
+                    "path" => p.path = v.to_owned(),
+                    "relay" => p.relay = Some(v.to_owned()),
+                    "rtt_us" => p.rtt_us = Some(parse(line, k, v)?),
                     // Newer daemons may say more.
                     _ => {}
                 }
@@ -294,6 +318,7 @@ impl NodeStatus {
                 "retry_in_ms" => s.control.retry_in_ms = Some(parse(line, k, v)?),
                 "last_error" => s.control.last_error = Some(v.to_owned()),
                 "sessions" => s.control.sessions = parse(line, k, v)?,
+                "home_relay" => s.home_relay = Some(v.to_owned()),
                 _ => {}
             }
         }
@@ -337,6 +362,7 @@ mod tests {
                 last_error: Some("cannot reach\nthe coordinator".into()),
                 sessions: 2,
             },
+            home_relay: Some("eu".into()),
             peers: vec![
                 PeerLine {
                     node_id: 4,
@@ -348,6 +374,9 @@ mod tests {
                     handshake_age: Some(12),
                     rx_bytes: 100,
                     tx_bytes: 200,
+                    path: "direct".into(),
+                    relay: None,
+                    rtt_us: Some(20_400),
                 },
                 PeerLine {
                     node_id: 5,
@@ -359,6 +388,9 @@ mod tests {
                     handshake_age: None,
                     rx_bytes: 0,
                     tx_bytes: 0,
+                    path: "relay".into(),
+                    relay: Some("eu".into()),
+                    rtt_us: None,
                 },
             ],
         };

@@ -1,0 +1,245 @@
+//! A whole meshd mesh in a lab, with the real binary: `meshd coord` on a public
+//! host, `meshd relay` on others, `meshd up` on every node, all joined with
+//! one token each. Shared by `meshd lab demo` and the end-to-end tests.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{tools, Lab, LabError, Proc};
+
+/// A relay to start: on which public host, serving which region.
+#[derive(Debug, Clone)]
+pub struct RelaySpec {
+    pub host: String,
+    pub region: String,
+}
+
+/// What runs where.
+#[derive(Debug, Clone)]
+pub struct MeshSpec {
+    /// The `meshd` binary.
+    pub meshd: PathBuf,
+    pub coordinator: String,
+    pub relays: Vec<RelaySpec>,
+    pub nodes: Vec<String>,
+    /// `RUST_LOG` of every process.
+    pub log: String,
+}
+
+/// A running mesh; every process is stopped on drop.
+pub struct Mesh<'l> {
+    lab: &'l Lab,
+    spec: MeshSpec,
+    dir: PathBuf,
+    coordinator: Option<Proc>,
+    relays: BTreeMap<String, Proc>,
+    nodes: BTreeMap<String, Proc>,
+    node_token: String,
+    relay_token: String,
+}
+
+/// How one node reaches one peer, from the node's `meshd status --json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerPath {
+    /// `direct`, `relay` or `none`.
+    pub kind: String,
+    /// `ip:port` for a direct path, the region for a relayed one.
+    pub via: String,
+    pub rtt_ms: Option<f64>,
+}
+
+fn err(what: impl Into<String>) -> LabError {
+    LabError::Lab(what.into())
+}
+
+impl<'l> Mesh<'l> {
+    /// Starts the coordinator, creates the tokens, starts the relays and
+    /// joins every node; returns once every node is connected and sees every
+    /// other node as a peer.
+    pub fn up(lab: &'l Lab, spec: MeshSpec) -> Result<Mesh<'l>, LabError> {
+        let dir = lab.log_dir().join("mesh");
+        std::fs::create_dir_all(&dir).map_err(|source| LabError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+        let mut mesh = Mesh {
+            lab,
+            spec,
+            dir,
+            coordinator: None,
+            relays: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            node_token: String::new(),
+            relay_token: String::new(),
+        };
+        mesh.start_coordinator()?;
+        mesh.node_token = mesh.create_token(&[])?;
+        mesh.relay_token = mesh.create_token(&["--tag", "tag:relay"])?;
+        for r in mesh.spec.relays.clone() {
+            mesh.start_relay(&r)?;
+        }
+        for n in mesh.spec.nodes.clone() {
+            mesh.start_node(&n)?;
+        }
+        let nodes = mesh.spec.nodes.clone();
+        let peers = nodes.len().saturating_sub(1);
+        for n in &nodes {
+            lab.wait_until(
+                &format!("{n} to join and see {peers} peers"),
+                Duration::from_secs(60),
+                || {
+                    mesh.status(n).is_ok_and(|s| {
+                        s["control"]["state"] == "connected"
+                            && s["peers"].as_array().is_some_and(|p| p.len() == peers)
+                    })
+                },
+            )?;
+        }
+        Ok(mesh)
+    }
+
+    pub fn lab(&self) -> &Lab {
+        self.lab
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn state(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn meshd(&self) -> &str {
+        self.spec.meshd.to_str().unwrap_or("meshd")
+    }
+
+    fn coordinator_addr(&self) -> Result<String, LabError> {
+        Ok(format!("{}:443", self.lab.addr(&self.spec.coordinator)?))
+    }
+
+    fn start_coordinator(&mut self) -> Result<(), LabError> {
+        let host = self.spec.coordinator.clone();
+        let state = self.state(&host);
+        let addr = self.coordinator_addr()?;
+        let log = format!("RUST_LOG={}", self.spec.log);
+        let state_s = state.display().to_string();
+        let argv = [
+            "env", &log, self.meshd(), "coord", "--listen", &addr, "--state", &state_s,
+        ];
+        let proc = self.lab.spawn(&host, "coord", &argv)?;
+        self.coordinator = Some(proc);
+        self.lab
+            .wait_until("meshd coord to be ready", Duration::from_secs(30), || {
+                state.join("admin.url").exists()
+            })
+    }
+
+    fn create_token(&self, extra: &[&str]) -> Result<String, LabError> {
+        let state = self.state(&self.spec.coordinator).display().to_string();
+        let mut argv = vec![
+            self.meshd(),
+            "coord",
+            "token",
+            "create",
+            "--reusable",
+            "--state",
+            &state,
+        ];
+        argv.extend_from_slice(extra);
+        let out = self.lab.exec(&self.spec.coordinator, &argv)?.ok()?;
+        Ok(out.trim().to_owned())
+    }
+
+    /// Starts (or restarts) `meshd relay` on its host.
+    pub fn start_relay(&mut self, r: &RelaySpec) -> Result<(), LabError> {
+        let state = self.state(&r.host).display().to_string();
+        let public = self.lab.addr(&r.host)?;
+        let listen = format!("{public}:443");
+        let log = format!("RUST_LOG={}", self.spec.log);
+        let argv = [
+            "env", &log, self.meshd(), "relay", "--token", &self.relay_token, "--region",
+            &r.region, "--listen", &listen, "--state", &state,
+        ];
+        let proc = self.lab.spawn(&r.host, &format!("relay-{}", r.region), &argv)?;
+        self.relays.insert(r.host.clone(), proc);
+        Ok(())
+    }
+
+    /// Kills the relay on `host` at once (SIGKILL).
+    pub fn kill_relay(&mut self, host: &str) {
+        self.relays.remove(host);
+    }
+
+    /// Kills the coordinator at once (SIGKILL).
+    pub fn kill_coordinator(&mut self) {
+        self.coordinator = None;
+    }
+
+    fn start_node(&mut self, name: &str) -> Result<(), LabError> {
+        let state = self.state(name).display().to_string();
+        let log = format!("RUST_LOG={}", self.spec.log);
+        let argv = [
+            "env", &log, self.meshd(), "up", "--foreground", "--name", name, "--state", &state,
+            "--token", &self.node_token,
+        ];
+        let proc = self.lab.spawn(name, "up", &argv)?;
+        self.nodes.insert(name.to_owned(), proc);
+        Ok(())
+    }
+
+    /// `meshd status --json` on `node`.
+    pub fn status(&self, node: &str) -> Result<Value, LabError> {
+        let state = self.state(node).display().to_string();
+        let out = self
+            .lab
+            .exec(node, &[self.meshd(), "status", "--json", "--state", &state])?
+            .ok()?;
+        serde_json::from_str(&out).map_err(|e| err(format!("{node}: meshd status --json: {e}")))
+    }
+
+    /// `node`'s mesh IPv4 address.
+    pub fn mesh_ip(&self, node: &str) -> Result<Ipv4Addr, LabError> {
+        let s = self.status(node)?;
+        s["ipv4"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| err(format!("{node} has no mesh address yet")))
+    }
+
+    /// How `from` reaches `to` now.
+    pub fn path(&self, from: &str, to: &str) -> Result<PeerPath, LabError> {
+        let s = self.status(from)?;
+        let peer = s["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == to))
+            .ok_or_else(|| err(format!("{from} does not list {to} as a peer")))?;
+        let path = &peer["path"];
+        Ok(PeerPath {
+            kind: path["kind"].as_str().unwrap_or("none").to_owned(),
+            via: path["via"].as_str().unwrap_or("").to_owned(),
+            rtt_ms: path["rtt_ms"].as_f64(),
+        })
+    }
+
+    /// Waits until `from` reaches `to` by a path of `kind`.
+    pub fn wait_path(&self, from: &str, to: &str, kind: &str, timeout: Duration) -> Result<Duration, LabError> {
+        let start = Instant::now();
+        self.lab.wait_until(
+            &format!("{from} to reach {to} by a {kind} path"),
+            timeout,
+            || self.path(from, to).is_ok_and(|p| p.kind == kind),
+        )?;
+        Ok(start.elapsed())
+    }
+
+    /// Round-trip times (ms) of `count` pings from `from` to `to`'s mesh address.
+    pub fn ping(&self, from: &str, to: &str, count: u32) -> Result<Vec<f64>, LabError> {
+        let target = self.mesh_ip(to)?;
+        tools::ping_addr(self.lab, from, target, count, Duration::from_millis(200))
+    }
+}
