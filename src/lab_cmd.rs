@@ -2,11 +2,12 @@
 #![allow(clippy::print_stdout)] // a CLI talks to its user on stdout
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
-use meshd_netlab::{registry, tools, Lab, LabOptions, Topology};
+use meshd_netlab::mesh::{expected_path, Mesh, MeshSpec, PeerPath, RelaySpec};
+use meshd_netlab::{registry, tools, Lab, LabOptions, Site, Topology};
 
 #[derive(Subcommand)]
 pub enum LabCmd {
@@ -27,7 +28,8 @@ pub enum LabCmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Build the lab, show what each node sees of the emulated internet, tear it down.
+    /// Build the lab, run a mesh on it (coordinator, relay, every node joined with one
+    /// token), show and check the path and RTT between every pair, tear it down.
     Demo { file: PathBuf },
     /// Benchmarks (not tests): print tables with ratios against the peers they name.
     #[command(subcommand)]
@@ -265,8 +267,34 @@ fn exec(lab: Option<String>, node: &str, command: &[String]) -> Result<()> {
     std::process::exit(status.code().unwrap_or(1));
 }
 
+/// `meshd lab demo`: the federation with a whole mesh on it. Every pair of
+/// nodes must reach each other by the path its NATs and firewalls allow.
 fn demo(file: &Path) -> Result<()> {
     let topo = load(file)?;
+    let coordinator = topo
+        .hosts
+        .iter()
+        .find(|h| h.name.starts_with("coord"))
+        .map(|h| h.name.clone())
+        .ok_or_else(|| anyhow!("the demo needs a [[host]] named coord… for the coordinator"))?;
+    let relays: Vec<RelaySpec> = topo
+        .hosts
+        .iter()
+        .filter(|h| h.name.starts_with("relay"))
+        .map(|h| RelaySpec {
+            host: h.name.clone(),
+            region: h.name.clone(),
+        })
+        .collect();
+    if relays.is_empty() {
+        bail!("the demo needs a [[host]] named relay… for the relay");
+    }
+    let nodes: Vec<(String, &Site)> = topo
+        .sites
+        .iter()
+        .flat_map(|s| s.nodes.iter().map(move |n| (n.clone(), s)))
+        .collect();
+    let started = Instant::now();
     let lab = Lab::up(&topo)?;
     println!(
         "lab {} is up ({}): {} public hosts, {} sites",
@@ -275,28 +303,94 @@ fn demo(file: &Path) -> Result<()> {
         topo.hosts.len(),
         topo.sites.len()
     );
-    let Some(target) = topo.hosts.first().map(|h| h.name.clone()) else {
-        bail!("the demo needs at least one [[host]] to measure against");
+    let spec = MeshSpec {
+        meshd: std::env::current_exe().context("finding the meshd binary")?,
+        coordinator: coordinator.clone(),
+        relays: relays.clone(),
+        nodes: nodes.iter().map(|(n, _)| n.clone()).collect(),
+        log: "warn".into(),
     };
+    let mesh = Mesh::up(&lab, spec)?;
     println!(
-        "\n{:<10} {:<8} {:<22} {:<12} {:>14} {:>12}",
-        "node", "site", "nat", "firewall", "rtt to host", "configured"
+        "mesh up in {:.1} s: coordinator on {coordinator}, relay{} on {}, {} nodes joined with one token",
+        started.elapsed().as_secs_f64(),
+        if relays.len() > 1 { "s" } else { "" },
+        relays.iter().map(|r| r.host.as_str()).collect::<Vec<_>>().join(", "),
+        nodes.len()
     );
-    for site in &topo.sites {
-        for node in &site.nodes {
-            let rtts = tools::ping_rtts(&lab, node, &target, 5, Duration::from_millis(200))?;
-            let rtt = tools::median(&rtts).map_or("unreachable".into(), |m| format!("{m:.1} ms"));
-            let want = site.link.latency_ms + topo.hosts[0].link.latency_ms;
-            println!(
-                "{node:<10} {:<8} {:<22} {:<12} {rtt:>14} {:>9} ms",
-                site.name,
-                format!("{:?}", site.nat),
-                format!("{:?}", site.firewall),
-                want
-            );
+    println!("\n{:<8} {:<8} {:<22} {:<12}", "node", "site", "nat", "firewall");
+    for (n, site) in &nodes {
+        println!(
+            "{n:<8} {:<8} {:<22} {:<12}",
+            site.name,
+            format!("{:?}", site.nat),
+            format!("{:?}", site.firewall)
+        );
+    }
+    // Each pair: wait for the path its sites allow, then measure it.
+    let mut wrong = Vec::new();
+    let mut cells = std::collections::BTreeMap::new();
+    for (a, sa) in &nodes {
+        for (b, sb) in &nodes {
+            if a == b {
+                continue;
+            }
+            let want = expected_path(sa, sb);
+            let kind = want.trim_end_matches("-tls");
+            // Hard NATs may still find a direct path: that is fine too.
+            let ok = |p: &PeerPath| p.kind == kind || (want == "relay" && p.kind == "direct");
+            let _ = lab.wait_until(&format!("{a} → {b} {want}"), Duration::from_secs(15), || {
+                mesh.path(a, b).is_ok_and(|p| ok(&p))
+            });
+            let rtts = mesh.ping(a, b, 5)?;
+            let path = mesh.path(a, b)?;
+            let rtt = tools::median(&rtts);
+            let cell = match rtt {
+                Some(ms) => format!("{} {ms:.0} ms", short_kind(&path.kind)),
+                None => "unreachable".to_owned(),
+            };
+            if rtt.is_none() || !ok(&path) {
+                wrong.push(format!(
+                    "{a} → {b}: {} ({}), expected {want}",
+                    cell,
+                    if path.via.is_empty() { "-" } else { &path.via }
+                ));
+            }
+            cells.insert((a.clone(), b.clone()), cell);
         }
     }
+    println!("\npaths and RTTs (row → column; d = direct, r = relayed):");
+    print!("{:<8}", "");
+    for (b, _) in &nodes {
+        print!(" {b:>11}");
+    }
+    println!();
+    for (a, _) in &nodes {
+        print!("{a:<8}");
+        for (b, _) in &nodes {
+            let cell = cells.get(&(a.clone(), b.clone())).map_or("-", String::as_str);
+            print!(" {cell:>11}");
+        }
+        println!();
+    }
+    drop(mesh);
     lab.down()?;
-    println!("\nlab removed");
+    println!("\nlab removed after {:.1} s", started.elapsed().as_secs_f64());
+    if !wrong.is_empty() {
+        bail!(
+            "{} pair(s) did not behave as expected:\n  {}",
+            wrong.len(),
+            wrong.join("\n  ")
+        );
+    }
+    println!("every pair reached each other by the expected path");
     Ok(())
+}
+
+fn short_kind(kind: &str) -> &str {
+    match kind {
+        "direct" => "d",
+        "relay" => "r",
+        other => other,
+    }
 }

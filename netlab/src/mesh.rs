@@ -243,3 +243,50 @@ impl<'l> Mesh<'l> {
         tools::ping_addr(self.lab, from, target, count, Duration::from_millis(200))
     }
 }
+
+/// The path two nodes of these sites must end up on: direct wherever UDP
+/// can get through both NATs (a public side, or two endpoint-independent
+/// mappings, or one LAN), the relay otherwise (`relay-tls` when a side drops
+/// UDP, so only TLS over TCP reaches the relay). The hard pairing of an
+/// endpoint-independent and a symmetric NAT is `relay` here: hard-NAT
+/// traversal may still find a direct path, which callers accept too.
+pub fn expected_path(a: &crate::Site, b: &crate::Site) -> &'static str {
+    use crate::{Firewall, Nat};
+    let blocked = |s: &crate::Site| s.firewall != Firewall::Open;
+    if a.name == b.name {
+        return "direct";
+    }
+    if blocked(a) || blocked(b) {
+        return "relay-tls";
+    }
+    match (a.nat, b.nat) {
+        (Nat::None, _) | (_, Nat::None) => "direct",
+        (Nat::EndpointIndependent, Nat::EndpointIndependent) => "direct",
+        _ => "relay",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Firewall, Nat, Site};
+
+    #[test]
+    fn expected_paths_follow_nat_and_firewall() {
+        let open = Site::new("cloud", ["c1"]);
+        let eim = Site::new("edge", ["e1"]).nat(Nat::EndpointIndependent);
+        let eim2 = Site::new("home", ["h1"]).nat(Nat::EndpointIndependent);
+        let sym = Site::new("cgnat", ["g1"]).nat(Nat::Symmetric);
+        let sym2 = Site::new("mobile", ["m1"]).nat(Nat::Symmetric);
+        let corp = Site::new("corp", ["t1"])
+            .nat(Nat::EndpointIndependent)
+            .firewall(Firewall::UdpBlocked);
+        assert_eq!(expected_path(&open, &sym), "direct");
+        assert_eq!(expected_path(&eim, &eim2), "direct");
+        assert_eq!(expected_path(&sym, &sym), "direct");
+        assert_eq!(expected_path(&sym, &sym2), "relay");
+        assert_eq!(expected_path(&eim, &sym), "relay");
+        assert_eq!(expected_path(&open, &corp), "relay-tls");
+        assert_eq!(expected_path(&corp, &eim), "relay-tls");
+    }
+}
