@@ -26,6 +26,9 @@ pub enum Purpose {
     Register,
     Login,
     RotateKey,
+    /// A node or relay authenticating to a relay (docs/relay-protocol.md);
+    /// `coordinator_key` is then the relay's key.
+    Relay,
 }
 
 impl Purpose {
@@ -34,6 +37,7 @@ impl Purpose {
             Purpose::Register => b"meshd-control-v1 register",
             Purpose::Login => b"meshd-control-v1 login",
             Purpose::RotateKey => b"meshd-control-v1 rotate-key",
+            Purpose::Relay => b"meshd-relay-v1 client-auth",
         }
     }
 }
@@ -42,10 +46,11 @@ impl Purpose {
 #[derive(Debug, Clone, Copy)]
 pub struct ProofInput<'a> {
     pub purpose: Purpose,
+    /// The verifier's key: the coordinator's, or the relay's for `Relay`.
     pub coordinator_key: NodeKey,
     /// The key whose possession is proven (for `RotateKey`, the new key).
     pub node_key: NodeKey,
-    /// The nonce of this session's `Challenge`.
+    /// The nonce of this session's `Challenge` (a relay's `ServerHello`).
     pub nonce: &'a [u8; 32],
     /// TLS exporter output for this connection (at most 255 bytes); both
     /// sides compute it from the same handshake, so a proof is bound to it.

@@ -2,7 +2,8 @@
 //!
 //! The control protocol (docs/control-protocol.md): length-prefixed frames
 //! carrying one message each, with bodies in a small tag-length-value
-//! encoding. Everything here is sans-IO: it turns bytes into messages and
+//! encoding. The relay protocol and STUN Binding (docs/relay-protocol.md):
+//! [`relay`], [`stun`]. Everything here is sans-IO: it turns bytes into messages and
 //! back, and never touches a socket or a clock.
 
 pub mod auth;
@@ -10,6 +11,8 @@ pub mod client;
 mod codec;
 pub mod frame;
 pub mod message;
+pub mod relay;
+pub mod stun;
 pub mod token;
 
 pub use codec::{DecodeError, EncodeError, IGNORABLE_TAG};
