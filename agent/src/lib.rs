@@ -3,5 +3,6 @@
 //! plane of `meshd-dataplane`.
 
 pub mod control;
+pub mod discovery;
 pub mod node_runtime;
 pub mod relay_member;
