@@ -2,12 +2,14 @@
 //!
 //! The control protocol (docs/control-protocol.md): length-prefixed frames
 //! carrying one message each, with bodies in a small tag-length-value
-//! encoding. Everything here is sans-IO: it turns bytes into messages and
+//! encoding. NAT traversal's discovery packets (docs/disco-protocol.md) in
+//! [`disco`]. Everything here is sans-IO: it turns bytes into messages and
 //! back, and never touches a socket or a clock.
 
 pub mod auth;
 pub mod client;
 mod codec;
+pub mod disco;
 pub mod frame;
 pub mod message;
 pub mod token;
