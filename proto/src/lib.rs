@@ -3,12 +3,14 @@
 //! The control protocol (docs/control-protocol.md): length-prefixed frames
 //! carrying one message each, with bodies in a small tag-length-value
 //! encoding. The relay protocol and STUN Binding (docs/relay-protocol.md):
-//! [`relay`], [`stun`]. Everything here is sans-IO: it turns bytes into messages and
+//! [`relay`], [`stun`]. NAT traversal's discovery packets
+//! (docs/disco-protocol.md): [`disco`]. Everything here is sans-IO: it turns bytes into messages and
 //! back, and never touches a socket or a clock.
 
 pub mod auth;
 pub mod client;
 mod codec;
+pub mod disco;
 pub mod frame;
 pub mod message;
 pub mod relay;
