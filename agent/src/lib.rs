@@ -4,3 +4,4 @@
 
 pub mod control;
 pub mod node_runtime;
+pub mod paths;
