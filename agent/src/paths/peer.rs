@@ -175,8 +175,7 @@ impl Peer {
                 self.send_ping(config, Endpoint::Udp(a), None, out, now);
             }
         } else {
-            self.probe_backoff = config.reprobe_min;
-            self.next_probe = Some(now);
+            self.reprobe_soon(config, now);
         }
     }
 

@@ -365,3 +365,139 @@ fn foreign_and_malformed_packets_are_errors() {
         Err(PathError::Disco(_))
     ));
 }
+
+/// One manager whose peer is played by hand: each of its pings to an
+/// address is answered after that address's RTT, or never.
+struct Scripted {
+    pm: PathManager,
+    peer: DiscoKeys,
+    key: NodeKey,
+    now: Instant,
+    /// Pongs on their way: (arrival, source, packet).
+    pongs: Vec<(Instant, SocketAddr, Vec<u8>)>,
+    actions: Vec<Action>,
+}
+
+impl Scripted {
+    fn new(candidates: &[SocketAddr]) -> Scripted {
+        let own = StaticSecret::from([1; 32]);
+        let peer_secret = StaticSecret::from([2; 32]);
+        let key = NodeKey(x25519_dalek::PublicKey::from(&peer_secret).to_bytes());
+        let peer = DiscoKeys::new(
+            &peer_secret,
+            NodeKey(x25519_dalek::PublicKey::from(&own).to_bytes()),
+        )
+        .expect("a key");
+        let now = Instant::now();
+        let mut pm = PathManager::new(PathConfig::default(), own, [7; 32]);
+        pm.upsert_peer(key, candidates, Some(RelayId(0)), now)
+            .expect("a key");
+        Scripted {
+            pm,
+            peer,
+            key,
+            now,
+            pongs: Vec::new(),
+            actions: Vec::new(),
+        }
+    }
+
+    /// Runs for `d`, answering pings as `rtt` says and keeping the peer busy.
+    fn run(&mut self, d: Duration, rtt: impl Fn(SocketAddr) -> Option<Duration>) {
+        let end = self.now + d;
+        let mut next_activity = self.now;
+        loop {
+            while let Some(t) = self.pm.poll_transmit() {
+                let Endpoint::Udp(to) = t.to else { continue };
+                let Ok(disco::Message::Ping { txid }) = self.peer.open(&t.packet) else {
+                    continue;
+                };
+                if let Some(r) = rtt(to) {
+                    let observed = "203.0.113.1:1".parse().expect("an address");
+                    let pong = self
+                        .peer
+                        .seal(&disco::Message::Pong { txid, observed }, [0; 24]);
+                    self.pongs.push((self.now + r, to, pong.expect("seals")));
+                }
+            }
+            self.actions
+                .extend(std::iter::from_fn(|| self.pm.poll_action()));
+            let next_pong = self.pongs.iter().map(|p| p.0).min();
+            let next = [next_pong, self.pm.poll_timeout(), Some(next_activity)]
+                .into_iter()
+                .flatten()
+                .min()
+                .expect("activity is always due");
+            if next > end {
+                self.now = end;
+                return;
+            }
+            self.now = self.now.max(next);
+            if next_activity <= self.now {
+                self.pm.note_activity(&self.key, self.now);
+                next_activity = self.now + SECS(1);
+            }
+            let now = self.now;
+            let (due, later) = self.pongs.drain(..).partition(|p| p.0 <= now);
+            self.pongs = later;
+            for (_, from, packet) in due {
+                self.pm
+                    .handle_udp(from, &packet, now)
+                    .expect("our pong opens");
+            }
+            if self.pm.poll_timeout().is_some_and(|t| t <= now) {
+                self.pm.handle_timeout(now);
+            }
+        }
+    }
+
+    fn path(&self) -> Path {
+        self.pm.status(&self.key).expect("the peer").path
+    }
+}
+
+#[test]
+fn a_faster_direct_path_wins_only_after_several_samples() {
+    let slow: SocketAddr = "198.51.100.1:1000".parse().expect("an address");
+    let fast: SocketAddr = "198.51.100.2:2000".parse().expect("an address");
+    let mut s = Scripted::new(&[slow, fast]);
+    // Only the slow path answers at first.
+    s.run(SECS(5), |a| (a == slow).then_some(MS(50)));
+    assert_eq!(s.path(), Path::Direct(slow));
+    // The fast one, a little faster only (within the margin): no switch,
+    // even after the re-probe of every candidate.
+    s.run(SECS(120), |a| Some(if a == slow { MS(50) } else { MS(45) }));
+    assert_eq!(s.path(), Path::Direct(slow));
+    // Clearly faster: after the next re-probe and a few heartbeats.
+    let before = s.now;
+    s.run(SECS(61), |a| Some(if a == slow { MS(50) } else { MS(20) }));
+    assert_eq!(s.path(), Path::Direct(fast));
+    let switched = s.pm.status(&s.key).expect("the peer").since - before;
+    assert!(switched < SECS(64), "{switched:?}");
+    // Never a gap: relay, slow, fast — each endpoint set once.
+    let endpoints: Vec<Endpoint> = s
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SetEndpoint { endpoint, .. } => Some(*endpoint),
+            Action::SetHomeRelay(_) => None,
+        })
+        .collect();
+    let relay = Endpoint::Relay {
+        relay: RelayId(0),
+        peer: s.key,
+    };
+    assert_eq!(endpoints, [relay, Endpoint::Udp(slow), Endpoint::Udp(fast)]);
+}
+
+#[test]
+fn one_fast_sample_does_not_switch() {
+    let slow: SocketAddr = "198.51.100.1:1000".parse().expect("an address");
+    let fast: SocketAddr = "198.51.100.2:2000".parse().expect("an address");
+    let mut s = Scripted::new(&[slow, fast]);
+    s.run(SECS(5), |a| (a == slow).then_some(MS(50)));
+    // A lucky sample at the re-probe, then the fast path is slow again.
+    s.run(SECS(56), |a| Some(if a == slow { MS(50) } else { MS(10) }));
+    s.run(SECS(60), |a| Some(if a == slow { MS(50) } else { MS(80) }));
+    assert_eq!(s.path(), Path::Direct(slow));
+}
