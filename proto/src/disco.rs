@@ -233,12 +233,12 @@ impl DiscoKeys {
 /// HKDF-SHA256 (RFC 5869) of the shared secret with one output block; the
 /// info names both keys in sending order, so each direction has its own key.
 fn box_key(shared: &[u8; 32], from: NodeKey, to: NodeKey) -> XChaCha20Poly1305 {
-    let mut extract = <HmacSha256 as Mac>::new_from_slice(KDF_SALT)
-        .expect("HMAC takes a key of any length");
+    let mut extract =
+        <HmacSha256 as Mac>::new_from_slice(KDF_SALT).expect("HMAC takes a key of any length");
     extract.update(shared);
     let prk = extract.finalize().into_bytes();
-    let mut expand = <HmacSha256 as Mac>::new_from_slice(&prk)
-        .expect("HMAC takes a key of any length");
+    let mut expand =
+        <HmacSha256 as Mac>::new_from_slice(&prk).expect("HMAC takes a key of any length");
     expand.update(KDF_INFO);
     expand.update(&from.0);
     expand.update(&to.0);
@@ -529,10 +529,7 @@ mod tests {
                 family: 5,
             },
         );
-        check(
-            &[TYPE_CALL_ME_MAYBE, 17],
-            DiscoError::TooManyCandidates(17),
-        );
+        check(&[TYPE_CALL_ME_MAYBE, 17], DiscoError::TooManyCandidates(17));
         check(
             &[TYPE_CALL_ME_MAYBE, 1, 4, 1, 2, 3],
             DiscoError::Truncated {
