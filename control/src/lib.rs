@@ -21,7 +21,7 @@ use meshd_proto::{EXPORTER_LABEL, SERVER_NAME};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub use pin::client_config;
+pub use pin::{client_config, pinned_client_config};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {

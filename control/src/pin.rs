@@ -13,13 +13,36 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 /// The node's TLS configuration: TLS 1.3, ALPN `meshd/1`, and exactly the
 /// certificate whose SHA-256 is `pin`.
 pub fn client_config(pin: [u8; 32]) -> Result<rustls::ClientConfig, rustls::Error> {
+    pinned_client_config(
+        pin,
+        ALPN,
+        "coordinator certificate does not match the join token's pin",
+        "a different coordinator, or a token for another mesh",
+    )
+}
+
+/// A TLS 1.3 client configuration that offers `alpn` and accepts exactly the
+/// certificate whose SHA-256 is `pin` (the relay client uses it too). A
+/// mismatch fails the handshake with `"{mismatch} {pin} ({hint})"`.
+pub fn pinned_client_config(
+    pin: [u8; 32],
+    alpn: &[u8],
+    mismatch: &'static str,
+    hint: &'static str,
+) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let verifier = PinVerifier {
+        pin,
+        provider: provider.clone(),
+        mismatch,
+        hint,
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(config)
 }
 
@@ -30,6 +53,8 @@ pub fn client_config(pin: [u8; 32]) -> Result<rustls::ClientConfig, rustls::Erro
 struct PinVerifier {
     pin: [u8; 32],
     provider: Arc<CryptoProvider>,
+    mismatch: &'static str,
+    hint: &'static str,
 }
 
 impl ServerCertVerifier for PinVerifier {
@@ -45,9 +70,10 @@ impl ServerCertVerifier for PinVerifier {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
-                "coordinator certificate does not match the join token's pin {} \
-                 (a different coordinator, or a token for another mesh)",
-                Hex(&self.pin)
+                "{} {} ({})",
+                self.mismatch,
+                Hex(&self.pin),
+                self.hint
             )))
         }
     }
