@@ -9,6 +9,7 @@ mod coord_cmd;
 mod daemon;
 mod key_cmd;
 mod lab_cmd;
+mod relay_cmd;
 mod up_cmd;
 mod wg_cmd;
 
@@ -43,6 +44,12 @@ enum Cmd {
     Up(up_cmd::UpArgs),
     /// This node: its mesh addresses, the coordinator connection, its peers.
     Status(up_cmd::StatusArgs),
+    /// Ping a peer through the mesh; each reply says whether it came direct or via a relay.
+    Ping(up_cmd::PingArgs),
+    /// What this node found of its network: UDP, public address, NAT type, relay latencies.
+    Netcheck(up_cmd::StatusArgs),
+    /// The relay (TLS/TCP and QUIC on 443) and STUN responder; `meshd relay status` shows its counters.
+    Relay(relay_cmd::RelayArgs),
     /// Stop the node daemon and remove its interface.
     Down(up_cmd::StateArg),
     /// Give this node a new key pair; peers learn it within seconds.
@@ -98,6 +105,9 @@ fn run(command: Cmd) -> Result<()> {
         Cmd::Coord(args) => coord_cmd::run(args),
         Cmd::Up(args) => up_cmd::up(args),
         Cmd::Status(state) => up_cmd::status(state),
+        Cmd::Ping(args) => up_cmd::ping(args),
+        Cmd::Netcheck(args) => up_cmd::netcheck(args),
+        Cmd::Relay(args) => relay_cmd::run(args),
         Cmd::Down(state) => up_cmd::down(state),
         Cmd::RotateKey(state) => up_cmd::rotate_key(state),
     }

@@ -318,6 +318,115 @@ fn status_json(s: &NodeStatus) -> serde_json::Value {
     })
 }
 
+#[derive(Args)]
+pub struct PingArgs {
+    /// The peer: its name or mesh address.
+    peer: String,
+    /// How many pings (one a second).
+    #[arg(short = 'c', long, default_value_t = 5)]
+    count: u32,
+    #[command(flatten)]
+    state: StateArg,
+    /// One JSON object per reply.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `meshd ping`: discovery pings on the peer's current path; each reply
+/// says which path answered, so an upgrade from relay to direct shows.
+pub fn ping(args: PingArgs) -> Result<()> {
+    let dir = absolute(&args.state.dir)?;
+    let mut answered = 0;
+    let mut last_via: Option<String> = None;
+    for i in 0..args.count {
+        if i > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        match node_runtime::ping(&dir, &args.peer) {
+            Ok((via, rtt, age)) => {
+                answered += 1;
+                let ms = rtt.as_secs_f64() * 1000.0;
+                if args.json {
+                    let v = serde_json::json!({
+                        "peer": args.peer, "seq": i, "via": via, "rtt_ms": ms,
+                        "path_age_s": age.as_secs_f64(),
+                    });
+                    println!("{v}");
+                } else {
+                    let changed = match &last_via {
+                        Some(prev) if *prev != via => format!(" (path changed {:.1} s ago, was {prev})", age.as_secs_f64()),
+                        _ => String::new(),
+                    };
+                    println!("pong from {} via {via} in {ms:.2} ms{changed}", args.peer);
+                }
+                last_via = Some(via);
+            }
+            Err(node_runtime::NodeError::Daemon(e)) if e == "no answer" => {
+                if args.json {
+                    println!("{}", serde_json::json!({"peer": args.peer, "seq": i, "timeout": true}));
+                } else {
+                    println!("no answer from {}", args.peer);
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if answered == 0 {
+        anyhow::bail!("{} did not answer", args.peer);
+    }
+    Ok(())
+}
+
+/// `meshd netcheck`: what the node found of its network.
+pub fn netcheck(args: StatusArgs) -> Result<()> {
+    let fields = node_runtime::netcheck(&absolute(&args.state.dir)?)?;
+    let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone());
+    let relays: Vec<(String, f64)> = fields
+        .iter()
+        .filter(|(k, _)| k == "relay")
+        .filter_map(|(_, v)| {
+            let (r, ms) = v.split_once(' ')?;
+            Some((r.to_owned(), ms.parse().ok()?))
+        })
+        .collect();
+    let udp = get("udp").as_deref() == Some("true");
+    let varies = get("mapping_varies").map(|v| v == "true");
+    if args.json {
+        let latency: serde_json::Map<String, serde_json::Value> =
+            relays.iter().map(|(r, ms)| (r.clone(), (*ms).into())).collect();
+        let v = serde_json::json!({
+            "udp": udp,
+            "public_address": get("public"),
+            "mapping_varies_by_destination": varies,
+            "relay_latency_ms": latency,
+            "preferred_relay": get("preferred"),
+            "home_relay": get("home"),
+            "home_relay_transport": get("home_transport"),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("UDP: {}", if udp { "works" } else { "blocked (relays over TLS/TCP only)" });
+    if let Some(p) = get("public") {
+        println!("public address: {p}");
+    }
+    match varies {
+        Some(true) => println!("mapping varies by destination: yes (a symmetric NAT: direct paths need the peer to be reachable)"),
+        Some(false) => println!("mapping varies by destination: no"),
+        None => println!("mapping varies by destination: unknown"),
+    }
+    for (r, ms) in &relays {
+        println!("relay {r}: {ms:.1} ms");
+    }
+    if let Some(p) = get("preferred") {
+        println!("preferred relay: {p}");
+    }
+    if let Some(h) = get("home") {
+        println!("home relay: {h} over {}", get("home_transport").unwrap_or_default());
+    }
+    Ok(())
+}
+
 pub fn down(state: StateArg) -> Result<()> {
     Ok(node_runtime::down(&absolute(&state.dir)?)?)
 }

@@ -7,4 +7,6 @@ pub mod control;
 pub mod discovery;
 pub mod node_runtime;
 pub mod paths;
+pub mod relay_link;
 pub mod relay_member;
+pub mod traversal;

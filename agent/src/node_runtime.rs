@@ -45,6 +45,8 @@ use meshd_dataplane::keys::{PrivateKey, PublicKey};
 use meshd_dataplane::peers::PeerConfig;
 use meshd_dataplane::standalone::DEFAULT_MTU;
 
+use crate::traversal::{self, Outlets, Traversal, TraversalEvent};
+
 /// How often the driver looks at the stop flag and the engine thread.
 const TICK: Duration = Duration::from_millis(200);
 /// How often the node's own addresses are looked up for endpoint reports.
@@ -224,13 +226,14 @@ fn answer(
         Err(e) => return Answer::reply(Reply::Error(e.to_string()).encode()),
     };
     let (tx, rx) = oneshot::channel();
+    let close = request == Request::Stop;
     if calls.blocking_send((request, tx)).is_err() {
         return stopping();
     }
     match rx.blocking_recv() {
         Ok(reply) => Answer {
             reply: Reply::encode(&reply).into(),
-            close: request == Request::Stop,
+            close,
         },
         Err(_) => stopping(),
     }
@@ -266,7 +269,11 @@ struct EngineRunner {
 }
 
 impl EngineRunner {
-    fn start(config: EngineConfig, peers: Vec<PeerConfig>) -> Result<Self, NodeError> {
+    fn start(
+        config: EngineConfig,
+        peers: Vec<PeerConfig>,
+        outlets: Outlets,
+    ) -> Result<Self, NodeError> {
         let plan = TunPlan {
             addresses: config.addresses.clone(),
             routes: config.routes.clone(),
@@ -284,6 +291,10 @@ impl EngineRunner {
                         return Ok(());
                     }
                 };
+                // NAT traversal chooses every peer's path.
+                engine.set_roaming(false);
+                engine.set_other_outlet(outlets.other);
+                engine.set_relay_outlet(outlets.relay);
                 if let Err(e) = engine.set_peers(&peers) {
                     tracing::warn!(error = %e, "cached peers not applied");
                 }
@@ -367,6 +378,7 @@ enum Event {
     Timer,
     Ipc(Request, oneshot::Sender<Reply>),
     Tick,
+    Traversal(TraversalEvent),
 }
 
 struct Runtime<'r> {
@@ -390,6 +402,12 @@ struct Runtime<'r> {
     stop: Arc<AtomicBool>,
     ready: Option<ReadyFn<'r>>,
     last_scan: Option<Instant>,
+    /// NAT traversal, running beside the engine.
+    traversal: Option<Traversal>,
+    traversal_tx: tokio::sync::mpsc::UnboundedSender<TraversalEvent>,
+    traversal_rx: tokio::sync::mpsc::UnboundedReceiver<TraversalEvent>,
+    /// The relay map last received.
+    relays: Vec<meshd_proto::RelayEntry>,
 }
 
 impl<'r> Runtime<'r> {
@@ -441,6 +459,7 @@ impl<'r> Runtime<'r> {
         };
         let sup = Supervisor::new(config, identity, rand::rng().next_u64(), Instant::now());
         let name = opts.name.clone().unwrap_or_else(default_name);
+        let (traversal_tx, traversal_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Runtime {
             opts,
             node_file,
@@ -465,6 +484,10 @@ impl<'r> Runtime<'r> {
             stop,
             ready: None,
             last_scan: None,
+            traversal: None,
+            traversal_tx,
+            traversal_rx,
+            relays: Vec::new(),
         }
         .with_ready(ready))
     }
@@ -518,7 +541,9 @@ impl<'r> Runtime<'r> {
         let connecting = self.connecting.as_mut();
         let probing = self.probing.as_mut();
         let session = self.session.as_mut();
+        let traversal = &mut self.traversal_rx;
         tokio::select! {
+            Some(e) = traversal.recv() => Event::Traversal(e),
             r = async { match connecting { Some(f) => f.await, None => std::future::pending().await } } => {
                 Event::ConnectDone(r)
             }
@@ -579,6 +604,9 @@ impl<'r> Runtime<'r> {
             Event::Timer => self.sup.handle_timeout(now),
             Event::Ipc(req, reply) => self.on_ipc(req, reply, now).await,
             Event::Tick => self.on_tick(now)?,
+            Event::Traversal(TraversalEvent::Endpoints(list)) => {
+                self.sup.handle(Input::Endpoints(list), now);
+            }
         }
         Ok(())
     }
@@ -686,8 +714,23 @@ impl<'r> Runtime<'r> {
     }
 
     fn on_relays(&mut self) {
-        let relays = self.session.as_ref().map(|s| s.client.relays().to_vec());
-        tracing::debug!(relays = relays.map_or(0, |r| r.len()), "relay map received");
+        if let Some(s) = &self.session {
+            self.relays = s.client.relays().to_vec();
+        }
+        tracing::debug!(relays = self.relays.len(), "relay map received");
+        if let Some(t) = &self.traversal {
+            t.set_relays(self.relays.clone());
+        }
+    }
+
+    /// The peers NAT traversal manages, with the endpoints they reported.
+    fn traversal_peers(&self) -> Vec<(meshd_proto::NodeKey, Vec<SocketAddr>)> {
+        let own = *self.key.public_key().as_bytes();
+        self.peers
+            .values()
+            .filter(|p| p.node_key.0 != own)
+            .map(|p| (p.node_key, p.endpoints.clone()))
+            .collect()
     }
 
     async fn flush(&mut self) -> Result<(), ConnError> {
@@ -759,17 +802,27 @@ impl<'r> Runtime<'r> {
             route_allowed_ips: true,
             answer_poll: self.opts.answer_poll,
         };
-        let runner = match (self.opts.listen_port, self.node_file.listen_port) {
-            (Some(port), _) => EngineRunner::start(config(port), peers)?,
-            (None, Some(last)) => match EngineRunner::start(config(last), peers.clone()) {
+        self.traversal = None;
+        let start = |port| {
+            let (pending, outlets) = traversal::prepare();
+            EngineRunner::start(config(port), peers.clone(), outlets).map(|r| (r, pending))
+        };
+        let (runner, pending) = match (self.opts.listen_port, self.node_file.listen_port) {
+            (Some(port), _) => start(port)?,
+            (None, Some(last)) => match start(last) {
                 Err(NodeError::Engine(EngineError::Udp(e))) => {
                     tracing::info!(port = last, error = %e, "last UDP port unavailable, taking another");
-                    EngineRunner::start(config(0), peers)?
+                    start(0)?
                 }
                 other => other?,
             },
-            (None, None) => EngineRunner::start(config(0), peers)?,
+            (None, None) => start(0)?,
         };
+        let traversal = pending.start(&self.key, runner.handle.clone(), self.traversal_tx.clone());
+        traversal.set_relays(self.relays.clone());
+        traversal.set_peers(self.traversal_peers());
+        traversal.set_local(local_endpoints(runner.listen_port, &self.opts.interface));
+        self.traversal = Some(traversal);
         if self.node_file.listen_port != Some(runner.listen_port) {
             self.node_file.listen_port = Some(runner.listen_port);
             self.state.save_node(&self.node_file)?;
@@ -796,6 +849,9 @@ impl<'r> Runtime<'r> {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+        if let Some(t) = &self.traversal {
+            t.set_peers(self.traversal_peers());
         }
         if let Err(e) = self.state.save_peers(&self.peers) {
             tracing::warn!(error = %e, "peer cache not written");
@@ -960,6 +1016,62 @@ impl<'r> Runtime<'r> {
                 self.rotate_waiters.push((now + ROTATE_WAIT, reply));
                 self.sup.handle(Input::RotateRequested, now);
             }
+            Request::Ping { peer } => {
+                let found = self.peers.values().find(|p| {
+                    p.name == peer || p.ipv4.to_string() == peer || p.ipv6.to_string() == peer
+                });
+                let (Some(p), Some(t)) = (found, self.traversal.clone()) else {
+                    let why = if found.is_none() {
+                        format!("no peer named {peer:?} (meshd status lists them)")
+                    } else {
+                        "the data plane is not up yet".to_owned()
+                    };
+                    let _ = reply.send(Reply::Error(why));
+                    return;
+                };
+                let key = p.node_key;
+                // Answered from a task: the control loop does not wait.
+                tokio::spawn(async move {
+                    let answer = match tokio::time::timeout(traversal::PING_TIMEOUT, t.ping(key)).await {
+                        Ok(Ok(r)) => Reply::Ok(vec![
+                            ("via".into(), r.via),
+                            ("rtt_us".into(), r.rtt.as_micros().to_string()),
+                            ("path_age_ms".into(), r.path_age.as_millis().to_string()),
+                        ]),
+                        Ok(Err(e)) => Reply::Error(e),
+                        Err(_) => Reply::Error("no answer".into()),
+                    };
+                    let _ = reply.send(answer);
+                });
+            }
+            Request::Netcheck => {
+                let Some(t) = &self.traversal else {
+                    let _ = reply.send(Reply::Error("the data plane is not up yet".into()));
+                    return;
+                };
+                let s = t.status().await.unwrap_or_default();
+                let n = &s.netcheck;
+                let mut f: Vec<(String, String)> = vec![("udp".into(), n.udp.to_string())];
+                if let Some(a) = n.public {
+                    f.push(("public".into(), a.to_string()));
+                }
+                if let Some(v) = n.mapping_varies {
+                    f.push(("mapping_varies".into(), v.to_string()));
+                }
+                for (region, ms) in &n.latency {
+                    f.push(("relay".into(), format!("{region} {ms:.3}")));
+                }
+                if let Some(p) = n.preferred() {
+                    f.push(("preferred".into(), p.to_owned()));
+                }
+                if let Some(h) = s.home_relay {
+                    f.push(("home".into(), h));
+                }
+                if let Some(t) = s.relay_transport {
+                    f.push(("home_transport".into(), t));
+                }
+                let _ = reply.send(Reply::Ok(f));
+            }
         }
     }
 
@@ -984,8 +1096,12 @@ impl<'r> Runtime<'r> {
             .is_none_or(|t| now.duration_since(t) >= ENDPOINT_SCAN);
         if let (true, Some(engine)) = (due, &self.engine) {
             self.last_scan = Some(now);
+            // NAT traversal adds the public address and reports the whole
+            // set when it changes (Event::Traversal).
             let list = local_endpoints(engine.listen_port, &self.opts.interface);
-            self.sup.handle(Input::Endpoints(list), now);
+            if let Some(t) = &self.traversal {
+                t.set_local(list);
+            }
         }
         Ok(())
     }
@@ -1032,6 +1148,10 @@ impl<'r> Runtime<'r> {
             }
             ControlState::Stopped { .. } => control.state = "stopped".into(),
         }
+        let traversal = match &self.traversal {
+            Some(t) => t.status().await.unwrap_or_default(),
+            None => Default::default(),
+        };
         let by_key: BTreeMap<PublicKey, &Peer> = self
             .peers
             .values()
@@ -1044,6 +1164,7 @@ impl<'r> Runtime<'r> {
                     .iter()
                     .filter_map(|ps| {
                         let p = by_key.get(&ps.public_key)?;
+                        let path = traversal.peers.get(&ps.public_key);
                         Some(PeerLine {
                             node_id: p.node_id.0,
                             name: p.name.clone(),
@@ -1060,15 +1181,17 @@ impl<'r> Runtime<'r> {
                                 None => "none",
                             }
                             .into(),
-                            relay: None,
-                            rtt_us: None,
+                            relay: path.and_then(|p| p.relay_region.clone()),
+                            rtt_us: path
+                                .and_then(|p| p.rtt)
+                                .map(|r| u64::try_from(r.as_micros()).unwrap_or(u64::MAX)),
                         })
                     })
                     .collect()
             })
             .unwrap_or_default();
         NodeStatus {
-            home_relay: None,
+            home_relay: traversal.home_relay.clone(),
             name: self
                 .info
                 .as_ref()
@@ -1161,6 +1284,29 @@ pub fn rotate_key(state_dir: &Path) -> Result<PublicKey, NodeError> {
         .find(|(k, _)| k == "public_key")
         .and_then(|(_, v)| v.parse().ok())
         .ok_or_else(|| NodeError::Daemon("no public key in the reply".into()))
+}
+
+/// One discovery ping to `peer` (a name or mesh address): `(via, rtt, path
+/// age)`.
+pub fn ping(state_dir: &Path, peer: &str) -> Result<(String, Duration, Duration), NodeError> {
+    let fields = request(
+        state_dir,
+        Request::Ping {
+            peer: peer.to_owned(),
+        },
+    )?;
+    let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
+    let num = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok((
+        get("via").unwrap_or("?").to_owned(),
+        Duration::from_micros(num("rtt_us")),
+        Duration::from_millis(num("path_age_ms")),
+    ))
+}
+
+/// `meshd netcheck`: the daemon's last view of the network, as fields.
+pub fn netcheck(state_dir: &Path) -> Result<Vec<(String, String)>, NodeError> {
+    request(state_dir, Request::Netcheck)
 }
 
 /// Stops the node daemon and waits until it has removed its interface.

@@ -4,9 +4,10 @@
 //! relays it forwards to. What it learned last stays in force while the
 //! coordinator is away, so relayed paths outlive a coordinator outage.
 //!
-//! The state directory holds the relay's key (`node.key`) and the
-//! coordinator's address and pin with the relay's record (`node.toml`), as a
-//! node's does; the token's secret is never written.
+//! The relay's key is its own (the relay protocol's static key, kept by
+//! `meshd-relay`); the state directory holds the coordinator's address and
+//! pin with the relay's record (`node.toml`), as a node's does. The token's
+//! secret is never written.
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use meshd_proto::client::{Client, ClientEvent, Join};
 use meshd_proto::token::JoinToken;
 use meshd_proto::{ErrorCode, Message, NodeKey, RelayEntry, RelayInfo};
 use rand::Rng;
+use x25519_dalek::StaticSecret;
 
 use crate::control::state_dir::{CoordinatorFile, NodeFile, NodeRecordFile, StateDir, StateError};
 
@@ -46,17 +48,14 @@ pub struct MemberConfig<'a> {
     /// The name it asks for.
     pub name: String,
     pub info: RelayInfo,
+    /// The relay's static key: what it registers with and proves.
+    pub key: StaticSecret,
 }
 
 /// Reconnection backoff: doubling from this…
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// …up to this.
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-
-/// The relay's key (created on first start) from `state`.
-pub fn relay_key(state: &Path) -> Result<meshd_dataplane::keys::PrivateKey, MemberError> {
-    Ok(StateDir::open(state)?.load_or_create_key()?.0)
-}
 
 /// Keeps the relay's session with the coordinator, calling `on_change` with
 /// the whole membership each time it changes. Returns only when the
@@ -67,7 +66,6 @@ pub async fn run(
     mut on_change: impl FnMut(&Membership),
 ) -> Result<(), MemberError> {
     let state = StateDir::open(config.state)?;
-    let (key, _) = state.load_or_create_key()?;
     let mut file = match (state.load_node()?, &config.token) {
         (Some(f), None) => f,
         (Some(f), Some(t)) if f.node.is_some() && f.coordinator == CoordinatorFile::from_token(t) => f,
@@ -107,7 +105,7 @@ pub async fn run(
             // Only an error ends a session.
             type Never = std::convert::Infallible;
             let mut conn = ClientConn::connect_any(&addr, pin, &ConnectOptions::default()).await?;
-            let mut client = Client::new(key.to_static_secret(), join, conn.binding())
+            let mut client = Client::new(config.key.clone(), join, conn.binding())
                 .as_relay(config.info.clone());
             loop {
                 while let Some(m) = client.poll_transmit() {

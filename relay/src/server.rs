@@ -43,6 +43,9 @@ pub struct RelayConfig {
     pub listen: SocketAddr,
     /// The STUN responder (UDP); `None`: no STUN.
     pub stun_listen: Option<SocketAddr>,
+    /// A second STUN responder on another port: a node that asks both learns
+    /// whether its NAT maps each destination to another public port.
+    pub stun_second: Option<SocketAddr>,
     /// The other relays of the mesh, dialled and kept connected.
     pub mesh: Vec<MeshPeer>,
     pub limits: Limits,
@@ -58,6 +61,7 @@ impl RelayConfig {
             state_dir: state_dir.into(),
             listen: ([0u16; 8], 443).into(),
             stun_listen: Some(([0u16; 8], 3478).into()),
+            stun_second: None,
             mesh: Vec::new(),
             limits: Limits::default(),
             log_interval: Duration::from_secs(60),
@@ -213,6 +217,8 @@ pub struct RelayServer {
     addr: SocketAddr,
     stun_addr: Option<SocketAddr>,
     pin: [u8; 32],
+    /// The dialling task of each meshed relay, by key ([`RelayServer::set_mesh`]).
+    mesh: std::sync::Mutex<std::collections::BTreeMap<[u8; 32], JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for RelayServer {
@@ -286,9 +292,20 @@ impl RelayServer {
         if let Some(s) = stun {
             tasks.push(tokio::spawn(serve_stun(shared.clone(), s)));
         }
-        for peer in config.mesh {
-            tasks.push(tokio::spawn(dial_relay(shared.clone(), peer)));
+        if let Some(addr) = config.stun_second {
+            let s = udp_socket(addr)
+                .and_then(|s| {
+                    s.set_nonblocking(true)?;
+                    tokio::net::UdpSocket::from_std(s)
+                })
+                .map_err(bind("STUN", addr))?;
+            tasks.push(tokio::spawn(serve_stun(shared.clone(), s)));
         }
+        let mesh = config
+            .mesh
+            .into_iter()
+            .map(|peer| (peer.key.to_bytes(), tokio::spawn(dial_relay(shared.clone(), peer))))
+            .collect();
         let pin = identity.pin();
         tracing::info!(
             %addr,
@@ -304,7 +321,35 @@ impl RelayServer {
             addr,
             stun_addr,
             pin,
+            mesh: std::sync::Mutex::new(mesh),
         })
+    }
+
+    /// The relay's static secret, for the coordinator session that makes it
+    /// a member of its mesh under this same key.
+    pub fn static_key(&self) -> x25519_dalek::StaticSecret {
+        self.shared.secret.clone()
+    }
+
+    /// Makes `peers` the relays this one links to: new ones are dialled,
+    /// links to ones no longer listed are dropped (the mesh changes as the
+    /// coordinator's relay map does).
+    pub fn set_mesh(&self, peers: Vec<MeshPeer>) {
+        let mut mesh = self.mesh.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let keep: std::collections::BTreeSet<[u8; 32]> = peers.iter().map(|p| p.key.to_bytes()).collect();
+        mesh.retain(|k, task| {
+            let kept = keep.contains(k);
+            if !kept {
+                task.abort();
+            }
+            kept
+        });
+        for peer in peers {
+            let key = peer.key.to_bytes();
+            if let std::collections::btree_map::Entry::Vacant(slot) = mesh.entry(key) {
+                slot.insert(tokio::spawn(dial_relay(self.shared.clone(), peer)));
+            }
+        }
     }
 
     /// The relay's static key: clients prove their keys against it.
@@ -345,6 +390,9 @@ impl RelayServer {
 
     fn stop(&mut self) {
         for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.mesh.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values() {
             t.abort();
         }
         self.endpoint.close(0u32.into(), b"relay stopping");

@@ -2,9 +2,10 @@
 //! state directory), without I/O: a head line, `key=value` lines, an empty
 //! line (served by `meshd_dataplane::control_socket`).
 //!
-//! Requests: `status`, `rotate_key`, `stop`. Replies: `ok` (with the
-//! status's fields for `status`, `public_key=` for `rotate_key`) or `error`
-//! with `message=`.
+//! Requests: `status`, `rotate_key`, `stop`, `netcheck`, and `ping` with
+//! `peer=NAME`. Replies: `ok` (with the status's fields for `status`,
+//! `public_key=` for `rotate_key`, `via=`, `rtt_us=`, `path_age_ms=` for
+//! `ping`, the report's fields for `netcheck`) or `error` with `message=`.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
@@ -12,11 +13,14 @@ use std::str::FromStr;
 use meshd_dataplane::control_socket::{self, Field};
 use meshd_dataplane::keys::PublicKey;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Status,
     RotateKey,
     Stop,
+    /// One discovery ping to the peer of this name (or mesh address).
+    Ping { peer: String },
+    Netcheck,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,19 +40,34 @@ fn err(line: usize, message: impl Into<String>) -> IpcError {
 impl Request {
     pub fn encode(&self) -> String {
         match self {
-            Request::Status => "status\n\n",
-            Request::RotateKey => "rotate_key\n\n",
-            Request::Stop => "stop\n\n",
+            Request::Status => "status\n\n".to_owned(),
+            Request::RotateKey => "rotate_key\n\n".to_owned(),
+            Request::Stop => "stop\n\n".to_owned(),
+            Request::Netcheck => "netcheck\n\n".to_owned(),
+            Request::Ping { peer } => {
+                let mut out = "ping\n".to_owned();
+                push(&mut out, "peer", peer);
+                out.push('\n');
+                out
+            }
         }
-        .to_owned()
     }
 
     pub fn parse(text: &str) -> Result<Request, IpcError> {
         let (head, fields) = split(text)?;
+        if head == "ping" {
+            return match fields.as_slice() {
+                [f] if f.key == "peer" && !f.value.is_empty() => Ok(Request::Ping {
+                    peer: f.value.to_owned(),
+                }),
+                _ => Err(err(2, "ping takes one field, peer=NAME")),
+            };
+        }
         if let Some(field) = fields.first() {
             return Err(err(field.line, "requests take no fields"));
         }
         match head {
+            "netcheck" => Ok(Request::Netcheck),
             "status" => Ok(Request::Status),
             "rotate_key" => Ok(Request::RotateKey),
             "stop" => Ok(Request::Stop),
@@ -332,9 +351,19 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_junk_is_refused() {
-        for r in [Request::Status, Request::RotateKey, Request::Stop] {
+        for r in [
+            Request::Status,
+            Request::RotateKey,
+            Request::Stop,
+            Request::Netcheck,
+            Request::Ping {
+                peer: "edge1".into(),
+            },
+        ] {
             assert_eq!(Request::parse(&r.encode()), Ok(r));
         }
+        assert!(Request::parse("ping\n\n").is_err());
+        assert!(Request::parse("ping\npeer=\n\n").is_err());
         assert_eq!(Request::parse("").unwrap_err().line, 1);
         assert!(Request::parse("reboot\n\n")
             .unwrap_err()

@@ -2,7 +2,7 @@
 //! becomes [`PeerConfig`]s, a node's record its TUN addresses and routes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use meshd_proto::{NodeId, NodeInfo, Peer};
@@ -31,20 +31,9 @@ pub fn tun_plan(info: &NodeInfo) -> TunPlan {
     }
 }
 
-/// Where to send a peer's first packets: its first IPv4 endpoint, else its
-/// first one. Without NAT traversal, a peer behind NAT reports addresses
-/// that only its own LAN can reach; once it has sent something, the data
-/// plane follows the address its packets really come from.
-pub fn pick_endpoint(endpoints: &[SocketAddr]) -> Option<SocketAddr> {
-    endpoints
-        .iter()
-        .find(|e| e.is_ipv4())
-        .or_else(|| endpoints.first())
-        .copied()
-}
-
 /// The data-plane peers for a peer map: each peer's mesh IPv4 /32 and IPv6
-/// /128 route to its key. `own_key` and anything that would make the set
+/// /128 route to its key. No endpoint: NAT traversal chooses each peer's path
+/// (`crate::traversal`). `own_key` and anything that would make the set
 /// invalid (a key or an address twice, which a correct coordinator never
 /// sends) are left out, with a warning, rather than refusing the whole map.
 pub fn peer_configs(peers: &BTreeMap<NodeId, Peer>, own_key: &PublicKey) -> Vec<PeerConfig> {
@@ -68,7 +57,7 @@ pub fn peer_configs(peers: &BTreeMap<NodeId, Peer>, own_key: &PublicKey) -> Vec<
                 IpNet::V4(Ipv4Net::from(p.ipv4)),
                 IpNet::V6(Ipv6Net::from(p.ipv6)),
             ],
-            endpoint: pick_endpoint(&p.endpoints),
+            endpoint: None,
             persistent_keepalive: None,
         });
     }
@@ -112,11 +101,7 @@ mod tests {
                 "fd00::2/128".parse().unwrap()
             ]
         );
-        assert_eq!(
-            configs[0].endpoint,
-            Some("192.0.2.2:41641".parse().unwrap())
-        );
-        assert_eq!(configs[1].endpoint, None);
+        assert!(configs.iter().all(|c| c.endpoint.is_none()));
         meshd_dataplane::peers::validate(&configs).unwrap();
     }
 

@@ -1,0 +1,72 @@
+//! The node's connection to its home relay (`meshd_relay::client`), as NAT
+//! traversal uses it: WireGuard datagrams the relay delivers go straight to
+//! the engine from the connection's reader, disco packets to the traversal
+//! task.
+
+use meshd_dataplane::engine::{self as dp, EngineHandle};
+use meshd_dataplane::keys::{PrivateKey, PublicKey};
+use meshd_proto::{disco, NodeKey, RelayEntry};
+use meshd_relay::client::{ClientOptions, Event, RelayClient, RelaySender};
+use tokio::sync::mpsc;
+
+use crate::paths::RelayId;
+
+/// What the relay delivered that is not for the engine: disco packets, and
+/// (an empty datagram from key zero) the connection's end.
+pub type Delivered = mpsc::UnboundedSender<(RelayId, NodeKey, Vec<u8>)>;
+
+/// Connects to `entry` as `key` (QUIC, and TLS over TCP alongside after a
+/// head start: the first to be accepted is used); returns the sender and the
+/// transport's name. The connection lives until the relay ends it or
+/// `delivered` is closed.
+pub async fn connect(
+    entry: &RelayEntry,
+    key: &PrivateKey,
+    id: RelayId,
+    engine: EngineHandle,
+    delivered: Delivered,
+) -> Result<(RelaySender, String), String> {
+    let addr = entry
+        .info
+        .addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(entry.info.addrs.first())
+        .ok_or_else(|| format!("relay {} has no address", entry.name))?;
+    let mut opts = ClientOptions::new(addr.to_string(), entry.info.cert_pin);
+    opts.relay_key = Some(x25519_dalek::PublicKey::from(entry.key.0));
+    let mut client = RelayClient::connect(&opts, &key.to_static_secret())
+        .await
+        .map_err(|e| e.to_string())?;
+    let sender = client.sender();
+    let transport = client.transport().to_string();
+    tokio::spawn(async move {
+        loop {
+            match client.recv().await {
+                Ok(Event::Packet { src, datagram }) => {
+                    if disco::is_disco(&datagram) {
+                        let from = NodeKey(src.to_bytes());
+                        if delivered.send((id, from, datagram.to_vec())).is_err() {
+                            break;
+                        }
+                    } else {
+                        let peer = PublicKey::from_bytes(src.to_bytes());
+                        if engine.relayed(dp::RelayId(id.0), peer, datagram.to_vec()).is_err() {
+                            break;
+                        }
+                    }
+                }
+                Ok(Event::PeerGone { key, reason }) => {
+                    tracing::debug!(peer = %NodeKey(key.to_bytes()), ?reason, "relay cannot deliver to peer");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay connection ended");
+                    let _ = delivered.send((id, NodeKey([0; 32]), Vec::new()));
+                    break;
+                }
+            }
+        }
+        client.close().await;
+    });
+    Ok((sender, transport))
+}

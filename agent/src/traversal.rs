@@ -1,0 +1,616 @@
+//! NAT traversal's driver: one task that carries out what the sans-IO cores
+//! decide — [`crate::paths::PathManager`] (which path each peer takes) and
+//! [`crate::discovery::Discovery`] (this node's public address) — over the
+//! engine's UDP socket and the home relay's connection.
+//!
+//! The engine hands it every datagram that is not WireGuard (STUN answers,
+//! disco packets) through [`Outlets::other`], and every datagram for a
+//! relayed peer through [`Outlets::relay`], which writes straight into the
+//! home relay's connection without a hop through this task. The task
+//! forwards relayed WireGuard datagrams to the engine, sets peers'
+//! endpoints, and tells the node runtime when its endpoints change (to
+//! report them to the coordinator).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meshd_dataplane::engine::{
+    self as dp, EngineHandle, OtherOutlet, RelayOutlet,
+};
+use meshd_dataplane::keys::{PrivateKey, PublicKey};
+use meshd_proto::{disco, stun, NodeKey, RelayEntry};
+use rand::RngCore;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::discovery::{Discovery, NetcheckReport, StunTarget};
+use crate::paths::{Action, Endpoint, Path, PathConfig, PathEvent, PathManager, RelayId};
+use crate::relay_link;
+use meshd_relay::client::RelaySender;
+
+/// The home relay's connection, shared with the engine's relay outlet.
+type HomeLink = Arc<Mutex<Option<(RelayId, RelaySender)>>>;
+
+/// How often peers' byte counters are read to tell which peers are in use.
+const ACTIVITY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long `meshd ping` waits for one answer.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the engine is given at start; see the module doc.
+pub struct Outlets {
+    pub other: OtherOutlet,
+    pub relay: RelayOutlet,
+}
+
+/// What the task tells the node runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TraversalEvent {
+    /// Every endpoint this node can be reached at now, to report.
+    Endpoints(Vec<SocketAddr>),
+}
+
+/// A peer's path, for `meshd status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PathStatus {
+    pub path: Path,
+    pub relay_region: Option<String>,
+    pub rtt: Option<Duration>,
+}
+
+/// Everything `meshd status` and `meshd netcheck` show of traversal.
+#[derive(Debug, Clone, Default)]
+pub struct TraversalStatus {
+    pub home_relay: Option<String>,
+    /// `QUIC` or `TLS`, once connected to the home relay.
+    pub relay_transport: Option<String>,
+    pub peers: BTreeMap<PublicKey, PathStatus>,
+    pub netcheck: NetcheckReport,
+}
+
+/// One reply of `meshd ping`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PingResult {
+    /// `direct ip:port` or `relay REGION`.
+    pub via: String,
+    pub rtt: Duration,
+    /// How long ago the peer's path last changed.
+    pub path_age: Duration,
+}
+
+enum Cmd {
+    Peers(Vec<(NodeKey, Vec<SocketAddr>)>),
+    Relays(Vec<RelayEntry>),
+    Local(Vec<SocketAddr>),
+    Status(oneshot::Sender<TraversalStatus>),
+    Ping(NodeKey, oneshot::Sender<Result<PingResult, String>>),
+}
+
+/// The runtime's handle on the task; when every clone is dropped the task stops.
+#[derive(Debug, Clone)]
+pub struct Traversal {
+    cmds: mpsc::UnboundedSender<Cmd>,
+}
+
+/// Made before the engine, so that its outlets exist when it starts; the
+/// task starts once the engine does ([`Pending::start`]).
+pub struct Pending {
+    udp_rx: mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
+    link: HomeLink,
+}
+
+pub fn prepare() -> (Pending, Outlets) {
+    let (udp_tx, udp_rx) = mpsc::unbounded_channel();
+    let link: HomeLink = Arc::default();
+    let relay_link = link.clone();
+    let outlets = Outlets {
+        other: Box::new(move |from, datagram| {
+            // Only what a core may want; anything else is dropped here.
+            if stun::is_stun(datagram) || disco::is_disco(datagram) {
+                let _ = udp_tx.send((from, datagram.to_vec()));
+            }
+        }),
+        relay: Box::new(move |relay, peer, datagram| {
+            let guard = relay_link.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((home, l)) = guard.as_ref() {
+                // A datagram for a relay that is no longer home is sent
+                // through the home one: relays forward to each other.
+                let _ = (relay, home);
+                let _ = l.send(&x25519_dalek::PublicKey::from(*peer.as_bytes()), datagram);
+            }
+        }),
+    };
+    (Pending { udp_rx, link }, outlets)
+}
+
+impl Pending {
+    pub fn start(
+        self,
+        key: &PrivateKey,
+        engine: EngineHandle,
+        events: mpsc::UnboundedSender<TraversalEvent>,
+    ) -> Traversal {
+        let (cmds, cmd_rx) = mpsc::unbounded_channel();
+        let (relayed_tx, relayed_rx) = mpsc::unbounded_channel();
+        let (latency_tx, latency_rx) = mpsc::unbounded_channel();
+        let mut seed = [0u8; 32];
+        rand::rng().fill_bytes(&mut seed);
+        let now = Instant::now();
+        let task = Task {
+            key: key.clone(),
+            pm: PathManager::new(PathConfig::default(), key.to_static_secret(), seed),
+            discovery: Discovery::new(u64::from_le_bytes(seed[..8].try_into().unwrap_or([1; 8])), now),
+            engine,
+            events,
+            link: self.link,
+            relays: Vec::new(),
+            relay_ids: BTreeMap::new(),
+            home: None,
+            connecting: None,
+            transport: None,
+            pings: BTreeMap::new(),
+            counters: BTreeMap::new(),
+            reported: Vec::new(),
+            tcp_latency: BTreeMap::new(),
+            relayed_tx,
+            latency_tx,
+        };
+        tokio::spawn(task.run(cmd_rx, self.udp_rx, relayed_rx, latency_rx));
+        Traversal { cmds }
+    }
+}
+
+impl Traversal {
+    pub fn set_peers(&self, peers: Vec<(NodeKey, Vec<SocketAddr>)>) {
+        let _ = self.cmds.send(Cmd::Peers(peers));
+    }
+
+    pub fn set_relays(&self, relays: Vec<RelayEntry>) {
+        let _ = self.cmds.send(Cmd::Relays(relays));
+    }
+
+    pub fn set_local(&self, local: Vec<SocketAddr>) {
+        let _ = self.cmds.send(Cmd::Local(local));
+    }
+
+    pub async fn status(&self) -> Option<TraversalStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(Cmd::Status(tx)).ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn ping(&self, peer: NodeKey) -> Result<PingResult, String> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Ping(peer, tx))
+            .map_err(|_| "NAT traversal is not running".to_owned())?;
+        rx.await
+            .map_err(|_| "NAT traversal stopped".to_owned())?
+    }
+}
+
+type Connected = Result<(RelaySender, String), String>;
+
+struct Task {
+    key: PrivateKey,
+    pm: PathManager,
+    discovery: Discovery,
+    engine: EngineHandle,
+    events: mpsc::UnboundedSender<TraversalEvent>,
+    link: HomeLink,
+    relays: Vec<RelayEntry>,
+    /// Stable ids: a relay keeps its id while the map changes around it.
+    relay_ids: BTreeMap<NodeKey, RelayId>,
+    home: Option<RelayId>,
+    connecting: Option<(RelayId, oneshot::Receiver<Connected>)>,
+    transport: Option<String>,
+    pings: BTreeMap<u64, (Instant, oneshot::Sender<Result<PingResult, String>>)>,
+    /// Each peer's byte counters at the last activity check.
+    counters: BTreeMap<PublicKey, (u64, u64)>,
+    reported: Vec<SocketAddr>,
+    /// Connect times to relays over TCP: their latency where UDP is blocked.
+    tcp_latency: BTreeMap<RelayId, Duration>,
+    /// Where relay connections deliver what they receive (an empty datagram
+    /// from key zero: the connection is lost).
+    relayed_tx: mpsc::UnboundedSender<(RelayId, NodeKey, Vec<u8>)>,
+    latency_tx: mpsc::UnboundedSender<(RelayId, Option<Duration>)>,
+}
+
+impl Task {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::UnboundedReceiver<Cmd>,
+        mut udp: mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
+        mut relayed: mpsc::UnboundedReceiver<(RelayId, NodeKey, Vec<u8>)>,
+        mut latency: mpsc::UnboundedReceiver<(RelayId, Option<Duration>)>,
+    ) {
+        let mut activity = tokio::time::interval(ACTIVITY_INTERVAL);
+        activity.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = self.next_wake();
+            let connecting = self.connecting.as_mut().map(|(_, rx)| rx);
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    Some(c) => self.on_cmd(c),
+                    None => break,
+                },
+                Some((from, d)) = udp.recv() => self.on_udp(from, &d),
+                Some((relay, from, d)) = relayed.recv() => self.on_relayed(relay, from, d),
+                Some((relay, l)) = latency.recv() => {
+                    if let Some(l) = l {
+                        self.tcp_latency.insert(relay, l);
+                    }
+                    self.report_latencies();
+                }
+                r = async { match connecting { Some(rx) => rx.await, None => std::future::pending().await } } => {
+                    self.on_connected(r.unwrap_or_else(|_| Err("connection task ended".into())));
+                }
+                () = tokio::time::sleep_until(wake.into()) => {
+                    let now = Instant::now();
+                    self.pm.handle_timeout(now);
+                    self.discovery.handle_timeout(now);
+                    self.after_discovery();
+                }
+                _ = activity.tick() => self.check_activity(),
+            }
+            self.flush();
+        }
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn next_wake(&self) -> Instant {
+        let d = self.discovery.poll_timeout();
+        self.pm.poll_timeout().map_or(d, |p| p.min(d))
+    }
+
+    fn relay_id(&mut self, key: NodeKey) -> RelayId {
+        let next = RelayId(u16::try_from(self.relay_ids.len()).unwrap_or(u16::MAX));
+        *self.relay_ids.entry(key).or_insert(next)
+    }
+
+    fn entry(&self, id: RelayId) -> Option<&RelayEntry> {
+        self.relays
+            .iter()
+            .find(|r| self.relay_ids.get(&r.key) == Some(&id))
+    }
+
+    fn region(&self, id: RelayId) -> Option<String> {
+        self.entry(id).map(|e| e.info.region.clone())
+    }
+
+    fn on_cmd(&mut self, cmd: Cmd) {
+        let now = Instant::now();
+        match cmd {
+            Cmd::Peers(peers) => {
+                let keep: Vec<NodeKey> = peers.iter().map(|(k, _)| *k).collect();
+                let stale: Vec<NodeKey> = self
+                    .counters
+                    .keys()
+                    .map(|k| NodeKey(*k.as_bytes()))
+                    .filter(|k| !keep.contains(k))
+                    .collect();
+                for k in stale {
+                    self.pm.remove_peer(&k);
+                    self.counters.remove(&PublicKey::from_bytes(k.0));
+                }
+                for (key, candidates) in peers {
+                    if let Err(e) = self.pm.upsert_peer(key, &candidates, self.home, now) {
+                        tracing::warn!(peer = %key, error = %e, "peer not managed by NAT traversal");
+                        continue;
+                    }
+                    self.counters.entry(PublicKey::from_bytes(key.0)).or_default();
+                }
+            }
+            Cmd::Relays(relays) => {
+                for r in &relays {
+                    self.relay_id(r.key);
+                }
+                self.relays = relays;
+                let targets: Vec<StunTarget> = self
+                    .relays
+                    .iter()
+                    .filter_map(|r| {
+                        let addr = r.info.addrs.iter().find(|a| a.is_ipv4()).or(r.info.addrs.first())?;
+                        Some(StunTarget {
+                            region: r.info.region.clone(),
+                            addr: SocketAddr::new(addr.ip(), r.info.stun_port),
+                        })
+                    })
+                    .collect();
+                self.discovery.set_targets(targets, now);
+                // Where UDP is blocked STUN says nothing: a TCP connect's
+                // time stands in for each relay's latency.
+                let ids: Vec<RelayId> = self.relay_ids.values().copied().collect();
+                for id in ids {
+                    self.measure_tcp(id, Duration::ZERO);
+                }
+                self.discovery.handle_timeout(now);
+            }
+            Cmd::Local(local) => {
+                self.discovery.set_local(local, now);
+                self.discovery.handle_timeout(now);
+                self.after_discovery();
+            }
+            Cmd::Status(reply) => {
+                let _ = reply.send(self.status(now));
+            }
+            Cmd::Ping(peer, reply) => match self.pm.ping(&peer, now) {
+                Ok(id) => {
+                    self.pings.insert(id, (now, reply));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            },
+        }
+    }
+
+    fn status(&self, now: Instant) -> TraversalStatus {
+        let peers = self
+            .counters
+            .keys()
+            .filter_map(|k| {
+                let s = self.pm.status(&NodeKey(*k.as_bytes()))?;
+                let relay_region = match s.path {
+                    Path::Relay(r) => self.region(r),
+                    _ => None,
+                };
+                let _ = now;
+                Some((
+                    *k,
+                    PathStatus {
+                        path: s.path,
+                        relay_region,
+                        rtt: s.rtt,
+                    },
+                ))
+            })
+            .collect();
+        TraversalStatus {
+            home_relay: self.home.and_then(|h| self.region(h)),
+            relay_transport: self.transport.clone(),
+            peers,
+            netcheck: self.discovery.report().clone(),
+        }
+    }
+
+    fn on_udp(&mut self, from: SocketAddr, d: &[u8]) {
+        let now = Instant::now();
+        if stun::is_stun(d) {
+            if self.discovery.handle_stun(from, d, now) {
+                self.after_discovery();
+            }
+        } else if let Err(e) = self.pm.handle_udp(from, d, now) {
+            tracing::debug!(%from, error = %e, "disco packet dropped");
+        }
+    }
+
+    /// Measures a TCP connect to relay `id` after `delay`.
+    fn measure_tcp(&self, id: RelayId, delay: Duration) {
+        let Some(addr) = self.entry(id).and_then(|r| r.info.addrs.first().copied()) else {
+            return;
+        };
+        let tx = self.latency_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let start = Instant::now();
+            let ok = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            let _ = tx.send((id, ok.then(|| start.elapsed())));
+        });
+    }
+
+    fn on_relayed(&mut self, relay: RelayId, from: NodeKey, d: Vec<u8>) {
+        if d.is_empty() && from == NodeKey([0; 32]) {
+            self.on_relay_lost(relay);
+            return;
+        }
+        if disco::is_disco(&d) {
+            if let Err(e) = self.pm.handle_relayed(relay, from, &d, Instant::now()) {
+                tracing::debug!(peer = %from, error = %e, "relayed disco packet dropped");
+            }
+            return;
+        }
+        let peer = PublicKey::from_bytes(from.0);
+        let _ = self.engine.relayed(dp::RelayId(relay.0), peer, d);
+    }
+
+    fn after_discovery(&mut self) {
+        self.report_latencies();
+        let eps = self.discovery.endpoints();
+        if eps != self.reported {
+            self.pm.set_own_candidates(eps.clone(), Instant::now());
+            let _ = self.events.send(TraversalEvent::Endpoints(eps.clone()));
+            self.reported = eps;
+        }
+    }
+
+    /// Relay latencies for the home relay's choice: STUN's where UDP
+    /// works, TCP connect times where it does not.
+    fn report_latencies(&mut self) {
+        let stun: BTreeMap<String, f64> = self.discovery.report().latency.iter().cloned().collect();
+        let ids: Vec<(RelayId, String)> = self
+            .relays
+            .iter()
+            .filter_map(|r| Some((*self.relay_ids.get(&r.key)?, r.info.region.clone())))
+            .collect();
+        for (id, region) in ids {
+            let l = match stun.get(&region) {
+                Some(ms) => Some(Duration::from_secs_f64(ms / 1000.0)),
+                None if !self.discovery.report().udp => self.tcp_latency.get(&id).copied(),
+                None => None,
+            };
+            if l.is_some() {
+                self.pm.handle_relay_latency(id, l);
+            }
+        }
+    }
+
+    fn check_activity(&mut self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self
+            .engine
+            .status_then(move |s| {
+                let _ = tx.send(s);
+            })
+            .is_err()
+        {
+            return;
+        }
+        // The engine answers within its turn; a busy engine is not waited for.
+        let Ok(status) = rx.recv_timeout(Duration::from_millis(50)) else {
+            return;
+        };
+        let now = Instant::now();
+        for p in status.peers {
+            if let Some(last) = self.counters.get_mut(&p.public_key) {
+                let now_counts = (p.rx_bytes, p.tx_bytes);
+                if now_counts != *last {
+                    *last = now_counts;
+                    self.pm.note_activity(&NodeKey(*p.public_key.as_bytes()), now);
+                }
+            }
+        }
+    }
+
+    fn on_relay_lost(&mut self, id: RelayId) {
+        let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
+        if link.as_ref().is_some_and(|(home, _)| *home == id) {
+            *link = None;
+            drop(link);
+            tracing::warn!(region = %self.region(id).unwrap_or_default(), "lost the home relay");
+            self.home = None;
+            self.transport = None;
+            self.tcp_latency.remove(&id);
+            // Another relay becomes home if there is one; this one is
+            // measured again shortly, and taken back when it answers.
+            self.pm.handle_relay_latency(id, None);
+            self.measure_tcp(id, Duration::from_secs(1));
+        }
+    }
+
+    fn on_connected(&mut self, result: Connected) {
+        let Some((id, _)) = self.connecting.take() else {
+            return;
+        };
+        let region = self.region(id).unwrap_or_default();
+        match result {
+            Ok((link, transport)) => {
+                tracing::info!(%region, %transport, "connected to the home relay");
+                *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, link));
+                self.transport = Some(transport);
+                self.home = Some(id);
+                let now = Instant::now();
+                let keys: Vec<NodeKey> = self.counters.keys().map(|k| NodeKey(*k.as_bytes())).collect();
+                for k in keys {
+                    let candidates = self
+                        .pm
+                        .status(&k)
+                        .map(|s| s.candidates)
+                        .unwrap_or_default();
+                    let _ = self.pm.upsert_peer(k, &candidates, Some(id), now);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%region, error = %e, "cannot connect to the relay");
+                self.tcp_latency.remove(&id);
+                self.pm.handle_relay_latency(id, None);
+                self.measure_tcp(id, Duration::from_secs(2));
+            }
+        }
+    }
+
+    fn connect(&mut self, id: RelayId) {
+        let Some(entry) = self.entry(id).cloned() else {
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        let key = self.key.clone();
+        let relayed_tx = self.relayed_tx.clone();
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            let r = relay_link::connect(&entry, &key, id, engine, relayed_tx).await;
+            let _ = tx.send(r);
+        });
+        self.connecting = Some((id, rx));
+    }
+
+    /// Carries out what the cores decided.
+    fn flush(&mut self) {
+        while let Some((to, bytes)) = self.discovery.poll_transmit() {
+            let _ = self.engine.send_udp(to, bytes);
+        }
+        while let Some(t) = self.pm.poll_transmit() {
+            match t.to {
+                Endpoint::Udp(addr) => {
+                    let _ = self.engine.send_udp(addr, t.packet);
+                }
+                Endpoint::Relay { peer, .. } => {
+                    let guard = self.link.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some((_, l)) = guard.as_ref() {
+                        let _ = l.send(&x25519_dalek::PublicKey::from(peer.0), &t.packet);
+                    }
+                }
+            }
+        }
+        while let Some(a) = self.pm.poll_action() {
+            match a {
+                Action::SetEndpoint { peer, endpoint } => {
+                    let e = match endpoint {
+                        Endpoint::Udp(addr) => dp::Endpoint::Udp(addr),
+                        Endpoint::Relay { relay, peer } => dp::Endpoint::Relay {
+                            relay: dp::RelayId(relay.0),
+                            peer: PublicKey::from_bytes(peer.0),
+                        },
+                    };
+                    let _ = self
+                        .engine
+                        .set_endpoint_then(PublicKey::from_bytes(peer.0), e, |_| {});
+                }
+                Action::SetHomeRelay(id) => {
+                    if self.connecting.as_ref().map(|c| c.0) != Some(id) && self.home != Some(id) {
+                        self.connect(id);
+                    }
+                }
+            }
+        }
+        while let Some(e) = self.pm.poll_event() {
+            self.on_event(e);
+        }
+    }
+
+    fn on_event(&mut self, e: PathEvent) {
+        let now = Instant::now();
+        match e {
+            PathEvent::Upgraded { peer, addr, after, rtt } => {
+                tracing::info!(%peer, %addr, after_ms = after.as_millis(), rtt_ms = rtt.as_secs_f64() * 1000.0, "path upgraded to direct");
+            }
+            PathEvent::Switched { peer, from, to, rtt } => {
+                tracing::info!(%peer, %from, %to, rtt_ms = rtt.as_secs_f64() * 1000.0, "direct path switched");
+            }
+            PathEvent::FellBack { peer, from, to, silent_for } => {
+                tracing::info!(%peer, %from, to = %to, silent_ms = silent_for.as_millis(), "direct path lost");
+            }
+            PathEvent::PingReply { peer, id, via, rtt } => {
+                if let Some((_, reply)) = self.pings.remove(&id) {
+                    let via = match via {
+                        Path::Direct(a) => format!("direct {a}"),
+                        Path::Relay(r) => format!("relay {}", self.region(r).unwrap_or_default()),
+                        Path::None => "no path".into(),
+                    };
+                    let path_age = self
+                        .pm
+                        .status(&peer)
+                        .map_or(Duration::ZERO, |s| now.saturating_duration_since(s.since));
+                    let _ = reply.send(Ok(PingResult { via, rtt, path_age }));
+                }
+            }
+            PathEvent::PingTimedOut { id, .. } => {
+                if let Some((_, reply)) = self.pings.remove(&id) {
+                    let _ = reply.send(Err("no answer".into()));
+                }
+            }
+        }
+    }
+}
