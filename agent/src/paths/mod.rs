@@ -304,6 +304,23 @@ impl PathManager {
         }
     }
 
+    /// The node's WireGuard key changed (a rotation): disco packets are
+    /// sealed and opened with the new one from now on. Paths stay as they
+    /// are; the peers learn the new key from the coordinator.
+    pub fn rotate_key(&mut self, secret: StaticSecret) -> Result<(), PathError> {
+        let mut keys = BTreeMap::new();
+        for key in self.peers.keys() {
+            keys.insert(*key, DiscoKeys::new(&secret, *key)?);
+        }
+        for (key, k) in keys {
+            if let Some(p) = self.peers.get_mut(&key) {
+                p.set_keys(k);
+            }
+        }
+        self.secret = secret;
+        Ok(())
+    }
+
     pub fn own_candidates(&self) -> &[SocketAddr] {
         &self.own_candidates
     }

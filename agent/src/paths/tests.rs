@@ -501,3 +501,38 @@ fn one_fast_sample_does_not_switch() {
     s.run(SECS(60), |a| Some(if a == slow { MS(50) } else { MS(80) }));
     assert_eq!(s.path(), Path::Direct(slow));
 }
+
+#[test]
+fn a_rotated_key_keeps_the_paths_and_speaks_with_the_new_key() {
+    let mut sim = pair(11, Net::Open, Net::Open, MS(10));
+    assert!(sim.run_until(SECS(5), |s| s.is_direct(0, 1) && s.is_direct(1, 0)));
+    let new = StaticSecret::from([42; 32]);
+    let new_key = NodeKey(x25519_dalek::PublicKey::from(&new).to_bytes());
+    sim.nodes[0].pm.rotate_key(new.clone()).expect("valid keys");
+    // Before the peer hears of it, node 0's packets do not open there.
+    let (a, b) = (sim.nodes[0].key, sim.nodes[1].key);
+    let ping = DiscoKeys::new(&new, b)
+        .expect("a key")
+        .seal(
+            &disco::Message::Ping {
+                txid: disco::TxId([1; 12]),
+            },
+            [1; 24],
+        )
+        .expect("seals");
+    let now = sim.now;
+    let src = "198.19.1.1:51820".parse().expect("an address");
+    assert!(matches!(
+        sim.nodes[1].pm.handle_udp(src, &ping, now),
+        Err(PathError::UnknownPeer(k)) if k == new_key
+    ));
+    // The coordinator tells the peer: the new key is a peer like any other.
+    let candidates = sim.nodes[0].pm.own_candidates().to_vec();
+    sim.nodes[1].pm.remove_peer(&a);
+    sim.nodes[1]
+        .pm
+        .upsert_peer(new_key, &candidates, Some(RelayId(0)), now)
+        .expect("a key");
+    assert!(sim.nodes[1].pm.handle_udp(src, &ping, now).is_ok());
+    assert!(sim.is_direct(0, 1));
+}
