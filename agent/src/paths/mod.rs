@@ -22,11 +22,15 @@
 //! Its decision is the only authority over a managed peer's endpoint: the
 //! data plane's roaming must be off for these peers, or the two would fight.
 //!
-//! Not done: the birthday technique for a symmetric NAT facing an
-//! endpoint-independent one. It would need a second kind of local socket in
-//! the API: an `Action::OpenPorts { count }` the driver answers with socket
-//! ids, a `from: SocketId` on [`Transmit`] and on `handle_udp`, and a probe
-//! budget in [`PathConfig`]; the per-peer candidate logic would stay as is.
+//! Not done: the birthday technique for a NAT that maps per destination
+//! facing one that filters per address and port (docs/disco-protocol.md,
+//! "Not done"). It would extend the API with local sockets: an input saying
+//! our mapping varies by destination (two STUN servers disagree), a flag in
+//! CallMeMaybe telling the peer so, an `Action::OpenSockets { count }`
+//! answered with socket ids, a `from: SocketId` on [`Transmit`] and on
+//! `handle_udp`, a socket in [`Endpoint::Udp`] (the data plane would send a
+//! peer's datagrams from that socket), and a probe budget in [`PathConfig`];
+//! candidates and path decisions would stay as they are.
 
 mod peer;
 mod relay;

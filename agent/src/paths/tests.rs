@@ -209,6 +209,17 @@ fn a_dead_relay_does_not_disturb_a_direct_path() {
 }
 
 #[test]
+fn no_relay_is_needed_when_both_sides_probe() {
+    let masq = Net::Nat(Nat::masquerade());
+    let mut sim = Sim::new(13);
+    sim.add_node(masq, 5);
+    sim.add_node(masq, 5);
+    sim.kill_relay();
+    sim.connect(0, 1, MS(50));
+    assert!(sim.run_until(SECS(1), |s| s.is_direct(0, 1) && s.is_direct(1, 0)));
+}
+
+#[test]
 fn a_direct_path_cut_falls_back_within_3s_and_comes_back() {
     let masq = Net::Nat(Nat::masquerade());
     let mut sim = pair(4, masq, masq, MS(20));
