@@ -22,11 +22,15 @@
 //! Its decision is the only authority over a managed peer's endpoint: the
 //! data plane's roaming must be off for these peers, or the two would fight.
 //!
-//! Not done: the birthday technique for a symmetric NAT facing an
-//! endpoint-independent one. It would need a second kind of local socket in
-//! the API: an `Action::OpenPorts { count }` the driver answers with socket
-//! ids, a `from: SocketId` on [`Transmit`] and on `handle_udp`, and a probe
-//! budget in [`PathConfig`]; the per-peer candidate logic would stay as is.
+//! Not done: the birthday technique for a NAT that maps per destination
+//! facing one that filters per address and port (docs/disco-protocol.md,
+//! "Not done"). It would extend the API with local sockets: an input saying
+//! our mapping varies by destination (two STUN servers disagree), a flag in
+//! CallMeMaybe telling the peer so, an `Action::OpenSockets { count }`
+//! answered with socket ids, a `from: SocketId` on [`Transmit`] and on
+//! `handle_udp`, a socket in [`Endpoint::Udp`] (the data plane would send a
+//! peer's datagrams from that socket), and a probe budget in [`PathConfig`];
+//! candidates and path decisions would stay as they are.
 
 mod peer;
 mod relay;
@@ -302,6 +306,23 @@ impl PathManager {
         for p in self.peers.values_mut() {
             p.reprobe_soon(&self.config, now);
         }
+    }
+
+    /// The node's WireGuard key changed (a rotation): disco packets are
+    /// sealed and opened with the new one from now on. Paths stay as they
+    /// are; the peers learn the new key from the coordinator.
+    pub fn rotate_key(&mut self, secret: StaticSecret) -> Result<(), PathError> {
+        let mut keys = BTreeMap::new();
+        for key in self.peers.keys() {
+            keys.insert(*key, DiscoKeys::new(&secret, *key)?);
+        }
+        for (key, k) in keys {
+            if let Some(p) = self.peers.get_mut(&key) {
+                p.set_keys(k);
+            }
+        }
+        self.secret = secret;
+        Ok(())
     }
 
     pub fn own_candidates(&self) -> &[SocketAddr] {

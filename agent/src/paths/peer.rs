@@ -136,6 +136,11 @@ impl Peer {
         self.keys.open(packet)
     }
 
+    /// The node's own key changed: packets are sealed with the new one.
+    pub(super) fn set_keys(&mut self, keys: DiscoKeys) {
+        self.keys = keys;
+    }
+
     /// What the coordinator says now: the relay, and the candidates (which
     /// replace its earlier list; new ones are probed).
     pub(super) fn update(
@@ -439,8 +444,9 @@ impl Peer {
             None => (None, true),
         };
         let wins = {
-            let margin =
-                current.map(|cur| (cur * config.switch_percent / 100).max(config.switch_margin));
+            let margin = current.map(|cur| {
+                (cur.saturating_mul(config.switch_percent) / 100).max(config.switch_margin)
+            });
             let Some(c) = self.candidates.get_mut(&addr) else {
                 return;
             };
@@ -741,7 +747,7 @@ impl Peer {
                     now + config.reprobe_direct
                 } else {
                     let wait = self.probe_backoff;
-                    self.probe_backoff = (wait * 2).min(config.reprobe_relayed);
+                    self.probe_backoff = wait.saturating_mul(2).min(config.reprobe_relayed);
                     now + wait
                 });
             }

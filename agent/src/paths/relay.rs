@@ -51,7 +51,10 @@ impl RelayChoice {
             .and_then(median)
         {
             None => true,
-            Some(home) => best_latency + MIN_GAIN <= home && best_latency * 3 <= home * MAX_THIRDS,
+            Some(home) => {
+                best_latency + MIN_GAIN <= home
+                    && best_latency.saturating_mul(3) <= home.saturating_mul(MAX_THIRDS)
+            }
         };
         if better && self.home != Some(best) {
             self.home = Some(best);
