@@ -290,6 +290,7 @@ fn status_json(s: &NodeStatus) -> serde_json::Value {
                     "rtt_ms": p.rtt_us.map(|r| r as f64 / 1000.0),
                 },
                 "endpoint": p.endpoint.map(|e| e.to_string()),
+                "candidates": p.candidates.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "last_handshake_s": p.handshake_age,
                 "rx_bytes": p.rx_bytes,
                 "tx_bytes": p.tx_bytes,
@@ -504,6 +505,10 @@ pub fn format_status(s: &NodeStatus) -> String {
         out.push_str(&format!("  public key: {}\n", p.public_key));
         if let Some(e) = p.endpoint {
             out.push_str(&format!("  endpoint: {e}\n"));
+        }
+        if !p.candidates.is_empty() {
+            let c: Vec<String> = p.candidates.iter().map(ToString::to_string).collect();
+            out.push_str(&format!("  candidates: {}\n", c.join(", ")));
         }
         let rtt = p
             .rtt_us

@@ -2,14 +2,11 @@
 //! The control plane end to end, with the real `meshd` binary in a netlab
 //! federation: `meshd coord` on a public host; nodes in an open site (public
 //! addresses), behind an endpoint-independent NAT, and behind a firewall
-//! that drops UDP.
-//!
-//! Without NAT traversal (a later issue) only direct paths carry data, so the
-//! pings are between pairs that have one: the two open nodes both ways; a
-//! NATed node to the open nodes (and back once its own traffic opened the
-//! mapping); the two NATed nodes over their shared LAN. The node behind the
-//! UDP-blocking firewall reaches the coordinator over TLS/TCP but has no
-//! data path yet (that needs the relay).
+//! that drops UDP. There is no relay here (tests/traversal.rs has them), so
+//! only direct paths carry data: the open nodes both ways, a NATed node and
+//! an open node (NAT traversal's pings open the NAT), the two NATed nodes
+//! over their shared LAN. The node behind the UDP-blocking firewall reaches
+//! the coordinator over TLS/TCP but has no data path.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -269,7 +266,7 @@ fn ping_result(mut p: Proc, timeout: Duration) -> (u32, u32, String) {
 }
 
 /// Waits until each node is connected (in its `sessions`-th session or a
-/// later one) and knows `peers` peers, each with an endpoint.
+/// later one) and knows `peers` peers, each with the endpoints it reported.
 fn wait_all_connected(lab: &Lab, nodes: &[&Node], sessions: u64, peers: usize) {
     for n in nodes {
         lab.wait_until(
@@ -284,7 +281,7 @@ fn wait_all_connected(lab: &Lab, nodes: &[&Node], sessions: u64, peers: usize) {
                 s.connected()
                     && s.sessions() >= sessions
                     && ps.len() == peers
-                    && ps.values().all(|p| field(p, "endpoint").is_some())
+                    && ps.values().all(|p| field(p, "candidates").is_some())
             },
         )
         .unwrap_or_else(|e| panic!("{e}\n{}\n{}", n.status(lab).0, n.log()));
@@ -946,7 +943,7 @@ fn replicas_on_postgres_serve_one_mesh_and_nodes_fail_over() {
                 n.status(&lab)
                     .peers()
                     .get(other)
-                    .is_some_and(|p| field(p, "endpoint").is_some())
+                    .is_some_and(|p| field(p, "candidates").is_some())
             },
         )
         .unwrap();

@@ -932,7 +932,10 @@ impl<'r> Runtime<'r> {
                     self.key = key.clone();
                     self.pending = None;
                     if let Some(engine) = &self.engine {
-                        engine.set_private_key(key).await?;
+                        engine.set_private_key(key.clone()).await?;
+                    }
+                    if let Some(t) = &self.traversal {
+                        t.set_key(key);
                     }
                     tracing::info!(public_key = %public, "key rotated");
                     for (_, w) in self.rotate_waiters.drain(..) {
@@ -1185,6 +1188,7 @@ impl<'r> Runtime<'r> {
                             rtt_us: path
                                 .and_then(|p| p.rtt)
                                 .map(|r| u64::try_from(r.as_micros()).unwrap_or(u64::MAX)),
+                            candidates: p.endpoints.clone(),
                         })
                     })
                     .collect()

@@ -7,25 +7,35 @@ use meshd_dataplane::engine::{self as dp, EngineHandle};
 use meshd_dataplane::keys::{PrivateKey, PublicKey};
 use meshd_proto::{disco, NodeKey, RelayEntry};
 use meshd_relay::client::{ClientOptions, Event, RelayClient, RelaySender};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::paths::RelayId;
 
-/// What the relay delivered that is not for the engine: disco packets, and
-/// (an empty datagram from key zero) the connection's end.
+/// What the relay delivered that is not for the engine: disco packets.
 pub type Delivered = mpsc::UnboundedSender<(RelayId, NodeKey, Vec<u8>)>;
 
+/// A live connection: dropping it closes the connection.
+#[derive(Debug)]
+pub struct Link {
+    pub sender: RelaySender,
+    /// `QUIC` or `TLS/TCP`.
+    pub transport: String,
+    _close: oneshot::Sender<()>,
+}
+
 /// Connects to `entry` as `key` (QUIC, and TLS over TCP alongside after a
-/// head start: the first to be accepted is used); returns the sender and the
-/// transport's name. The connection lives until the relay ends it or
-/// `delivered` is closed.
+/// head start: the first to be accepted is used). The connection lives until
+/// the relay ends it, which `lost` is told with `generation`, or the [`Link`]
+/// is dropped.
 pub async fn connect(
     entry: &RelayEntry,
     key: &PrivateKey,
     id: RelayId,
+    generation: u64,
     engine: EngineHandle,
     delivered: Delivered,
-) -> Result<(RelaySender, String), String> {
+    lost: mpsc::UnboundedSender<u64>,
+) -> Result<Link, String> {
     let addr = entry
         .info
         .addrs
@@ -40,9 +50,14 @@ pub async fn connect(
         .map_err(|e| e.to_string())?;
     let sender = client.sender();
     let transport = client.transport().to_string();
+    let (close, mut closed) = oneshot::channel::<()>();
     tokio::spawn(async move {
         loop {
-            match client.recv().await {
+            let event = tokio::select! {
+                e = client.recv() => e,
+                _ = &mut closed => break,
+            };
+            match event {
                 Ok(Event::Packet { src, datagram }) => {
                     if disco::is_disco(&datagram) {
                         let from = NodeKey(src.to_bytes());
@@ -61,12 +76,16 @@ pub async fn connect(
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "relay connection ended");
-                    let _ = delivered.send((id, NodeKey([0; 32]), Vec::new()));
+                    let _ = lost.send(generation);
                     break;
                 }
             }
         }
         client.close().await;
     });
-    Ok((sender, transport))
+    Ok(Link {
+        sender,
+        transport,
+        _close: close,
+    })
 }

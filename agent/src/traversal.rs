@@ -84,6 +84,7 @@ enum Cmd {
     Local(Vec<SocketAddr>),
     Status(oneshot::Sender<TraversalStatus>),
     Ping(NodeKey, oneshot::Sender<Result<PingResult, String>>),
+    Key(PrivateKey),
 }
 
 /// The runtime's handle on the task; when every clone is dropped the task stops.
@@ -132,6 +133,7 @@ impl Pending {
     ) -> Traversal {
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let (relayed_tx, relayed_rx) = mpsc::unbounded_channel();
+        let (lost_tx, lost_rx) = mpsc::unbounded_channel();
         let (latency_tx, latency_rx) = mpsc::unbounded_channel();
         let mut seed = [0u8; 32];
         rand::rng().fill_bytes(&mut seed);
@@ -147,7 +149,9 @@ impl Pending {
             relay_ids: BTreeMap::new(),
             home: None,
             connecting: None,
-            transport: None,
+            home_link: None,
+            generation: 0,
+            lost_tx,
             pings: BTreeMap::new(),
             counters: BTreeMap::new(),
             reported: Vec::new(),
@@ -155,7 +159,7 @@ impl Pending {
             relayed_tx,
             latency_tx,
         };
-        tokio::spawn(task.run(cmd_rx, self.udp_rx, relayed_rx, latency_rx));
+        tokio::spawn(task.run(cmd_rx, self.udp_rx, relayed_rx, latency_rx, lost_rx));
         Traversal { cmds }
     }
 }
@@ -167,6 +171,12 @@ impl Traversal {
 
     pub fn set_relays(&self, relays: Vec<RelayEntry>) {
         let _ = self.cmds.send(Cmd::Relays(relays));
+    }
+
+    /// The node's new key after a rotation: disco packets are sealed with it
+    /// and relays are proven it from now on.
+    pub fn set_key(&self, key: PrivateKey) {
+        let _ = self.cmds.send(Cmd::Key(key));
     }
 
     pub fn set_local(&self, local: Vec<SocketAddr>) {
@@ -189,7 +199,7 @@ impl Traversal {
     }
 }
 
-type Connected = Result<(RelaySender, String), String>;
+type Connected = Result<relay_link::Link, String>;
 
 struct Task {
     key: PrivateKey,
@@ -203,7 +213,11 @@ struct Task {
     relay_ids: BTreeMap<NodeKey, RelayId>,
     home: Option<RelayId>,
     connecting: Option<(RelayId, oneshot::Receiver<Connected>)>,
-    transport: Option<String>,
+    /// The home relay's connection (closed when dropped).
+    home_link: Option<relay_link::Link>,
+    /// Numbers connections, so that the loss of a replaced one is ignored.
+    generation: u64,
+    lost_tx: mpsc::UnboundedSender<u64>,
     pings: BTreeMap<u64, (Instant, oneshot::Sender<Result<PingResult, String>>)>,
     /// Each peer's byte counters at the last activity check.
     counters: BTreeMap<PublicKey, (u64, u64)>,
@@ -223,6 +237,7 @@ impl Task {
         mut udp: mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
         mut relayed: mpsc::UnboundedReceiver<(RelayId, NodeKey, Vec<u8>)>,
         mut latency: mpsc::UnboundedReceiver<(RelayId, Option<Duration>)>,
+        mut lost: mpsc::UnboundedReceiver<u64>,
     ) {
         let mut activity = tokio::time::interval(ACTIVITY_INTERVAL);
         activity.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -236,6 +251,11 @@ impl Task {
                 },
                 Some((from, d)) = udp.recv() => self.on_udp(from, &d),
                 Some((relay, from, d)) = relayed.recv() => self.on_relayed(relay, from, d),
+                Some(generation) = lost.recv() => {
+                    if generation == self.generation {
+                        self.on_relay_lost();
+                    }
+                }
                 Some((relay, l)) = latency.recv() => {
                     if let Some(l) = l {
                         self.tcp_latency.insert(relay, l);
@@ -334,6 +354,17 @@ impl Task {
             Cmd::Status(reply) => {
                 let _ = reply.send(self.status(now));
             }
+            Cmd::Key(key) => {
+                if let Err(e) = self.pm.rotate_key(key.to_static_secret()) {
+                    tracing::warn!(error = %e, "NAT traversal cannot use the new key");
+                }
+                self.key = key;
+                // The home relay knows the old key only: connect again.
+                if let Some(home) = self.home.take() {
+                    self.set_link(None);
+                    self.connect(home);
+                }
+            }
             Cmd::Ping(peer, reply) => match self.pm.ping(&peer, now) {
                 Ok(id) => {
                     self.pings.insert(id, (now, reply));
@@ -368,7 +399,7 @@ impl Task {
             .collect();
         TraversalStatus {
             home_relay: self.home.and_then(|h| self.region(h)),
-            relay_transport: self.transport.clone(),
+            relay_transport: self.home_link.as_ref().map(|l| l.transport.clone()),
             peers,
             netcheck: self.discovery.report().clone(),
         }
@@ -402,10 +433,6 @@ impl Task {
     }
 
     fn on_relayed(&mut self, relay: RelayId, from: NodeKey, d: Vec<u8>) {
-        if d.is_empty() && from == NodeKey([0; 32]) {
-            self.on_relay_lost(relay);
-            return;
-        }
         if disco::is_disco(&d) {
             if let Err(e) = self.pm.handle_relayed(relay, from, &d, Instant::now()) {
                 tracing::debug!(peer = %from, error = %e, "relayed disco packet dropped");
@@ -474,14 +501,18 @@ impl Task {
         }
     }
 
-    fn on_relay_lost(&mut self, id: RelayId) {
-        let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
-        if link.as_ref().is_some_and(|(home, _)| *home == id) {
-            *link = None;
-            drop(link);
+    /// Makes `link` the home relay's connection (closing the one before).
+    fn set_link(&mut self, link: Option<(RelayId, relay_link::Link)>) {
+        let mut shared = self.link.lock().unwrap_or_else(|e| e.into_inner());
+        *shared = link.as_ref().map(|(id, l)| (*id, l.sender.clone()));
+        drop(shared);
+        self.home_link = link.map(|(_, l)| l);
+    }
+
+    fn on_relay_lost(&mut self) {
+        if let Some(id) = self.home.take() {
+            self.set_link(None);
             tracing::warn!(region = %self.region(id).unwrap_or_default(), "lost the home relay");
-            self.home = None;
-            self.transport = None;
             self.tcp_latency.remove(&id);
             // Another relay becomes home if there is one; this one is
             // measured again shortly, and taken back when it answers.
@@ -496,10 +527,9 @@ impl Task {
         };
         let region = self.region(id).unwrap_or_default();
         match result {
-            Ok((link, transport)) => {
-                tracing::info!(%region, %transport, "connected to the home relay");
-                *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, link));
-                self.transport = Some(transport);
+            Ok(link) => {
+                tracing::info!(%region, transport = %link.transport, "connected to the home relay");
+                self.set_link(Some((id, link)));
                 self.home = Some(id);
                 let now = Instant::now();
                 let keys: Vec<NodeKey> = self.counters.keys().map(|k| NodeKey(*k.as_bytes())).collect();
@@ -528,9 +558,12 @@ impl Task {
         let (tx, rx) = oneshot::channel();
         let key = self.key.clone();
         let relayed_tx = self.relayed_tx.clone();
+        let lost_tx = self.lost_tx.clone();
         let engine = self.engine.clone();
+        self.generation += 1;
+        let generation = self.generation;
         tokio::spawn(async move {
-            let r = relay_link::connect(&entry, &key, id, engine, relayed_tx).await;
+            let r = relay_link::connect(&entry, &key, id, generation, engine, relayed_tx, lost_tx).await;
             let _ = tx.send(r);
         });
         self.connecting = Some((id, rx));

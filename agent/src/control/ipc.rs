@@ -205,6 +205,8 @@ pub struct PeerLine {
     pub relay: Option<String>,
     /// Round-trip time on the current path, in microseconds, when measured.
     pub rtt_us: Option<u64>,
+    /// Where the peer said it can be reached (through the coordinator).
+    pub candidates: Vec<SocketAddr>,
 }
 
 impl NodeStatus {
@@ -270,6 +272,9 @@ impl NodeStatus {
             if let Some(r) = p.rtt_us {
                 add("peer_rtt_us", r.to_string());
             }
+            for c in &p.candidates {
+                add("peer_candidate", c.to_string());
+            }
         }
         f
     }
@@ -297,6 +302,7 @@ impl NodeStatus {
                     path: "none".into(),
                     relay: None,
                     rtt_us: None,
+                    candidates: Vec::new(),
                 });
                 continue;
             }
@@ -317,6 +323,7 @@ impl NodeStatus {
                     "path" => p.path = v.to_owned(),
                     "relay" => p.relay = Some(v.to_owned()),
                     "rtt_us" => p.rtt_us = Some(parse(line, k, v)?),
+                    "candidate" => p.candidates.push(parse(line, k, v)?),
                     // Newer daemons may say more.
                     _ => {}
                 }
@@ -406,6 +413,7 @@ mod tests {
                     path: "direct".into(),
                     relay: None,
                     rtt_us: Some(20_400),
+                    candidates: vec!["198.19.2.11:41641".parse().unwrap()],
                 },
                 PeerLine {
                     node_id: 5,
@@ -420,6 +428,7 @@ mod tests {
                     path: "relay".into(),
                     relay: Some("eu".into()),
                     rtt_us: None,
+                    candidates: Vec::new(),
                 },
             ],
         };
