@@ -388,6 +388,29 @@ impl Lab {
             })
     }
 
+    /// Drops UDP between `site` (its router) and the public address `peer`,
+    /// both ways, until [`Lab::unblock_udp`]: a direct path between two
+    /// sites breaks while their TCP (and relays elsewhere) still work.
+    pub fn block_udp(&self, site: &str, peer: Ipv4Addr) -> Result<(), LabError> {
+        let m = self.member(site)?;
+        if m.role != Role::Router {
+            return Err(LabError::Lab(format!("{site} is not a site")));
+        }
+        let rules = format!(
+            "table inet netlab_block {{\n  chain forward {{\n    type filter hook forward priority -10;\n    \
+             ip daddr {peer} meta l4proto udp drop\n    ip saddr {peer} meta l4proto udp drop\n  }}\n}}\n"
+        );
+        let ns = self.ns(site)?.to_owned();
+        sys::run("ip", &["netns", "exec", &ns, "nft", "-f", "-"], Some(&rules)).map(|_| ())
+    }
+
+    /// Lifts every [`Lab::block_udp`] of `site`.
+    pub fn unblock_udp(&self, site: &str) -> Result<(), LabError> {
+        self.exec(site, &["nft", "delete", "table", "inet", "netlab_block"])?
+            .ok()
+            .map(|_| ())
+    }
+
     /// Names of the site nodes and public hosts, in order.
     pub fn endpoints(&self) -> Vec<&str> {
         self.members
