@@ -100,7 +100,11 @@ impl Outbox {
 
     /// Queues a packet frame from `source`. `Ok(n)`: queued, after evicting
     /// `n` older packets of a longer queue.
-    pub(crate) fn push_packet(&mut self, source: NodeKey, frame: &Frame<'_>) -> Result<u64, Refused> {
+    pub(crate) fn push_packet(
+        &mut self,
+        source: NodeKey,
+        frame: &Frame<'_>,
+    ) -> Result<u64, Refused> {
         let size = match frame {
             Frame::SendPacket { datagram, .. } | Frame::RecvPacket { datagram, .. } => {
                 HEADER_LEN + 32 + datagram.len()
@@ -249,7 +253,13 @@ mod tests {
         let taken = o.take(&mut out, usize::MAX);
         assert_eq!(out[0], ty::PONG);
         assert_eq!(sources(&out[11..]), [1, 2, 1, 1]);
-        assert_eq!(taken, Taken { packets: 4, bytes: 400 });
+        assert_eq!(
+            taken,
+            Taken {
+                packets: 4,
+                bytes: 400
+            }
+        );
         assert!(o.is_empty());
     }
 
@@ -296,6 +306,9 @@ mod tests {
         let mut o = Outbox::new(1024, 10);
         assert!(o.push_control(&Frame::PeerPresent(key(1))));
         assert!(!o.push_control(&Frame::PeerPresent(key(2))));
-        assert_eq!(o.push_packet(key(1), &Frame::ServerOk), Err(Refused::Invalid));
+        assert_eq!(
+            o.push_packet(key(1), &Frame::ServerOk),
+            Err(Refused::Invalid)
+        );
     }
 }

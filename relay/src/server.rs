@@ -26,8 +26,9 @@ use tokio::task::JoinHandle;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::conn::{
-    client_handshake, connect_tls, drive, quic_binding, quic_transport, tls_binding, udp_socket,
-    ClientError, Cut, End, Hello, HelloError, Incoming, Io, Mailbox, Stop, Traffic,
+    client_handshake, connect_tls, drive, quic_binding, quic_transport, tls_binding, tune_tcp,
+    udp_socket, ClientError, Cut, End, Handshake, HandshakeError, Incoming, Io, Mailbox, Stop,
+    Traffic,
 };
 use crate::identity::{Identity, IdentityError};
 use crate::members::{Members, Role};
@@ -233,7 +234,7 @@ impl RelayServer {
         let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls.clone())
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         let mut quic_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
-        quic_config.transport_config(Arc::new(quic_transport(None)));
+        quic_config.transport_config(Arc::new(quic_transport(false, None)));
         let bind = |what, addr| move |source| RelayError::Bind { what, addr, source };
 
         let (socket, tcp) = bind_pair(config.listen).await?;
@@ -335,10 +336,17 @@ impl RelayServer {
         self.stop();
         let conns: Vec<Arc<Conn>> = {
             let r = self.shared.routes();
-            r.clients.values().chain(r.links.values()).cloned().collect()
+            r.clients
+                .values()
+                .chain(r.links.values())
+                .cloned()
+                .collect()
         };
         for c in conns {
-            c.mailbox.cut(Cut::Error(ErrorCode::ShuttingDown, "the relay is shutting down".into()));
+            c.mailbox.cut(Cut::Error(
+                ErrorCode::ShuttingDown,
+                "the relay is shutting down".into(),
+            ));
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
@@ -591,7 +599,9 @@ impl Shared {
                 let r = self.routes();
                 match r.clients.get(&dst) {
                     Some(c) => {
-                        let pushed = c.mailbox.push_packet(src, &Frame::RecvPacket { src, datagram });
+                        let pushed = c
+                            .mailbox
+                            .push_packet(src, &Frame::RecvPacket { src, datagram });
                         inc(&self.stats.queue_full, pushed.unwrap_or(1));
                     }
                     None => inc(&self.stats.forward_no_route, 1),
@@ -654,18 +664,19 @@ impl Shared {
         nonce: &[u8; 32],
     ) -> Result<(NodeKey, Role), Option<(ErrorCode, String)>> {
         let timeout = self.limits.handshake_timeout;
-        let (node_key, proof) = match tokio::time::timeout(timeout, io.read_hello()).await {
+        let (node_key, proof) = match tokio::time::timeout(timeout, io.read_handshake()).await {
             Err(_) => {
                 return Err(Some((
                     ErrorCode::HandshakeTimeout,
                     format!("no ClientAuth within {timeout:?} of connecting"),
                 )))
             }
-            Ok(Ok(Hello::ClientAuth { node_key, proof })) => (node_key, proof),
-            Ok(Ok(Hello::Error { .. })) | Ok(Err(HelloError::Closed | HelloError::Io(_))) => {
-                return Err(None)
+            Ok(Ok(Handshake::ClientAuth { node_key, proof })) => (node_key, proof),
+            Ok(Ok(Handshake::Error { .. }))
+            | Ok(Err(HandshakeError::Closed | HandshakeError::Io(_))) => return Err(None),
+            Ok(Err(HandshakeError::Malformed(e))) => {
+                return Err(Some((ErrorCode::Malformed, e.to_string())))
             }
-            Ok(Err(HelloError::Malformed(e))) => return Err(Some((ErrorCode::Malformed, e.to_string()))),
             Ok(Ok(other)) => {
                 return Err(Some((
                     ErrorCode::UnexpectedFrame,
@@ -684,7 +695,10 @@ impl Shared {
         match auth::verify(&input, &self.secret, &proof) {
             Ok(()) => {}
             Err(AuthError::LowOrderKey(_)) => {
-                return Err(Some((ErrorCode::InvalidKey, format!("key {node_key} is a low-order point"))))
+                return Err(Some((
+                    ErrorCode::InvalidKey,
+                    format!("key {node_key} is a low-order point"),
+                )))
             }
             Err(e) => return Err(Some((ErrorCode::BadProof, e.to_string()))),
         }
@@ -698,7 +712,14 @@ impl Shared {
     }
 
     /// An authenticated connection: registered, driven, unregistered.
-    async fn run(self: Arc<Self>, io: Io, key: NodeKey, role: Role, transport: Transport, peer: SocketAddr) {
+    async fn run(
+        self: Arc<Self>,
+        io: Io,
+        key: NodeKey,
+        role: Role,
+        transport: Transport,
+        peer: SocketAddr,
+    ) {
         let conn = self.new_conn(key, role, transport);
         conn.mailbox.push_control(&Frame::ServerOk);
         self.register(&conn);
@@ -709,8 +730,18 @@ impl Shared {
         }
         tracing::debug!(%peer, %key, ?role, %transport, "client connected");
         let end = match role {
-            Role::Node => drive(io, &conn.mailbox, &self.stats.out, |i| self.on_node(&conn, i)).await,
-            Role::Relay => drive(io, &conn.mailbox, &self.stats.out, |i| self.on_relay(&conn, i)).await,
+            Role::Node => {
+                drive(io, &conn.mailbox, &self.stats.out, |i| {
+                    self.on_node(&conn, i)
+                })
+                .await
+            }
+            Role::Relay => {
+                drive(io, &conn.mailbox, &self.stats.out, |i| {
+                    self.on_relay(&conn, i)
+                })
+                .await
+            }
         };
         self.unregister(&conn);
         tracing::debug!(%peer, %key, ?end, "client disconnected");
@@ -739,7 +770,10 @@ impl Shared {
         let conn = self.new_conn(want, Role::Relay, Transport::Tls);
         self.register(&conn);
         tracing::info!(relay = %peer.addr, "mesh link up");
-        let end = drive(io, &conn.mailbox, &self.stats.out, |i| self.on_relay(&conn, i)).await;
+        let end = drive(io, &conn.mailbox, &self.stats.out, |i| {
+            self.on_relay(&conn, i)
+        })
+        .await;
         self.unregister(&conn);
         Ok(end)
     }
@@ -761,7 +795,11 @@ async fn bind_pair(listen: SocketAddr) -> Result<(std::net::UdpSocket, TcpListen
         let tcp_addr = SocketAddr::new(listen.ip(), port);
         match TcpListener::bind(tcp_addr).await {
             Ok(tcp) => return Ok((udp, tcp)),
-            Err(e) if listen.port() == 0 && e.kind() == io::ErrorKind::AddrInUse && attempt < ATTEMPTS => {
+            Err(e)
+                if listen.port() == 0
+                    && e.kind() == io::ErrorKind::AddrInUse
+                    && attempt < ATTEMPTS =>
+            {
                 attempt += 1;
             }
             Err(source) => {
@@ -775,7 +813,11 @@ async fn bind_pair(listen: SocketAddr) -> Result<(std::net::UdpSocket, TcpListen
     }
 }
 
-async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+async fn accept_tcp(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -788,7 +830,7 @@ async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, acceptor: tokio_
         };
         let (shared, acceptor) = (shared.clone(), acceptor.clone());
         tokio::spawn(async move {
-            let _ = stream.set_nodelay(true);
+            tune_tcp(&stream);
             let timeout = shared.limits.handshake_timeout;
             let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
@@ -857,7 +899,9 @@ async fn dial_relay(shared: Arc<Shared>, peer: MeshPeer) {
                 tracing::info!(relay = %peer.addr, ?end, "mesh link down");
                 backoff = FIRST;
             }
-            Err(e) => tracing::warn!(relay = %peer.addr, error = %e, "cannot link to a meshed relay"),
+            Err(e) => {
+                tracing::warn!(relay = %peer.addr, error = %e, "cannot link to a meshed relay")
+            }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
