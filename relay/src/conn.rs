@@ -520,11 +520,25 @@ pub(crate) fn udp_socket(bind: SocketAddr) -> io::Result<std::net::UdpSocket> {
 /// flight are not limited, so throughput on long paths is not either.
 const TCP_NOTSENT: u32 = 128 << 10;
 
-/// Prepares a relay TCP connection: no Nagle delay, bounded unsent bytes.
+/// TCP keep-alive of relay connections: a peer that vanished (a host that
+/// died, a NAT that forgot the mapping) is noticed after about 30 s of
+/// silence, so its key stops drawing packets into an outbox nobody reads.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Prepares a relay TCP connection: no Nagle delay, bounded unsent bytes,
+/// keep-alive probes.
 pub(crate) fn tune_tcp(tcp: &TcpStream) {
+    use rustix::net::sockopt;
     let _ = tcp.set_nodelay(true);
     if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(TCP_NOTSENT) {
         tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not set");
+    }
+    let keepalive = sockopt::set_socket_keepalive(tcp, true)
+        .and_then(|()| sockopt::set_tcp_keepidle(tcp, TCP_KEEPALIVE))
+        .and_then(|()| sockopt::set_tcp_keepintvl(tcp, TCP_KEEPALIVE / 3))
+        .and_then(|()| sockopt::set_tcp_keepcnt(tcp, 3));
+    if let Err(e) = keepalive {
+        tracing::debug!(error = %e, "TCP keep-alive not set");
     }
 }
 
