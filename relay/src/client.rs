@@ -350,6 +350,9 @@ impl RelayClient {
 
     /// The round-trip time to the relay, measured with a Ping.
     pub async fn ping(&self) -> Result<Duration, ClientError> {
+        if self.sender.is_closed() {
+            return Err(ClientError::Closed);
+        }
         let shared = self.shared();
         let id = shared
             .next_ping

@@ -287,7 +287,12 @@ impl RelayServer {
         if let Some(s) = stun {
             tasks.push(tokio::spawn(serve_stun(shared.clone(), s)));
         }
-        for peer in config.mesh {
+        // The coordinator's list of relays may include this one.
+        for peer in config
+            .mesh
+            .into_iter()
+            .filter(|p| p.key.to_bytes() != shared.key.0)
+        {
             tasks.push(tokio::spawn(dial_relay(shared.clone(), peer)));
         }
         let pin = identity.pin();
@@ -334,6 +339,15 @@ impl RelayServer {
     /// Tells every client the relay is going away, and stops.
     pub async fn shutdown(mut self) {
         self.stop();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    /// Stops listening and dialling, and cuts every connection (each one's
+    /// task then sends `Error{ShuttingDown}` and ends).
+    fn stop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
         let conns: Vec<Arc<Conn>> = {
             let r = self.shared.routes();
             r.clients
@@ -347,13 +361,6 @@ impl RelayServer {
                 ErrorCode::ShuttingDown,
                 "the relay is shutting down".into(),
             ));
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
-    }
-
-    fn stop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
         }
         self.endpoint.close(0u32.into(), b"relay stopping");
     }
@@ -767,6 +774,11 @@ impl Shared {
         })
         .await
         .map_err(|_| failed("handshake timed out".into()))??;
+        if self.members.role_of(&want) != Some(Role::Relay) {
+            return Err(failed(
+                "its key is not a member of the mesh with the role relay".into(),
+            ));
+        }
         let conn = self.new_conn(want, Role::Relay, Transport::Tls);
         self.register(&conn);
         tracing::info!(relay = %peer.addr, "mesh link up");

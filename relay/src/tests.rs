@@ -542,3 +542,173 @@ async fn the_identity_persists_and_the_keys_are_private() {
     let json = serde_json::to_string(&second.counters()).unwrap();
     assert!(json.contains("\"queue_full\":0"), "{json}");
 }
+
+/// A raw connection authenticated with `secret`, after its `ServerOk`.
+async fn raw_authenticated(relay: &Relay, secret: &StaticSecret) -> Io {
+    let (mut io, relay_key, nonce) = raw(relay).await;
+    let k = auth::public_key(secret);
+    let p = proof(&io, relay_key, &nonce, k, secret);
+    io.write_frame(&Frame::ClientAuth {
+        node_key: k,
+        proof: p,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        io.read_handshake().await.unwrap(),
+        Handshake::ServerOk
+    ));
+    io
+}
+
+/// The next frame on a raw connection, owned enough to compare.
+async fn next_frame(io: &mut Io) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(f) = io.decoder.next_frame().unwrap() {
+            return format!("{f:?}");
+        }
+        let n = within("a frame", io.reader.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "closed");
+        io.decoder.feed(&buf[..n]);
+    }
+}
+
+/// Two relays link to this one; the second announces key K. A packet the
+/// first forwards for K is dropped, not forwarded over the second link:
+/// only a packet from this relay's own client reaches K's relay.
+#[tokio::test]
+async fn forwarded_packets_are_never_forwarded_again() {
+    let relay = Relay::new().await;
+    let local = relay.node();
+    let mut n = relay.connect(&local, TransportChoice::Tls).await;
+    let (r1, r2) = (secret(), secret());
+    relay.members.insert(key(&r1), Role::Relay);
+    relay.members.insert(key(&r2), Role::Relay);
+    let mut l1 = raw_authenticated(&relay, &r1).await;
+    let mut l2 = raw_authenticated(&relay, &r2).await;
+    let local_key = NodeKey(key(&local).to_bytes());
+    // Each link hears of the relay's client.
+    assert_eq!(
+        next_frame(&mut l1).await,
+        format!("{:?}", Frame::PeerPresent(local_key))
+    );
+    assert_eq!(
+        next_frame(&mut l2).await,
+        format!("{:?}", Frame::PeerPresent(local_key))
+    );
+
+    let far = NodeKey([9; 32]);
+    let stranger = NodeKey([8; 32]);
+    l2.write_frame(&Frame::PeerPresent(far)).await.unwrap();
+    // A forwarded packet for the local client arrives with its source.
+    l1.write_frame(&Frame::ForwardPacket {
+        src: stranger,
+        dst: local_key,
+        datagram: &[5],
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        next_packet(&mut n).await,
+        (PublicKey::from(stranger.0), vec![5])
+    );
+    // Once L2's announcement is in, a forwarded packet for `far` is dropped.
+    until("the announcement", || {
+        n.send(&PublicKey::from(far.0), &[6]).unwrap();
+        relay.server.counters().packets_out >= 2
+    })
+    .await;
+    assert_eq!(
+        next_frame(&mut l2).await,
+        format!(
+            "{:?}",
+            Frame::ForwardPacket {
+                src: local_key,
+                dst: far,
+                datagram: &[6]
+            }
+        )
+    );
+    l1.write_frame(&Frame::ForwardPacket {
+        src: stranger,
+        dst: far,
+        datagram: &[7],
+    })
+    .await
+    .unwrap();
+    until("the drop", || {
+        relay.server.counters().drops.forward_no_route == 1
+    })
+    .await;
+    // Sent after it, and the first thing L2 sees after the packets of `n`.
+    n.send(&PublicKey::from(far.0), &[8]).unwrap();
+    loop {
+        let f = next_frame(&mut l2).await;
+        if f == format!(
+            "{:?}",
+            Frame::ForwardPacket {
+                src: local_key,
+                dst: far,
+                datagram: &[6]
+            }
+        ) {
+            continue;
+        }
+        assert_eq!(
+            f,
+            format!(
+                "{:?}",
+                Frame::ForwardPacket {
+                    src: local_key,
+                    dst: far,
+                    datagram: &[8]
+                }
+            )
+        );
+        break;
+    }
+}
+
+/// Three relays, each linked to both others (B dials A; C dials A and B):
+/// presence is only ever of a relay's own clients, so packets take the
+/// direct link, and a relay that goes away takes only its own links.
+#[tokio::test]
+async fn a_three_relay_mesh_keeps_working_when_one_relay_goes() {
+    let a = Relay::new().await;
+    let b = Relay::start(Limits::default(), vec![a.as_peer()]).await;
+    a.members.insert(b.server.public_key(), Role::Relay);
+    b.members.insert(a.server.public_key(), Role::Relay);
+    let c = Relay::start(Limits::default(), vec![a.as_peer(), b.as_peer()]).await;
+    a.members.insert(c.server.public_key(), Role::Relay);
+    b.members.insert(c.server.public_key(), Role::Relay);
+    c.members.insert(a.server.public_key(), Role::Relay);
+    c.members.insert(b.server.public_key(), Role::Relay);
+    until("the links", || {
+        [&a, &b, &c]
+            .iter()
+            .all(|r| r.server.counters().mesh_links == 2)
+    })
+    .await;
+    let (sx, sz) = (a.node(), c.node());
+    let mut x = a.connect(&sx, TransportChoice::Tls).await;
+    let mut z = c.connect(&sz, TransportChoice::Quic).await;
+    until("X to reach Z", || {
+        let _ = x.send(&key(&sz), &[1]);
+        c.server.counters().packets_out > 0
+    })
+    .await;
+    assert_eq!(next_packet(&mut z).await, (key(&sx), vec![1]));
+    z.send(&key(&sx), &[2]).unwrap();
+    assert_eq!(next_packet(&mut x).await, (key(&sz), vec![2]));
+    // B leaves; A and C still have their direct link.
+    b.server.shutdown().await;
+    until("B's links to go", || {
+        a.server.counters().mesh_links == 1 && c.server.counters().mesh_links == 1
+    })
+    .await;
+    z.send(&key(&sx), &[3]).unwrap();
+    let (src, data) = next_packet(&mut x).await;
+    assert_eq!((src, data), (key(&sz), vec![3]));
+}
