@@ -145,25 +145,19 @@ impl RelaySender {
         let dst = NodeKey(dst.to_bytes());
         // Queued per destination, so one busy peer does not crowd out the
         // packets for the others.
-        match self
+        let pushed = self
             .shared
             .mailbox
-            .push_packet(dst, &Frame::SendPacket { dst, datagram })
-        {
-            Ok(evicted) => {
-                self.count_dropped(evicted);
-                Ok(())
-            }
-            Err(_) => {
-                self.count_dropped(1);
-                Err(SendError::QueueFull)
-            }
+            .push_packet(dst, &Frame::SendPacket { dst, datagram });
+        if pushed.dropped > 0 {
+            self.shared
+                .send_dropped
+                .fetch_add(pushed.dropped, Ordering::Relaxed);
         }
-    }
-
-    fn count_dropped(&self, n: u64) {
-        if n > 0 {
-            self.shared.send_dropped.fetch_add(n, Ordering::Relaxed);
+        if pushed.queued {
+            Ok(())
+        } else {
+            Err(SendError::QueueFull)
         }
     }
 

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use x25519_dalek::StaticSecret;
 
-use crate::outbox::{Outbox, Refused, Taken};
+use crate::outbox::{Outbox, Pushed, Taken};
 
 /// How much one read of a TLS stream or QUIC stream takes: a whole burst of
 /// relayed packets per call.
@@ -193,15 +193,15 @@ impl Mailbox {
 
     /// See [`Outbox::push_packet`]. Wakes the writer when the outbox was
     /// empty (otherwise it is awake already).
-    pub(crate) fn push_packet(&self, source: NodeKey, frame: &Frame<'_>) -> Result<u64, Refused> {
+    pub(crate) fn push_packet(&self, source: NodeKey, frame: &Frame<'_>) -> Pushed {
         let mut o = self.outbox();
         let was_empty = o.is_empty();
-        let r = o.push_packet(source, frame);
+        let pushed = o.push_packet(source, frame);
         drop(o);
-        if was_empty && r.is_ok() {
+        if was_empty && pushed.queued {
             self.ready.notify_one();
         }
-        r
+        pushed
     }
 
     pub(crate) fn push_control(&self, frame: &Frame<'_>) -> bool {

@@ -563,7 +563,7 @@ impl Shared {
             );
             return;
         };
-        inc(&self.stats.queue_full, pushed.unwrap_or(1));
+        inc(&self.stats.queue_full, pushed.dropped);
     }
 
     /// What a node may send once authenticated.
@@ -609,7 +609,7 @@ impl Shared {
                         let pushed = c
                             .mailbox
                             .push_packet(src, &Frame::RecvPacket { src, datagram });
-                        inc(&self.stats.queue_full, pushed.unwrap_or(1));
+                        inc(&self.stats.queue_full, pushed.dropped);
                     }
                     None => inc(&self.stats.forward_no_route, 1),
                 }
