@@ -205,12 +205,17 @@ struct Shared {
     next_id: AtomicU64,
 }
 
+/// The tasks keeping mesh links up, by the peer relay's key.
+type Dialers = BTreeMap<[u8; 32], (MeshPeer, JoinHandle<()>)>;
+
 /// A running relay. Dropping it stops the listeners; [`RelayServer::shutdown`]
 /// also tells connected clients.
 pub struct RelayServer {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
+    /// One task per meshed relay, keeping its link up.
+    dialers: std::sync::Mutex<Dialers>,
     addr: SocketAddr,
     stun_addr: Option<SocketAddr>,
     pin: [u8; 32],
@@ -287,14 +292,6 @@ impl RelayServer {
         if let Some(s) = stun {
             tasks.push(tokio::spawn(serve_stun(shared.clone(), s)));
         }
-        // The coordinator's list of relays may include this one.
-        for peer in config
-            .mesh
-            .into_iter()
-            .filter(|p| p.key.to_bytes() != shared.key.0)
-        {
-            tasks.push(tokio::spawn(dial_relay(shared.clone(), peer)));
-        }
         let pin = identity.pin();
         tracing::info!(
             %addr,
@@ -303,14 +300,44 @@ impl RelayServer {
             pin = %Hex(&pin),
             "relay listening"
         );
-        Ok(RelayServer {
+        let server = RelayServer {
             shared,
             endpoint,
             tasks,
+            dialers: Default::default(),
             addr,
             stun_addr,
             pin,
-        })
+        };
+        server.set_mesh(config.mesh);
+        Ok(server)
+    }
+
+    /// Replaces the list of relays to keep links to: links to relays no
+    /// longer listed (or listed with another address or pin) are closed,
+    /// new ones dialled. The relay's own entry, if listed, is skipped.
+    pub fn set_mesh(&self, peers: Vec<MeshPeer>) {
+        let mut dialers = self.dialers.lock().unwrap_or_else(PoisonError::into_inner);
+        let wanted: BTreeMap<[u8; 32], MeshPeer> = peers
+            .into_iter()
+            .map(|p| (p.key.to_bytes(), p))
+            .filter(|(k, _)| *k != self.shared.key.0)
+            .collect();
+        dialers.retain(|key, (peer, task)| {
+            let keep = wanted
+                .get(key)
+                .is_some_and(|w| w.addr == peer.addr && w.pin == peer.pin);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (key, peer) in wanted {
+            dialers.entry(key).or_insert_with(|| {
+                let task = tokio::spawn(dial_relay(self.shared.clone(), peer.clone()));
+                (peer, task)
+            });
+        }
     }
 
     /// The relay's static key: clients prove their keys against it.
@@ -348,6 +375,7 @@ impl RelayServer {
         for t in &self.tasks {
             t.abort();
         }
+        self.set_mesh(Vec::new());
         let conns: Vec<Arc<Conn>> = {
             let r = self.shared.routes();
             r.clients
@@ -729,7 +757,7 @@ impl Shared {
     ) {
         let conn = self.new_conn(key, role, transport);
         conn.mailbox.push_control(&Frame::ServerOk);
-        self.register(&conn);
+        let _registered = Registered::new(&self, &conn);
         // Checked again now that it is registered: a removal between the
         // first check and the registration would otherwise be missed.
         if self.members.role_of(&key) != Some(role) {
@@ -750,7 +778,6 @@ impl Shared {
                 .await
             }
         };
-        self.unregister(&conn);
         tracing::debug!(%peer, %key, ?end, "client disconnected");
     }
 
@@ -780,14 +807,35 @@ impl Shared {
             ));
         }
         let conn = self.new_conn(want, Role::Relay, Transport::Tls);
-        self.register(&conn);
+        let _registered = Registered::new(self, &conn);
         tracing::info!(relay = %peer.addr, "mesh link up");
-        let end = drive(io, &conn.mailbox, &self.stats.out, |i| {
+        Ok(drive(io, &conn.mailbox, &self.stats.out, |i| {
             self.on_relay(&conn, i)
         })
-        .await;
-        self.unregister(&conn);
-        Ok(end)
+        .await)
+    }
+}
+
+/// A connection's place in the routes, given up when it is dropped: when
+/// its task ends, and also when the task is aborted (a mesh peer removed).
+struct Registered {
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+}
+
+impl Registered {
+    fn new(shared: &Arc<Shared>, conn: &Arc<Conn>) -> Self {
+        shared.register(conn);
+        Registered {
+            shared: shared.clone(),
+            conn: conn.clone(),
+        }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.shared.unregister(&self.conn);
     }
 }
 

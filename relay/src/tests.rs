@@ -375,6 +375,17 @@ async fn meshed_relays_forward_between_their_clients() {
         a.server.counters().drops.no_route > before
     })
     .await;
+    // The mesh list changes at run time: the link goes, and comes back.
+    b.server.set_mesh(vec![]);
+    until("the link to go", || {
+        a.server.counters().mesh_links == 0 && b.server.counters().mesh_links == 0
+    })
+    .await;
+    b.server.set_mesh(vec![a.as_peer(), b.as_peer()]);
+    until("the link to come back", || {
+        a.server.counters().mesh_links == 1 && b.server.counters().mesh_links == 1
+    })
+    .await;
 }
 
 /// A flooding sender and a modest one to the same slow destination: the
