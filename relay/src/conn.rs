@@ -461,9 +461,12 @@ async fn send_quic(
                 arena.reserve(DATAGRAM_ARENA.max(body.len()));
             }
             arena.extend_from_slice(body);
-            conn.send_datagram_wait(arena.split().freeze())
-                .await
-                .map_err(io::Error::other)?;
+            match conn.send_datagram_wait(arena.split().freeze()).await {
+                Ok(()) => {}
+                // The path's datagram size shrank since it was read.
+                Err(quinn::SendDatagramError::TooLarge) => stream.extend_from_slice(frame),
+                Err(e) => return Err(io::Error::other(e)),
+            }
         } else {
             stream.extend_from_slice(frame);
         }
