@@ -337,7 +337,7 @@ impl RelayClient {
                 .ended
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .take()
+                .clone()
                 .unwrap_or(ClientError::Closed)),
         }
     }

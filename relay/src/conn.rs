@@ -559,7 +559,7 @@ pub(crate) fn quic_transport(client: bool, keep_alive: Option<Duration>) -> quin
 }
 
 /// Why a client connection to a relay failed or ended.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach the relay at {addr}: {reason}")]
     Connect { addr: String, reason: String },

@@ -16,7 +16,7 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::client::{ClientOptions, Event, RelayClient, TransportChoice};
+use crate::client::{ClientOptions, Event, RelayClient, SendError, TransportChoice};
 use crate::conn::{connect_tls, Handshake, Io};
 use crate::{ClientError, Limits, Members, MeshPeer, RelayConfig, RelayServer, Role, Transport};
 
@@ -207,6 +207,8 @@ async fn strangers_are_refused_and_removed_members_are_cut_within_a_second() {
             ),
             "{err}"
         );
+        assert_eq!(a.send(&key(&sb), &[1]), Err(SendError::Closed));
+        assert!(a.ping().await.is_err());
         // Nothing reaches the removed key any more.
         b.send(&key(&sa), &[1, 0, 0, 0]).unwrap();
         until("no route", || relay.server.counters().drops.no_route > 0).await;
