@@ -23,7 +23,10 @@ fn decode(stream: &[u8], sizes: &[u8]) -> (Vec<Vec<u8>>, Option<String>) {
         let (piece, tail) = rest.split_at(n);
         rest = tail;
         d.feed(piece);
-        assert!(d.buffered() <= HEADER_LEN + MAX_BODY + n, "decoder holds too much");
+        assert!(
+            d.buffered() <= HEADER_LEN + MAX_BODY + n,
+            "decoder holds too much"
+        );
         loop {
             match d.next_frame() {
                 Ok(Some(f)) => {
