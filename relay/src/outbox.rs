@@ -7,7 +7,7 @@
 //! a slow destination, memory stays bounded, and a slow reader loses only
 //! packets addressed to it. No I/O: the connection's writer takes batches.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use meshd_proto::relay::{split_frame, ty, Frame, HEADER_LEN};
 use meshd_proto::NodeKey;
@@ -69,7 +69,9 @@ pub(crate) struct Pushed {
 pub(crate) struct Outbox {
     control: Vec<u8>,
     control_limit: usize,
-    queues: HashMap<NodeKey, Queue>,
+    /// By key, so which of two equally long queues loses a packet does not
+    /// depend on a hash seed.
+    queues: BTreeMap<NodeKey, Queue>,
     /// Sources with queued packets, in the order they are served.
     turn: VecDeque<NodeKey>,
     queued: usize,
@@ -82,7 +84,7 @@ impl Outbox {
         Outbox {
             control: Vec::new(),
             control_limit,
-            queues: HashMap::new(),
+            queues: BTreeMap::new(),
             turn: VecDeque::new(),
             queued: 0,
             limit,

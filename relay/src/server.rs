@@ -144,7 +144,7 @@ pub struct Counters {
 pub struct Drops {
     /// The destination's outbox was full (a slow reader or a flood).
     pub queue_full: u64,
-    /// The destination is connected here nor to any meshed relay.
+    /// The destination is connected neither here nor to a meshed relay.
     pub no_route: u64,
     /// A meshed relay forwarded a packet for a client that is not here.
     pub forward_no_route: u64,
