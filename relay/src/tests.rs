@@ -575,6 +575,14 @@ async fn raw_authenticated(relay: &Relay, secret: &StaticSecret) -> Io {
     io
 }
 
+impl Io {
+    async fn write_raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.writer.write_all(bytes).await.unwrap();
+        self.writer.flush().await.unwrap();
+    }
+}
+
 /// The next frame on a raw connection, owned enough to compare.
 async fn next_frame(io: &mut Io) -> String {
     use tokio::io::AsyncReadExt;
@@ -725,4 +733,30 @@ async fn a_three_relay_mesh_keeps_working_when_one_relay_goes() {
     z.send(&key(&sx), &[3]).unwrap();
     let (src, data) = next_packet(&mut x).await;
     assert_eq!((src, data), (key(&sz), vec![3]));
+}
+
+/// A client that says nothing is refused when the handshake time is up; one
+/// that sends bytes that do not decode is told so.
+#[tokio::test]
+async fn silent_and_malformed_clients_are_refused_with_the_reason() {
+    let limits = Limits {
+        handshake_timeout: Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let relay = Relay::start(limits, vec![]).await;
+    let (mut silent, _, _) = raw(&relay).await;
+    assert_eq!(refusal(&mut silent).await, ErrorCode::HandshakeTimeout);
+
+    let (mut garbled, _, _) = raw(&relay).await;
+    // A ClientAuth one byte short.
+    garbled.write_raw(&[0x02, 0x00, 0x3f]).await;
+    garbled.write_raw(&[0; 63]).await;
+    assert_eq!(refusal(&mut garbled).await, ErrorCode::Malformed);
+
+    // After the handshake too: a known type with a wrong length.
+    let s = relay.node();
+    let mut io = raw_authenticated(&relay, &s).await;
+    io.write_raw(&[0x08, 0x00, 0x01, 0]).await;
+    assert_eq!(refusal(&mut io).await, ErrorCode::Malformed);
+    assert_eq!(relay.server.counters().refused, 2);
 }
