@@ -216,6 +216,9 @@ pub struct RelayServer {
     tasks: Vec<JoinHandle<()>>,
     /// One task per meshed relay, keeping its link up.
     dialers: std::sync::Mutex<Dialers>,
+    /// The runtime the relay was started on, so `set_mesh` works from any
+    /// thread.
+    runtime: tokio::runtime::Handle,
     addr: SocketAddr,
     stun_addr: Option<SocketAddr>,
     pin: [u8; 32],
@@ -232,7 +235,9 @@ impl std::fmt::Debug for RelayServer {
 
 impl RelayServer {
     /// Loads (or creates) the identity, binds every listener, and starts
-    /// serving and dialling the mesh. Admits only `members`.
+    /// serving and dialling the mesh on the current tokio runtime (which
+    /// must be multi-threaded to use more than one core). Admits only
+    /// `members`.
     pub async fn start(config: RelayConfig, members: Members) -> Result<RelayServer, RelayError> {
         let identity = Identity::load_or_create(&config.state_dir)?;
         let server_tls = Arc::new(identity.server_config()?);
@@ -305,6 +310,7 @@ impl RelayServer {
             endpoint,
             tasks,
             dialers: Default::default(),
+            runtime: tokio::runtime::Handle::current(),
             addr,
             stun_addr,
             pin,
@@ -334,7 +340,9 @@ impl RelayServer {
         });
         for (key, peer) in wanted {
             dialers.entry(key).or_insert_with(|| {
-                let task = tokio::spawn(dial_relay(self.shared.clone(), peer.clone()));
+                let task = self
+                    .runtime
+                    .spawn(dial_relay(self.shared.clone(), peer.clone()));
                 (peer, task)
             });
         }
