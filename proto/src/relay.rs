@@ -512,16 +512,11 @@ pub const DATAGRAM_KEY_LEN: usize = 32;
 
 /// Splits a QUIC DATAGRAM payload, `key(32) | datagram`: the destination
 /// when a client sends it, the source when a relay does. `None` if it is
-/// shorter than a key.
+/// shorter than a key. (A payload is the body of the `SendPacket` or
+/// `RecvPacket` it stands for, which is how senders make one.)
 pub fn split_datagram(payload: &[u8]) -> Option<(NodeKey, &[u8])> {
     let key = payload.get(..DATAGRAM_KEY_LEN)?;
     Some((NodeKey(array(key)), &payload[DATAGRAM_KEY_LEN..]))
-}
-
-/// Appends a QUIC DATAGRAM payload `key | datagram` to `out`.
-pub fn write_datagram(key: &NodeKey, datagram: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&key.0);
-    out.extend_from_slice(datagram);
 }
 
 impl fmt::Display for ErrorCode {
@@ -645,12 +640,18 @@ mod tests {
 
     #[test]
     fn quic_datagrams_carry_the_key_first() {
-        let mut out = Vec::new();
-        write_datagram(&NodeKey([7; 32]), &[1, 0, 0, 0], &mut out);
+        let mut frame = Vec::new();
+        Frame::RecvPacket {
+            src: NodeKey([7; 32]),
+            datagram: &[1, 0, 0, 0],
+        }
+        .encode(&mut frame)
+        .unwrap();
+        let (_, body, _) = split_frame(&frame).unwrap();
         assert_eq!(
-            split_datagram(&out),
+            split_datagram(body),
             Some((NodeKey([7; 32]), &[1, 0, 0, 0][..]))
         );
-        assert_eq!(split_datagram(&out[..31]), None);
+        assert_eq!(split_datagram(&body[..31]), None);
     }
 }

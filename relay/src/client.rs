@@ -145,25 +145,19 @@ impl RelaySender {
         let dst = NodeKey(dst.to_bytes());
         // Queued per destination, so one busy peer does not crowd out the
         // packets for the others.
-        match self
+        let pushed = self
             .shared
             .mailbox
-            .push_packet(dst, &Frame::SendPacket { dst, datagram })
-        {
-            Ok(evicted) => {
-                self.count_dropped(evicted);
-                Ok(())
-            }
-            Err(_) => {
-                self.count_dropped(1);
-                Err(SendError::QueueFull)
-            }
+            .push_packet(dst, &Frame::SendPacket { dst, datagram });
+        if pushed.dropped > 0 {
+            self.shared
+                .send_dropped
+                .fetch_add(pushed.dropped, Ordering::Relaxed);
         }
-    }
-
-    fn count_dropped(&self, n: u64) {
-        if n > 0 {
-            self.shared.send_dropped.fetch_add(n, Ordering::Relaxed);
+        if pushed.queued {
+            Ok(())
+        } else {
+            Err(SendError::QueueFull)
         }
     }
 
@@ -210,7 +204,8 @@ impl RelayClient {
             tokio::time::timeout(opts.handshake_timeout, async {
                 let (mut io, endpoint) = match transport {
                     Transport::Quic => {
-                        let (io, e) = connect_quic(&opts.addr, target, opts.pin, opts.keep_alive).await?;
+                        let (io, e) =
+                            connect_quic(&opts.addr, target, opts.pin, opts.keep_alive).await?;
                         (io, Some(e))
                     }
                     Transport::Tls => (connect_tls(&opts.addr, target, opts.pin).await?, None),
@@ -303,7 +298,11 @@ impl RelayClient {
                 });
             }
             // Pending pings learn of the end by their senders dropping.
-            shared.pings.lock().unwrap_or_else(PoisonError::into_inner).clear();
+            shared
+                .pings
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
         });
         RelayClient {
             sender: RelaySender { shared },
@@ -338,15 +337,21 @@ impl RelayClient {
                 .ended
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .take()
+                .clone()
                 .unwrap_or(ClientError::Closed)),
         }
     }
 
     /// The round-trip time to the relay, measured with a Ping.
     pub async fn ping(&self) -> Result<Duration, ClientError> {
+        if self.sender.is_closed() {
+            return Err(ClientError::Closed);
+        }
         let shared = self.shared();
-        let id = shared.next_ping.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+        let id = shared
+            .next_ping
+            .fetch_add(1, Ordering::Relaxed)
+            .to_be_bytes();
         let (tx, rx) = oneshot::channel();
         shared
             .pings
@@ -355,14 +360,22 @@ impl RelayClient {
             .insert(id, tx);
         let start = Instant::now();
         if !shared.mailbox.push_control(&Frame::Ping(id)) {
-            shared.pings.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+            shared
+                .pings
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
             return Err(ClientError::Failed("the control queue is full".into()));
         }
         match tokio::time::timeout(PING_TIMEOUT, rx).await {
             Ok(Ok(())) => Ok(start.elapsed()),
             Ok(Err(_)) => Err(ClientError::Closed),
             Err(_) => {
-                shared.pings.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+                shared
+                    .pings
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
                 Err(ClientError::PingTimeout(PING_TIMEOUT))
             }
         }
@@ -467,16 +480,20 @@ fn on_incoming(
         }
         Incoming::Frame(Frame::KeepAlive) => return Ok(()),
         Incoming::Frame(Frame::Error { code, message }) => {
-            *shared.ended.lock().unwrap_or_else(PoisonError::into_inner) = Some(ClientError::Refused {
-                code,
-                message: message.to_owned(),
-            });
+            *shared.ended.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some(ClientError::Refused {
+                    code,
+                    message: message.to_owned(),
+                });
             return Err(Stop::Quiet);
         }
         Incoming::Frame(other) => {
             return Err(Stop::Answer(
                 ErrorCode::UnexpectedFrame,
-                format!("frame type {:#04x} is not sent to nodes", other.frame_type()),
+                format!(
+                    "frame type {:#04x} is not sent to nodes",
+                    other.frame_type()
+                ),
             ))
         }
     };

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use x25519_dalek::StaticSecret;
 
-use crate::outbox::{Outbox, Refused, Taken};
+use crate::outbox::{Outbox, Pushed, Taken};
 
 /// How much one read of a TLS stream or QUIC stream takes: a whole burst of
 /// relayed packets per call.
@@ -56,31 +56,40 @@ pub(crate) struct Io {
 
 /// The frames of the handshake, owned.
 #[derive(Debug)]
-pub(crate) enum Hello {
-    ServerHello { relay_key: NodeKey, nonce: [u8; 32] },
-    ClientAuth { node_key: NodeKey, proof: [u8; 32] },
+pub(crate) enum Handshake {
+    ServerHello {
+        relay_key: NodeKey,
+        nonce: [u8; 32],
+    },
+    ClientAuth {
+        node_key: NodeKey,
+        proof: [u8; 32],
+    },
     ServerOk,
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
     /// Any other frame: out of place during a handshake.
     Other(u8),
 }
 
-impl Hello {
+impl Handshake {
     /// For messages about a frame out of place.
     pub(crate) fn name(&self) -> String {
         match self {
-            Hello::ServerHello { .. } => "ServerHello".into(),
-            Hello::ClientAuth { .. } => "ClientAuth".into(),
-            Hello::ServerOk => "ServerOk".into(),
-            Hello::Error { code, .. } => format!("Error ({code})"),
-            Hello::Other(t) => format!("a frame of type {t:#04x}"),
+            Handshake::ServerHello { .. } => "ServerHello".into(),
+            Handshake::ClientAuth { .. } => "ClientAuth".into(),
+            Handshake::ServerOk => "ServerOk".into(),
+            Handshake::Error { code, .. } => format!("Error ({code})"),
+            Handshake::Other(t) => format!("a frame of type {t:#04x}"),
         }
     }
 }
 
 /// Why reading a handshake frame failed.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum HelloError {
+pub(crate) enum HandshakeError {
     #[error("connection closed during the handshake")]
     Closed,
     #[error(transparent)]
@@ -90,25 +99,29 @@ pub(crate) enum HelloError {
 }
 
 impl Io {
-    pub(crate) async fn read_hello(&mut self) -> Result<Hello, HelloError> {
+    pub(crate) async fn read_handshake(&mut self) -> Result<Handshake, HandshakeError> {
         let mut buf = [0u8; 4096];
         loop {
             if let Some(f) = self.decoder.next_frame()? {
                 return Ok(match f {
-                    Frame::ServerHello { relay_key, nonce } => Hello::ServerHello { relay_key, nonce },
-                    Frame::ClientAuth { node_key, proof } => Hello::ClientAuth { node_key, proof },
-                    Frame::ServerOk => Hello::ServerOk,
-                    Frame::Error { code, message } => Hello::Error {
+                    Frame::ServerHello { relay_key, nonce } => {
+                        Handshake::ServerHello { relay_key, nonce }
+                    }
+                    Frame::ClientAuth { node_key, proof } => {
+                        Handshake::ClientAuth { node_key, proof }
+                    }
+                    Frame::ServerOk => Handshake::ServerOk,
+                    Frame::Error { code, message } => Handshake::Error {
                         code,
                         message: message.to_owned(),
                     },
-                    other => Hello::Other(other.frame_type()),
+                    other => Handshake::Other(other.frame_type()),
                 });
             }
             let n = self.reader.read(&mut buf).await?;
             if n == 0 {
                 self.decoder.finish()?;
-                return Err(HelloError::Closed);
+                return Err(HandshakeError::Closed);
             }
             self.decoder.feed(&buf[..n]);
         }
@@ -180,15 +193,15 @@ impl Mailbox {
 
     /// See [`Outbox::push_packet`]. Wakes the writer when the outbox was
     /// empty (otherwise it is awake already).
-    pub(crate) fn push_packet(&self, source: NodeKey, frame: &Frame<'_>) -> Result<u64, Refused> {
+    pub(crate) fn push_packet(&self, source: NodeKey, frame: &Frame<'_>) -> Pushed {
         let mut o = self.outbox();
         let was_empty = o.is_empty();
-        let r = o.push_packet(source, frame);
+        let pushed = o.push_packet(source, frame);
         drop(o);
-        if was_empty && r.is_ok() {
+        if was_empty && pushed.queued {
             self.ready.notify_one();
         }
-        r
+        pushed
     }
 
     pub(crate) fn push_control(&self, frame: &Frame<'_>) -> bool {
@@ -217,7 +230,10 @@ impl Mailbox {
     }
 
     fn take_cut(&self) -> Option<Cut> {
-        self.cut.lock().unwrap_or_else(PoisonError::into_inner).take()
+        self.cut
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     async fn cut_notified(&self) {
@@ -378,7 +394,11 @@ impl From<Stop> for End {
 /// Writes `error` if any, ends the stream (TLS close_notify, QUIC FIN) and,
 /// for QUIC, closes the connection once the peer has had a moment to read
 /// the error (closing at once would discard it).
-async fn finish(writer: &mut Writer, quic: Option<&quinn::Connection>, error: Option<(ErrorCode, &str)>) {
+async fn finish(
+    writer: &mut Writer,
+    quic: Option<&quinn::Connection>,
+    error: Option<(ErrorCode, &str)>,
+) {
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         if let Some((code, message)) = error {
             let mut bytes = Vec::new();
@@ -441,9 +461,12 @@ async fn send_quic(
                 arena.reserve(DATAGRAM_ARENA.max(body.len()));
             }
             arena.extend_from_slice(body);
-            conn.send_datagram_wait(arena.split().freeze())
-                .await
-                .map_err(io::Error::other)?;
+            match conn.send_datagram_wait(arena.split().freeze()).await {
+                Ok(()) => {}
+                // The path's datagram size shrank since it was read.
+                Err(quinn::SendDatagramError::TooLarge) => stream.extend_from_slice(frame),
+                Err(e) => return Err(io::Error::other(e)),
+            }
         } else {
             stream.extend_from_slice(frame);
         }
@@ -492,11 +515,42 @@ pub(crate) fn udp_socket(bind: SocketAddr) -> io::Result<std::net::UdpSocket> {
     Ok(socket)
 }
 
+/// Unsent bytes a relay TCP connection may leave in the kernel
+/// (`TCP_NOTSENT_LOWAT`). Without a bound the kernel's send buffer grows to
+/// megabytes of one FIFO in front of the fair outboxes, and the writer is
+/// woken only when a large part of it has drained, so a slow reader's
+/// packets would queue there, unfairly, instead of in its outbox. Bytes in
+/// flight are not limited, so throughput on long paths is not either.
+const TCP_NOTSENT: u32 = 128 << 10;
+
+/// TCP keep-alive of relay connections: a peer that vanished (a host that
+/// died, a NAT that forgot the mapping) is noticed after about 30 s of
+/// silence, so its key stops drawing packets into an outbox nobody reads.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Prepares a relay TCP connection: no Nagle delay, bounded unsent bytes,
+/// keep-alive probes.
+pub(crate) fn tune_tcp(tcp: &TcpStream) {
+    use rustix::net::sockopt;
+    let _ = tcp.set_nodelay(true);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(TCP_NOTSENT) {
+        tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not set");
+    }
+    let keepalive = sockopt::set_socket_keepalive(tcp, true)
+        .and_then(|()| sockopt::set_tcp_keepidle(tcp, TCP_KEEPALIVE))
+        .and_then(|()| sockopt::set_tcp_keepintvl(tcp, TCP_KEEPALIVE / 3))
+        .and_then(|()| sockopt::set_tcp_keepcnt(tcp, 3));
+    if let Err(e) = keepalive {
+        tracing::debug!(error = %e, "TCP keep-alive not set");
+    }
+}
+
 /// QUIC settings of relay connections: datagrams on, large datagram
-/// queues, no streams but the one the relay opens.
-pub(crate) fn quic_transport(keep_alive: Option<Duration>) -> quinn::TransportConfig {
+/// queues, no streams but the one the relay opens. `client`: the side
+/// that lets the relay open that stream.
+pub(crate) fn quic_transport(client: bool, keep_alive: Option<Duration>) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(0u32.into())
+    t.max_concurrent_bidi_streams(u32::from(client).into())
         .max_concurrent_uni_streams(0u32.into())
         .datagram_receive_buffer_size(Some(QUIC_DATAGRAM_BUFFER))
         .datagram_send_buffer_size(QUIC_DATAGRAM_BUFFER)
@@ -505,13 +559,15 @@ pub(crate) fn quic_transport(keep_alive: Option<Duration>) -> quinn::TransportCo
 }
 
 /// Why a client connection to a relay failed or ended.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach the relay at {addr}: {reason}")]
     Connect { addr: String, reason: String },
     #[error("the relay refused the connection ({code}): {message}")]
     Refused { code: ErrorCode, message: String },
-    #[error("the relay presents key {got}, not the expected {want}: check the relay's address and key")]
+    #[error(
+        "the relay presents key {got}, not the expected {want}: check the relay's address and key"
+    )]
     WrongRelayKey { got: NodeKey, want: NodeKey },
     #[error("the relay broke the protocol: {0}")]
     Protocol(String),
@@ -537,13 +593,17 @@ fn tls_config(pin: [u8; 32]) -> Result<rustls::ClientConfig, rustls::Error> {
 }
 
 /// TLS over TCP to `target`.
-pub(crate) async fn connect_tls(addr: &str, target: SocketAddr, pin: [u8; 32]) -> Result<Io, ClientError> {
+pub(crate) async fn connect_tls(
+    addr: &str,
+    target: SocketAddr,
+    pin: [u8; 32],
+) -> Result<Io, ClientError> {
     let failed = |e: &dyn std::fmt::Display| ClientError::Connect {
         addr: addr.to_owned(),
         reason: format!("TLS/TCP: {e}"),
     };
     let tcp = TcpStream::connect(target).await.map_err(|e| failed(&e))?;
-    let _ = tcp.set_nodelay(true);
+    tune_tcp(&tcp);
     let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).map_err(|e| failed(&e))?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config(pin)?))
         .connect(name, tcp)
@@ -578,12 +638,13 @@ pub(crate) async fn connect_quic(
     };
     let socket = udp_socket(local).map_err(|e| failed(&e))?;
     let runtime = quinn::default_runtime().ok_or_else(|| failed(&"no async runtime"))?;
-    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
-        .map_err(|e| failed(&e))?;
+    let mut endpoint =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+            .map_err(|e| failed(&e))?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls_config(pin)?)
         .map_err(|e| failed(&e))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(quic_transport(Some(keep_alive))));
+    client.transport_config(Arc::new(quic_transport(true, Some(keep_alive))));
     endpoint.set_default_client_config(client);
     let conn = endpoint
         .connect(target, SERVER_NAME)
@@ -611,15 +672,20 @@ pub(crate) async fn client_handshake(
     secret: &StaticSecret,
     expect: Option<NodeKey>,
 ) -> Result<NodeKey, ClientError> {
-    let protocol = |e: HelloError| match e {
-        HelloError::Closed => ClientError::Closed,
-        HelloError::Io(e) => ClientError::Failed(e.to_string()),
-        HelloError::Malformed(e) => ClientError::Protocol(e.to_string()),
+    let protocol = |e: HandshakeError| match e {
+        HandshakeError::Closed => ClientError::Closed,
+        HandshakeError::Io(e) => ClientError::Failed(e.to_string()),
+        HandshakeError::Malformed(e) => ClientError::Protocol(e.to_string()),
     };
-    let (relay_key, nonce) = match io.read_hello().await.map_err(protocol)? {
-        Hello::ServerHello { relay_key, nonce } => (relay_key, nonce),
-        Hello::Error { code, message } => return Err(ClientError::Refused { code, message }),
-        other => return Err(ClientError::Protocol(format!("expected ServerHello, got {}", other.name()))),
+    let (relay_key, nonce) = match io.read_handshake().await.map_err(protocol)? {
+        Handshake::ServerHello { relay_key, nonce } => (relay_key, nonce),
+        Handshake::Error { code, message } => return Err(ClientError::Refused { code, message }),
+        other => {
+            return Err(ClientError::Protocol(format!(
+                "expected ServerHello, got {}",
+                other.name()
+            )))
+        }
     };
     if let Some(want) = expect {
         if want != relay_key {
@@ -642,9 +708,12 @@ pub(crate) async fn client_handshake(
     io.write_frame(&Frame::ClientAuth { node_key, proof })
         .await
         .map_err(|e| ClientError::Failed(e.to_string()))?;
-    match io.read_hello().await.map_err(protocol)? {
-        Hello::ServerOk => Ok(relay_key),
-        Hello::Error { code, message } => Err(ClientError::Refused { code, message }),
-        other => Err(ClientError::Protocol(format!("expected ServerOk, got {}", other.name()))),
+    match io.read_handshake().await.map_err(protocol)? {
+        Handshake::ServerOk => Ok(relay_key),
+        Handshake::Error { code, message } => Err(ClientError::Refused { code, message }),
+        other => Err(ClientError::Protocol(format!(
+            "expected ServerOk, got {}",
+            other.name()
+        ))),
     }
 }

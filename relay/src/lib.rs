@@ -18,6 +18,8 @@ mod identity;
 mod members;
 mod outbox;
 mod server;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 

@@ -98,10 +98,16 @@ impl Members {
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<NodeKey, Role>> {
         // Nothing panics while holding the lock; the map is always whole.
-        self.inner.keys.read().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<NodeKey, Role>> {
-        self.inner.keys.write().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }

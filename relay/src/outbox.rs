@@ -7,7 +7,7 @@
 //! a slow destination, memory stays bounded, and a slow reader loses only
 //! packets addressed to it. No I/O: the connection's writer takes batches.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use meshd_proto::relay::{split_frame, ty, Frame, HEADER_LEN};
 use meshd_proto::NodeKey;
@@ -55,20 +55,23 @@ pub(crate) struct Taken {
     pub bytes: u64,
 }
 
-/// Why a packet or control frame was not queued.
+/// What became of a packet offered to [`Outbox::push_packet`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refused {
-    /// Over the limit, and the packet's own source has the longest queue.
-    Full,
-    /// The frame could not be encoded (a datagram over the protocol limit).
-    Invalid,
+pub(crate) struct Pushed {
+    /// It was queued (else it was dropped: over the limit with its own
+    /// source's queue the longest, or not a packet frame).
+    pub queued: bool,
+    /// Packets dropped for it: older ones evicted, and itself if not queued.
+    pub dropped: u64,
 }
 
 #[derive(Debug)]
 pub(crate) struct Outbox {
     control: Vec<u8>,
     control_limit: usize,
-    queues: HashMap<NodeKey, Queue>,
+    /// By key, so which of two equally long queues loses a packet does not
+    /// depend on a hash seed.
+    queues: BTreeMap<NodeKey, Queue>,
     /// Sources with queued packets, in the order they are served.
     turn: VecDeque<NodeKey>,
     queued: usize,
@@ -81,7 +84,7 @@ impl Outbox {
         Outbox {
             control: Vec::new(),
             control_limit,
-            queues: HashMap::new(),
+            queues: BTreeMap::new(),
             turn: VecDeque::new(),
             queued: 0,
             limit,
@@ -98,18 +101,22 @@ impl Outbox {
         self.queued
     }
 
-    /// Queues a packet frame from `source`. `Ok(n)`: queued, after evicting
-    /// `n` older packets of a longer queue.
-    pub(crate) fn push_packet(&mut self, source: NodeKey, frame: &Frame<'_>) -> Result<u64, Refused> {
+    /// Queues a packet frame from `source`, evicting older packets of a
+    /// longer queue if need be.
+    pub(crate) fn push_packet(&mut self, source: NodeKey, frame: &Frame<'_>) -> Pushed {
+        let refused = |evicted: u64| Pushed {
+            queued: false,
+            dropped: evicted + 1,
+        };
         let size = match frame {
             Frame::SendPacket { datagram, .. } | Frame::RecvPacket { datagram, .. } => {
                 HEADER_LEN + 32 + datagram.len()
             }
             Frame::ForwardPacket { datagram, .. } => HEADER_LEN + 64 + datagram.len(),
-            _ => return Err(Refused::Invalid),
+            _ => return refused(0),
         };
         if size > self.limit {
-            return Err(Refused::Full);
+            return refused(0);
         }
         let mut evicted = 0;
         while self.queued + size > self.limit {
@@ -124,7 +131,7 @@ impl Outbox {
                     self.evict(k);
                     evicted += 1;
                 }
-                _ => return Err(Refused::Full),
+                _ => return refused(evicted),
             }
         }
         let spare = &mut self.spare;
@@ -137,12 +144,20 @@ impl Outbox {
             queue.start = 0;
         }
         let was_empty = queue.len() == 0;
-        frame.encode(&mut queue.buf).map_err(|_| Refused::Invalid)?;
+        if frame.encode(&mut queue.buf).is_err() {
+            // Only a datagram over the protocol's limit fails to encode, and
+            // `size > limit` refused those already; an empty new queue is
+            // harmless (taking it retires it).
+            return refused(evicted);
+        }
         if was_empty {
             self.turn.push_back(source);
         }
         self.queued += size;
-        Ok(evicted)
+        Pushed {
+            queued: true,
+            dropped: evicted,
+        }
     }
 
     /// Drops the oldest packet of `source`'s queue.
@@ -241,15 +256,21 @@ mod tests {
     fn sources_are_served_in_turn_and_control_goes_first() {
         let mut o = Outbox::new(1 << 20, 1024);
         for _ in 0..3 {
-            o.push_packet(key(1), &packet(1, &[0; 100])).unwrap();
+            assert!(o.push_packet(key(1), &packet(1, &[0; 100])).queued);
         }
-        o.push_packet(key(2), &packet(2, &[0; 100])).unwrap();
+        assert!(o.push_packet(key(2), &packet(2, &[0; 100])).queued);
         assert!(o.push_control(&Frame::Pong([9; 8])));
         let mut out = Vec::new();
         let taken = o.take(&mut out, usize::MAX);
         assert_eq!(out[0], ty::PONG);
         assert_eq!(sources(&out[11..]), [1, 2, 1, 1]);
-        assert_eq!(taken, Taken { packets: 4, bytes: 400 });
+        assert_eq!(
+            taken,
+            Taken {
+                packets: 4,
+                bytes: 400
+            }
+        );
         assert!(o.is_empty());
     }
 
@@ -258,17 +279,24 @@ mod tests {
         let frame = HEADER_LEN + 32 + 100;
         let mut o = Outbox::new(10 * frame, 1024);
         let (mut dropped, mut evicted) = (0, 0);
-        o.push_packet(key(2), &packet(2, &[0; 100])).unwrap();
+        assert!(o.push_packet(key(2), &packet(2, &[0; 100])).queued);
         for _ in 0..1000 {
-            match o.push_packet(key(1), &packet(1, &[0; 100])) {
-                Ok(n) => evicted += n,
-                Err(Refused::Full) => dropped += 1,
-                Err(e) => panic!("{e:?}"),
+            let p = o.push_packet(key(1), &packet(1, &[0; 100]));
+            if p.queued {
+                evicted += p.dropped;
+            } else {
+                dropped += p.dropped;
             }
             assert!(o.queued() <= 10 * frame);
         }
         // The quiet source still gets in, evicting the flood's oldest.
-        assert_eq!(o.push_packet(key(2), &packet(2, &[0; 100])), Ok(1));
+        assert_eq!(
+            o.push_packet(key(2), &packet(2, &[0; 100])),
+            Pushed {
+                queued: true,
+                dropped: 1
+            }
+        );
         assert_eq!((dropped, evicted), (991, 0));
         let mut out = Vec::new();
         o.take(&mut out, usize::MAX);
@@ -281,7 +309,7 @@ mod tests {
     fn batches_stop_at_their_size_and_buffers_are_reused() {
         let mut o = Outbox::new(1 << 20, 1024);
         for i in 0..10u8 {
-            o.push_packet(key(i), &packet(i, &[0; 1000])).unwrap();
+            assert!(o.push_packet(key(i), &packet(i, &[0; 1000])).queued);
         }
         let mut out = Vec::new();
         assert_eq!(o.take(&mut out, 2500).packets, 3);
@@ -296,6 +324,38 @@ mod tests {
         let mut o = Outbox::new(1024, 10);
         assert!(o.push_control(&Frame::PeerPresent(key(1))));
         assert!(!o.push_control(&Frame::PeerPresent(key(2))));
-        assert_eq!(o.push_packet(key(1), &Frame::ServerOk), Err(Refused::Invalid));
+        assert!(!o.push_packet(key(1), &Frame::ServerOk).queued);
+    }
+
+    proptest::proptest! {
+        /// Whatever is pushed and taken, in any order: the packet bytes
+        /// queued never exceed the limit and match what the queues hold, and
+        /// every packet offered is in the end either taken or counted as
+        /// dropped.
+        #[test]
+        fn the_limit_holds_and_no_packet_is_lost_uncounted(
+            ops in proptest::collection::vec((0u8..4, 0usize..3000, 0usize..8000), 0..300),
+        ) {
+            let mut o = Outbox::new(16 << 10, 1024);
+            let data = vec![0u8; 3000];
+            let (mut offered, mut dropped, mut taken) = (0u64, 0u64, 0u64);
+            let mut out = Vec::new();
+            for (src, len, max) in ops {
+                if max < 4000 {
+                    offered += 1;
+                    dropped += o.push_packet(key(src), &packet(src, &data[..len])).dropped;
+                } else {
+                    out.clear();
+                    taken += o.take(&mut out, max - 4000).packets;
+                }
+                proptest::prop_assert!(o.queued() <= 16 << 10);
+                proptest::prop_assert_eq!(o.queued(), o.queues.values().map(Queue::len).sum::<usize>());
+                proptest::prop_assert_eq!(o.turn.len(), o.queues.len());
+            }
+            out.clear();
+            taken += o.take(&mut out, usize::MAX).packets;
+            proptest::prop_assert!(o.is_empty());
+            proptest::prop_assert_eq!(taken + dropped, offered);
+        }
     }
 }

@@ -26,8 +26,9 @@ use tokio::task::JoinHandle;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::conn::{
-    client_handshake, connect_tls, drive, quic_binding, quic_transport, tls_binding, udp_socket,
-    ClientError, Cut, End, Hello, HelloError, Incoming, Io, Mailbox, Stop, Traffic,
+    client_handshake, connect_tls, drive, quic_binding, quic_transport, tls_binding, tune_tcp,
+    udp_socket, ClientError, Cut, End, Handshake, HandshakeError, Incoming, Io, Mailbox, Stop,
+    Traffic,
 };
 use crate::identity::{Identity, IdentityError};
 use crate::members::{Members, Role};
@@ -147,7 +148,7 @@ pub struct Counters {
 pub struct Drops {
     /// The destination's outbox was full (a slow reader or a flood).
     pub queue_full: u64,
-    /// The destination is connected here nor to any meshed relay.
+    /// The destination is connected neither here nor to a meshed relay.
     pub no_route: u64,
     /// A meshed relay forwarded a packet for a client that is not here.
     pub forward_no_route: u64,
@@ -208,17 +209,23 @@ struct Shared {
     next_id: AtomicU64,
 }
 
+/// The tasks keeping mesh links up, by the peer relay's key.
+type Dialers = BTreeMap<[u8; 32], (MeshPeer, JoinHandle<()>)>;
+
 /// A running relay. Dropping it stops the listeners; [`RelayServer::shutdown`]
 /// also tells connected clients.
 pub struct RelayServer {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
+    /// One task per meshed relay, keeping its link up.
+    dialers: std::sync::Mutex<Dialers>,
+    /// The runtime the relay was started on, so `set_mesh` works from any
+    /// thread.
+    runtime: tokio::runtime::Handle,
     addr: SocketAddr,
     stun_addr: Option<SocketAddr>,
     pin: [u8; 32],
-    /// The dialling task of each meshed relay, by key ([`RelayServer::set_mesh`]).
-    mesh: std::sync::Mutex<std::collections::BTreeMap<[u8; 32], JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for RelayServer {
@@ -232,14 +239,16 @@ impl std::fmt::Debug for RelayServer {
 
 impl RelayServer {
     /// Loads (or creates) the identity, binds every listener, and starts
-    /// serving and dialling the mesh. Admits only `members`.
+    /// serving and dialling the mesh on the current tokio runtime (which
+    /// must be multi-threaded to use more than one core). Admits only
+    /// `members`.
     pub async fn start(config: RelayConfig, members: Members) -> Result<RelayServer, RelayError> {
         let identity = Identity::load_or_create(&config.state_dir)?;
         let server_tls = Arc::new(identity.server_config()?);
         let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls.clone())
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         let mut quic_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
-        quic_config.transport_config(Arc::new(quic_transport(None)));
+        quic_config.transport_config(Arc::new(quic_transport(false, None)));
         let bind = |what, addr| move |source| RelayError::Bind { what, addr, source };
 
         let (socket, tcp) = bind_pair(config.listen).await?;
@@ -254,15 +263,7 @@ impl RelayServer {
         .map_err(bind("QUIC", config.listen))?;
         let addr = endpoint.local_addr().map_err(bind("QUIC", config.listen))?;
         let stun = match config.stun_listen {
-            Some(addr) => {
-                let s = udp_socket(addr)
-                    .and_then(|s| {
-                        s.set_nonblocking(true)?;
-                        tokio::net::UdpSocket::from_std(s)
-                    })
-                    .map_err(bind("STUN", addr))?;
-                Some(s)
-            }
+            Some(addr) => Some(stun_socket(addr).map_err(bind("STUN", addr))?),
             None => None,
         };
         let stun_addr = match &stun {
@@ -293,19 +294,9 @@ impl RelayServer {
             tasks.push(tokio::spawn(serve_stun(shared.clone(), s)));
         }
         if let Some(addr) = config.stun_second {
-            let s = udp_socket(addr)
-                .and_then(|s| {
-                    s.set_nonblocking(true)?;
-                    tokio::net::UdpSocket::from_std(s)
-                })
-                .map_err(bind("STUN", addr))?;
+            let s = stun_socket(addr).map_err(bind("STUN", addr))?;
             tasks.push(tokio::spawn(serve_stun(shared.clone(), s)));
         }
-        let mesh = config
-            .mesh
-            .into_iter()
-            .map(|peer| (peer.key.to_bytes(), tokio::spawn(dial_relay(shared.clone(), peer))))
-            .collect();
         let pin = identity.pin();
         tracing::info!(
             %addr,
@@ -314,42 +305,53 @@ impl RelayServer {
             pin = %Hex(&pin),
             "relay listening"
         );
-        Ok(RelayServer {
+        let server = RelayServer {
             shared,
             endpoint,
             tasks,
+            dialers: Default::default(),
+            runtime: tokio::runtime::Handle::current(),
             addr,
             stun_addr,
             pin,
-            mesh: std::sync::Mutex::new(mesh),
-        })
+        };
+        server.set_mesh(config.mesh);
+        Ok(server)
+    }
+
+    /// Replaces the list of relays to keep links to: links to relays no
+    /// longer listed (or listed with another address or pin) are closed,
+    /// new ones dialled. The relay's own entry, if listed, is skipped.
+    pub fn set_mesh(&self, peers: Vec<MeshPeer>) {
+        let mut dialers = self.dialers.lock().unwrap_or_else(PoisonError::into_inner);
+        let wanted: BTreeMap<[u8; 32], MeshPeer> = peers
+            .into_iter()
+            .map(|p| (p.key.to_bytes(), p))
+            .filter(|(k, _)| *k != self.shared.key.0)
+            .collect();
+        dialers.retain(|key, (peer, task)| {
+            let keep = wanted
+                .get(key)
+                .is_some_and(|w| w.addr == peer.addr && w.pin == peer.pin);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (key, peer) in wanted {
+            dialers.entry(key).or_insert_with(|| {
+                let task = self
+                    .runtime
+                    .spawn(dial_relay(self.shared.clone(), peer.clone()));
+                (peer, task)
+            });
+        }
     }
 
     /// The relay's static secret, for the coordinator session that makes it
     /// a member of its mesh under this same key.
     pub fn static_key(&self) -> x25519_dalek::StaticSecret {
         self.shared.secret.clone()
-    }
-
-    /// Makes `peers` the relays this one links to: new ones are dialled,
-    /// links to ones no longer listed are dropped (the mesh changes as the
-    /// coordinator's relay map does).
-    pub fn set_mesh(&self, peers: Vec<MeshPeer>) {
-        let mut mesh = self.mesh.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let keep: std::collections::BTreeSet<[u8; 32]> = peers.iter().map(|p| p.key.to_bytes()).collect();
-        mesh.retain(|k, task| {
-            let kept = keep.contains(k);
-            if !kept {
-                task.abort();
-            }
-            kept
-        });
-        for peer in peers {
-            let key = peer.key.to_bytes();
-            if let std::collections::btree_map::Entry::Vacant(slot) = mesh.entry(key) {
-                slot.insert(tokio::spawn(dial_relay(self.shared.clone(), peer)));
-            }
-        }
     }
 
     /// The relay's static key: clients prove their keys against it.
@@ -378,22 +380,29 @@ impl RelayServer {
     /// Tells every client the relay is going away, and stops.
     pub async fn shutdown(mut self) {
         self.stop();
-        let conns: Vec<Arc<Conn>> = {
-            let r = self.shared.routes();
-            r.clients.values().chain(r.links.values()).cloned().collect()
-        };
-        for c in conns {
-            c.mailbox.cut(Cut::Error(ErrorCode::ShuttingDown, "the relay is shutting down".into()));
-        }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 
+    /// Stops listening and dialling, and cuts every connection (each one's
+    /// task then sends `Error{ShuttingDown}` and ends).
     fn stop(&mut self) {
         for t in &self.tasks {
             t.abort();
         }
-        for t in self.mesh.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values() {
-            t.abort();
+        self.set_mesh(Vec::new());
+        let conns: Vec<Arc<Conn>> = {
+            let r = self.shared.routes();
+            r.clients
+                .values()
+                .chain(r.links.values())
+                .cloned()
+                .collect()
+        };
+        for c in conns {
+            c.mailbox.cut(Cut::Error(
+                ErrorCode::ShuttingDown,
+                "the relay is shutting down".into(),
+            ));
         }
         self.endpoint.close(0u32.into(), b"relay stopping");
     }
@@ -596,7 +605,7 @@ impl Shared {
             );
             return;
         };
-        inc(&self.stats.queue_full, pushed.unwrap_or(1));
+        inc(&self.stats.queue_full, pushed.dropped);
     }
 
     /// What a node may send once authenticated.
@@ -639,8 +648,10 @@ impl Shared {
                 let r = self.routes();
                 match r.clients.get(&dst) {
                     Some(c) => {
-                        let pushed = c.mailbox.push_packet(src, &Frame::RecvPacket { src, datagram });
-                        inc(&self.stats.queue_full, pushed.unwrap_or(1));
+                        let pushed = c
+                            .mailbox
+                            .push_packet(src, &Frame::RecvPacket { src, datagram });
+                        inc(&self.stats.queue_full, pushed.dropped);
                     }
                     None => inc(&self.stats.forward_no_route, 1),
                 }
@@ -702,18 +713,19 @@ impl Shared {
         nonce: &[u8; 32],
     ) -> Result<(NodeKey, Role), Option<(ErrorCode, String)>> {
         let timeout = self.limits.handshake_timeout;
-        let (node_key, proof) = match tokio::time::timeout(timeout, io.read_hello()).await {
+        let (node_key, proof) = match tokio::time::timeout(timeout, io.read_handshake()).await {
             Err(_) => {
                 return Err(Some((
                     ErrorCode::HandshakeTimeout,
                     format!("no ClientAuth within {timeout:?} of connecting"),
                 )))
             }
-            Ok(Ok(Hello::ClientAuth { node_key, proof })) => (node_key, proof),
-            Ok(Ok(Hello::Error { .. })) | Ok(Err(HelloError::Closed | HelloError::Io(_))) => {
-                return Err(None)
+            Ok(Ok(Handshake::ClientAuth { node_key, proof })) => (node_key, proof),
+            Ok(Ok(Handshake::Error { .. }))
+            | Ok(Err(HandshakeError::Closed | HandshakeError::Io(_))) => return Err(None),
+            Ok(Err(HandshakeError::Malformed(e))) => {
+                return Err(Some((ErrorCode::Malformed, e.to_string())))
             }
-            Ok(Err(HelloError::Malformed(e))) => return Err(Some((ErrorCode::Malformed, e.to_string()))),
             Ok(Ok(other)) => {
                 return Err(Some((
                     ErrorCode::UnexpectedFrame,
@@ -732,7 +744,10 @@ impl Shared {
         match auth::verify(&input, &self.secret, &proof) {
             Ok(()) => {}
             Err(AuthError::LowOrderKey(_)) => {
-                return Err(Some((ErrorCode::InvalidKey, format!("key {node_key} is a low-order point"))))
+                return Err(Some((
+                    ErrorCode::InvalidKey,
+                    format!("key {node_key} is a low-order point"),
+                )))
             }
             Err(e) => return Err(Some((ErrorCode::BadProof, e.to_string()))),
         }
@@ -746,10 +761,17 @@ impl Shared {
     }
 
     /// An authenticated connection: registered, driven, unregistered.
-    async fn run(self: Arc<Self>, io: Io, key: NodeKey, role: Role, transport: Transport, peer: SocketAddr) {
+    async fn run(
+        self: Arc<Self>,
+        io: Io,
+        key: NodeKey,
+        role: Role,
+        transport: Transport,
+        peer: SocketAddr,
+    ) {
         let conn = self.new_conn(key, role, transport);
         conn.mailbox.push_control(&Frame::ServerOk);
-        self.register(&conn);
+        let _registered = Registered::new(&self, &conn);
         // Checked again now that it is registered: a removal between the
         // first check and the registration would otherwise be missed.
         if self.members.role_of(&key) != Some(role) {
@@ -757,10 +779,19 @@ impl Shared {
         }
         tracing::debug!(%peer, %key, ?role, %transport, "client connected");
         let end = match role {
-            Role::Node => drive(io, &conn.mailbox, &self.stats.out, |i| self.on_node(&conn, i)).await,
-            Role::Relay => drive(io, &conn.mailbox, &self.stats.out, |i| self.on_relay(&conn, i)).await,
+            Role::Node => {
+                drive(io, &conn.mailbox, &self.stats.out, |i| {
+                    self.on_node(&conn, i)
+                })
+                .await
+            }
+            Role::Relay => {
+                drive(io, &conn.mailbox, &self.stats.out, |i| {
+                    self.on_relay(&conn, i)
+                })
+                .await
+            }
         };
-        self.unregister(&conn);
         tracing::debug!(%peer, %key, ?end, "client disconnected");
     }
 
@@ -784,12 +815,41 @@ impl Shared {
         })
         .await
         .map_err(|_| failed("handshake timed out".into()))??;
+        if self.members.role_of(&want) != Some(Role::Relay) {
+            return Err(failed(
+                "its key is not a member of the mesh with the role relay".into(),
+            ));
+        }
         let conn = self.new_conn(want, Role::Relay, Transport::Tls);
-        self.register(&conn);
+        let _registered = Registered::new(self, &conn);
         tracing::info!(relay = %peer.addr, "mesh link up");
-        let end = drive(io, &conn.mailbox, &self.stats.out, |i| self.on_relay(&conn, i)).await;
-        self.unregister(&conn);
-        Ok(end)
+        Ok(drive(io, &conn.mailbox, &self.stats.out, |i| {
+            self.on_relay(&conn, i)
+        })
+        .await)
+    }
+}
+
+/// A connection's place in the routes, given up when it is dropped: when
+/// its task ends, and also when the task is aborted (a mesh peer removed).
+struct Registered {
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+}
+
+impl Registered {
+    fn new(shared: &Arc<Shared>, conn: &Arc<Conn>) -> Self {
+        shared.register(conn);
+        Registered {
+            shared: shared.clone(),
+            conn: conn.clone(),
+        }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.shared.unregister(&self.conn);
     }
 }
 
@@ -809,7 +869,11 @@ async fn bind_pair(listen: SocketAddr) -> Result<(std::net::UdpSocket, TcpListen
         let tcp_addr = SocketAddr::new(listen.ip(), port);
         match TcpListener::bind(tcp_addr).await {
             Ok(tcp) => return Ok((udp, tcp)),
-            Err(e) if listen.port() == 0 && e.kind() == io::ErrorKind::AddrInUse && attempt < ATTEMPTS => {
+            Err(e)
+                if listen.port() == 0
+                    && e.kind() == io::ErrorKind::AddrInUse
+                    && attempt < ATTEMPTS =>
+            {
                 attempt += 1;
             }
             Err(source) => {
@@ -823,7 +887,11 @@ async fn bind_pair(listen: SocketAddr) -> Result<(std::net::UdpSocket, TcpListen
     }
 }
 
-async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+async fn accept_tcp(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -836,7 +904,7 @@ async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, acceptor: tokio_
         };
         let (shared, acceptor) = (shared.clone(), acceptor.clone());
         tokio::spawn(async move {
-            let _ = stream.set_nodelay(true);
+            tune_tcp(&stream);
             let timeout = shared.limits.handshake_timeout;
             let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
@@ -857,6 +925,12 @@ async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, acceptor: tokio_
             shared.serve(io, Transport::Tls, peer).await;
         });
     }
+}
+
+fn stun_socket(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+    let s = udp_socket(addr)?;
+    s.set_nonblocking(true)?;
+    tokio::net::UdpSocket::from_std(s)
 }
 
 async fn accept_quic(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
@@ -905,7 +979,9 @@ async fn dial_relay(shared: Arc<Shared>, peer: MeshPeer) {
                 tracing::info!(relay = %peer.addr, ?end, "mesh link down");
                 backoff = FIRST;
             }
-            Err(e) => tracing::warn!(relay = %peer.addr, error = %e, "cannot link to a meshed relay"),
+            Err(e) => {
+                tracing::warn!(relay = %peer.addr, error = %e, "cannot link to a meshed relay")
+            }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
