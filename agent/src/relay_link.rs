@@ -7,9 +7,16 @@ use meshd_dataplane::engine::{self as dp, EngineHandle};
 use meshd_dataplane::keys::{PrivateKey, PublicKey};
 use meshd_proto::{disco, NodeKey, RelayEntry};
 use meshd_relay::client::{ClientOptions, Event, RelayClient, RelaySender};
+use std::time::Duration;
+
 use tokio::sync::{mpsc, oneshot};
 
 use crate::paths::RelayId;
+
+/// How often the relay is pinged, and how long an answer may take before
+/// the relay counts as gone.
+const LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the relay delivered that is not for the engine: disco packets.
 pub type Delivered = mpsc::UnboundedSender<(RelayId, NodeKey, Vec<u8>)>;
@@ -51,11 +58,29 @@ pub async fn connect(
     let sender = client.sender();
     let transport = client.transport().to_string();
     let (close, mut closed) = oneshot::channel::<()>();
+    // A relay whose host died sends nothing: a ping every second that gets
+    // no answer within two says so, long before any transport would.
+    let (dead, mut is_dead) = oneshot::channel::<()>();
+    let pinger = client.sender();
+    let liveness = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(LIVENESS_INTERVAL).await;
+            if tokio::time::timeout(LIVENESS_TIMEOUT, pinger.ping()).await.is_err() {
+                let _ = dead.send(());
+                return;
+            }
+        }
+    });
     tokio::spawn(async move {
         loop {
             let event = tokio::select! {
                 e = client.recv() => e,
                 _ = &mut closed => break,
+                _ = &mut is_dead => {
+                    tracing::warn!("the relay stopped answering pings");
+                    let _ = lost.send(generation);
+                    break;
+                }
             };
             match event {
                 Ok(Event::Packet { src, datagram }) => {
@@ -81,6 +106,7 @@ pub async fn connect(
                 }
             }
         }
+        liveness.abort();
         client.close().await;
     });
     Ok(Link {

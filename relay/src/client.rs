@@ -161,6 +161,47 @@ impl RelaySender {
         }
     }
 
+    /// The round-trip time to the relay, measured with a Ping: also how a
+    /// node notices a relay that vanished without closing (a killed host
+    /// sends no FIN, and TCP would take minutes to tell).
+    pub async fn ping(&self) -> Result<Duration, ClientError> {
+        if self.is_closed() {
+            return Err(ClientError::Closed);
+        }
+        let shared = &self.shared;
+        let id = shared
+            .next_ping
+            .fetch_add(1, Ordering::Relaxed)
+            .to_be_bytes();
+        let (tx, rx) = oneshot::channel();
+        shared
+            .pings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, tx);
+        let start = Instant::now();
+        if !shared.mailbox.push_control(&Frame::Ping(id)) {
+            shared
+                .pings
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+            return Err(ClientError::Failed("the control queue is full".into()));
+        }
+        match tokio::time::timeout(PING_TIMEOUT, rx).await {
+            Ok(Ok(())) => Ok(start.elapsed()),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => {
+                shared
+                    .pings
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+                Err(ClientError::PingTimeout(PING_TIMEOUT))
+            }
+        }
+    }
+
     fn is_closed(&self) -> bool {
         self.shared
             .ended
@@ -342,43 +383,9 @@ impl RelayClient {
         }
     }
 
-    /// The round-trip time to the relay, measured with a Ping.
+    /// See [`RelaySender::ping`].
     pub async fn ping(&self) -> Result<Duration, ClientError> {
-        if self.sender.is_closed() {
-            return Err(ClientError::Closed);
-        }
-        let shared = self.shared();
-        let id = shared
-            .next_ping
-            .fetch_add(1, Ordering::Relaxed)
-            .to_be_bytes();
-        let (tx, rx) = oneshot::channel();
-        shared
-            .pings
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, tx);
-        let start = Instant::now();
-        if !shared.mailbox.push_control(&Frame::Ping(id)) {
-            shared
-                .pings
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&id);
-            return Err(ClientError::Failed("the control queue is full".into()));
-        }
-        match tokio::time::timeout(PING_TIMEOUT, rx).await {
-            Ok(Ok(())) => Ok(start.elapsed()),
-            Ok(Err(_)) => Err(ClientError::Closed),
-            Err(_) => {
-                shared
-                    .pings
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&id);
-                Err(ClientError::PingTimeout(PING_TIMEOUT))
-            }
-        }
+        self.sender.ping().await
     }
 
     pub fn counters(&self) -> ClientCounters {
