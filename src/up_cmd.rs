@@ -14,6 +14,7 @@ use meshd_agent::control::ipc::NodeStatus;
 use meshd_agent::control::state_dir::{FirstJoin, StateDir, DEFAULT_STATE_DIR};
 use meshd_agent::node_runtime::{self, UpOptions};
 use meshd_dataplane::standalone;
+use meshd_relay::client::TransportChoice;
 use meshd_proto::token::JoinToken;
 use zeroize::Zeroizing;
 
@@ -57,6 +58,14 @@ pub struct UpArgs {
     foreground: bool,
     #[command(flatten)]
     poll: crate::wg_cmd::AnswerPollArg,
+    /// How to reach relays: auto (QUIC, with TLS over TCP after a head
+    /// start), quic or tls.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "quic", "tls"])]
+    relay_transport: String,
+    /// Keep every peer on the relay; never try a direct path (for tests and
+    /// benchmarks).
+    #[arg(long)]
+    no_direct: bool,
     /// Internal: this process is the background daemon that `up` started;
     /// the token, if any, comes on stdin.
     #[arg(long, hide = true)]
@@ -140,6 +149,12 @@ fn run(args: &UpArgs, token: Option<JoinToken>) -> Result<()> {
     opts.listen_port = args.listen_port;
     opts.rotate_every = args.rotate_key_every;
     opts.answer_poll = args.poll.get();
+    opts.traversal.no_direct = args.no_direct;
+    opts.traversal.relay_transport = match args.relay_transport.as_str() {
+        "quic" => Some(TransportChoice::Quic),
+        "tls" => Some(TransportChoice::Tls),
+        _ => None,
+    };
     let daemon_child = args.daemon_child;
     node_runtime::run(opts, &stop, |status| {
         if daemon_child {
@@ -209,6 +224,10 @@ fn start_daemon(args: &UpArgs, token: Option<&str>) -> Result<()> {
         cmd.args(["--rotate-key-every", &format!("{}ms", d.as_millis())]);
     }
     cmd.args(args.poll.to_args());
+    cmd.args(["--relay-transport", &args.relay_transport]);
+    if args.no_direct {
+        cmd.arg("--no-direct");
+    }
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -74,6 +74,7 @@ pub struct UpOptions {
     pub answer_poll: Duration,
     pub connect: ConnectOptions,
     pub supervisor: SupervisorConfig,
+    pub traversal: traversal::TraversalOptions,
 }
 
 impl UpOptions {
@@ -89,6 +90,7 @@ impl UpOptions {
             answer_poll: DEFAULT_ANSWER_POLL,
             connect: ConnectOptions::default(),
             supervisor: SupervisorConfig::default(),
+            traversal: traversal::TraversalOptions::default(),
         }
     }
 }
@@ -818,7 +820,12 @@ impl<'r> Runtime<'r> {
             },
             (None, None) => start(0)?,
         };
-        let traversal = pending.start(&self.key, runner.handle.clone(), self.traversal_tx.clone());
+        let traversal = pending.start(
+            &self.key,
+            self.opts.traversal.clone(),
+            runner.handle.clone(),
+            self.traversal_tx.clone(),
+        );
         traversal.set_relays(self.relays.clone());
         traversal.set_peers(self.traversal_peers());
         traversal.set_local(local_endpoints(runner.listen_port, &self.opts.interface));

@@ -6,7 +6,7 @@
 use meshd_dataplane::engine::{self as dp, EngineHandle};
 use meshd_dataplane::keys::{PrivateKey, PublicKey};
 use meshd_proto::{disco, NodeKey, RelayEntry};
-use meshd_relay::client::{ClientOptions, Event, RelayClient, RelaySender};
+use meshd_relay::client::{ClientOptions, Event, RelayClient, RelaySender, TransportChoice};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -39,6 +39,7 @@ pub async fn connect(
     key: &PrivateKey,
     id: RelayId,
     generation: u64,
+    transport: Option<TransportChoice>,
     engine: EngineHandle,
     delivered: Delivered,
     lost: mpsc::UnboundedSender<u64>,
@@ -52,6 +53,9 @@ pub async fn connect(
         .ok_or_else(|| format!("relay {} has no address", entry.name))?;
     let mut opts = ClientOptions::new(addr.to_string(), entry.info.cert_pin);
     opts.relay_key = Some(x25519_dalek::PublicKey::from(entry.key.0));
+    if let Some(t) = transport {
+        opts.transport = t;
+    }
     let mut client = RelayClient::connect(&opts, &key.to_static_secret())
         .await
         .map_err(|e| e.to_string())?;

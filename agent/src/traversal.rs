@@ -37,6 +37,16 @@ const ACTIVITY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long `meshd ping` waits for one answer.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How traversal may choose paths (for tests, benchmarks and odd networks).
+#[derive(Debug, Clone, Default)]
+pub struct TraversalOptions {
+    /// Keep every peer on the relay: no direct path is ever tried.
+    pub no_direct: bool,
+    /// How to reach relays: QUIC with TLS/TCP after a head start (the
+    /// default), or only one of them.
+    pub relay_transport: Option<meshd_relay::client::TransportChoice>,
+}
+
 /// What the engine is given at start; see the module doc.
 pub struct Outlets {
     pub other: OtherOutlet,
@@ -128,6 +138,7 @@ impl Pending {
     pub fn start(
         self,
         key: &PrivateKey,
+        options: TraversalOptions,
         engine: EngineHandle,
         events: mpsc::UnboundedSender<TraversalEvent>,
     ) -> Traversal {
@@ -139,6 +150,7 @@ impl Pending {
         rand::rng().fill_bytes(&mut seed);
         let now = Instant::now();
         let task = Task {
+            options,
             key: key.clone(),
             pm: PathManager::new(PathConfig::default(), key.to_static_secret(), seed),
             discovery: Discovery::new(u64::from_le_bytes(seed[..8].try_into().unwrap_or([1; 8])), now),
@@ -202,6 +214,7 @@ impl Traversal {
 type Connected = Result<relay_link::Link, String>;
 
 struct Task {
+    options: TraversalOptions,
     key: PrivateKey,
     pm: PathManager,
     discovery: Discovery,
@@ -411,6 +424,8 @@ impl Task {
             if self.discovery.handle_stun(from, d, now) {
                 self.after_discovery();
             }
+        } else if self.options.no_direct {
+            tracing::trace!(%from, "disco packet ignored: direct paths are off");
         } else if let Err(e) = self.pm.handle_udp(from, d, now) {
             tracing::debug!(%from, error = %e, "disco packet dropped");
         }
@@ -560,10 +575,12 @@ impl Task {
         let relayed_tx = self.relayed_tx.clone();
         let lost_tx = self.lost_tx.clone();
         let engine = self.engine.clone();
+        let transport = self.options.relay_transport;
         self.generation += 1;
         let generation = self.generation;
         tokio::spawn(async move {
-            let r = relay_link::connect(&entry, &key, id, generation, engine, relayed_tx, lost_tx).await;
+            let r = relay_link::connect(&entry, &key, id, generation, transport, engine, relayed_tx, lost_tx)
+                .await;
             let _ = tx.send(r);
         });
         self.connecting = Some((id, rx));
@@ -576,6 +593,7 @@ impl Task {
         }
         while let Some(t) = self.pm.poll_transmit() {
             match t.to {
+                Endpoint::Udp(_) if self.options.no_direct => {}
                 Endpoint::Udp(addr) => {
                     let _ = self.engine.send_udp(addr, t.packet);
                 }
