@@ -21,6 +21,17 @@ const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the relay delivered that is not for the engine: disco packets.
 pub type Delivered = mpsc::UnboundedSender<(RelayId, NodeKey, Vec<u8>)>;
 
+/// Where a connection's deliveries go, and how they are labelled.
+pub struct Receivers {
+    pub id: RelayId,
+    pub generation: u64,
+    /// WireGuard datagrams.
+    pub engine: EngineHandle,
+    pub delivered: Delivered,
+    /// Told `generation` when the connection ends.
+    pub lost: mpsc::UnboundedSender<u64>,
+}
+
 /// A live connection: dropping it closes the connection.
 #[derive(Debug)]
 pub struct Link {
@@ -37,13 +48,16 @@ pub struct Link {
 pub async fn connect(
     entry: &RelayEntry,
     key: &PrivateKey,
-    id: RelayId,
-    generation: u64,
     transport: Option<TransportChoice>,
-    engine: EngineHandle,
-    delivered: Delivered,
-    lost: mpsc::UnboundedSender<u64>,
+    to: Receivers,
 ) -> Result<Link, String> {
+    let Receivers {
+        id,
+        generation,
+        engine,
+        delivered,
+        lost,
+    } = to;
     let addr = entry
         .info
         .addrs

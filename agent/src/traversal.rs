@@ -579,8 +579,14 @@ impl Task {
         self.generation += 1;
         let generation = self.generation;
         tokio::spawn(async move {
-            let r = relay_link::connect(&entry, &key, id, generation, transport, engine, relayed_tx, lost_tx)
-                .await;
+            let to = relay_link::Receivers {
+                id,
+                generation,
+                engine,
+                delivered: relayed_tx,
+                lost: lost_tx,
+            };
+            let r = relay_link::connect(&entry, &key, transport, to).await;
             let _ = tx.send(r);
         });
         self.connecting = Some((id, rx));
