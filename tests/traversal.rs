@@ -213,3 +213,50 @@ fn paths_survive_relays_dying_a_broken_direct_path_and_the_coordinator_leaving()
     assert!(sent - received <= 1, "{} of {sent} lost on a direct path when the relay died", sent - received);
     assert_eq!(mesh.path("l1", "r1").unwrap().kind, "direct");
 }
+
+#[test]
+fn a_node_that_leaves_the_mesh_is_cut_from_its_relay() {
+    let topo = Topology::new()
+        .host("coord")
+        .host("relay1")
+        .host(Host::new("relay2").latency_ms(10))
+        .site(Site::new("cgn1", ["c1"]).nat(Nat::Symmetric))
+        .site(Site::new("cgn2", ["c2"]).nat(Nat::Symmetric));
+    let lab = Lab::up(&topo).unwrap();
+    let mesh = Mesh::up(&lab, spec(&topo)).unwrap();
+    mesh.wait_path("c1", "c2", "relay", Duration::from_secs(20)).unwrap();
+    assert_eq!(mesh.ping("c1", "c2", 3).unwrap().len(), 3);
+    let clients = |m: &Mesh<'_>| {
+        let c = m.relay_counters("relay1").unwrap();
+        c["clients_quic"].as_u64().unwrap() + c["clients_tls"].as_u64().unwrap()
+    };
+    lab.wait_until("both nodes on relay1", Duration::from_secs(10), || clients(&mesh) == 2)
+        .unwrap();
+    // Expired by the operator (with its token revoked, so that it cannot
+    // register again): the relay hears it from the coordinator and cuts the
+    // node's connection within seconds; nothing reaches it any more.
+    let tokens: serde_json::Value =
+        serde_json::from_str(&mesh.admin(&["tokens", "list", "--json"]).unwrap()).unwrap();
+    for t in tokens["tokens"].as_array().unwrap() {
+        mesh.admin(&["tokens", "revoke", t["id"].as_str().unwrap()]).unwrap();
+    }
+    let id = mesh.status("c2").unwrap()["node_id"].as_u64().unwrap().to_string();
+    let start = Instant::now();
+    mesh.admin(&["nodes", "expire", &id]).unwrap();
+    lab.wait_until("relay1 to cut c2", Duration::from_secs(10), || {
+        mesh.relay_counters("relay1")
+            .is_ok_and(|c| c["cut_removed"].as_u64() >= Some(1))
+    })
+    .unwrap();
+    let cut = start.elapsed();
+    eprintln!("expired node cut from the relay after {cut:?}");
+    assert!(cut < Duration::from_secs(5), "{cut:?}");
+    // Its reconnections are refused: it never counts as a client again.
+    lab.wait_until("relay1 to refuse c2", Duration::from_secs(15), || {
+        mesh.relay_counters("relay1")
+            .is_ok_and(|c| c["refused"].as_u64() >= Some(1))
+    })
+    .unwrap();
+    assert_eq!(clients(&mesh), 1);
+    assert!(mesh.ping("c1", "c2", 2).unwrap().is_empty());
+}

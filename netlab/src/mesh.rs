@@ -139,6 +139,25 @@ impl<'l> Mesh<'l> {
             })
     }
 
+    /// `meshd coord ARGS --state DIR` on the coordinator's host: its output.
+    pub fn admin(&self, args: &[&str]) -> Result<String, LabError> {
+        let state = self.state(&self.spec.coordinator).display().to_string();
+        let mut argv = vec![self.meshd(), "coord"];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--state", &state]);
+        self.lab.exec(&self.spec.coordinator, &argv)?.ok()
+    }
+
+    /// `meshd relay status --json` of the relay on `host`.
+    pub fn relay_counters(&self, host: &str) -> Result<Value, LabError> {
+        let state = self.state(host).display().to_string();
+        let out = self
+            .lab
+            .exec(host, &[self.meshd(), "relay", "status", "--json", "--state", &state])?
+            .ok()?;
+        serde_json::from_str(&out).map_err(|e| err(format!("{host}: meshd relay status --json: {e}")))
+    }
+
     fn create_token(&self, extra: &[&str]) -> Result<String, LabError> {
         let state = self.state(&self.spec.coordinator).display().to_string();
         let mut argv = vec![
