@@ -119,6 +119,14 @@ impl Discovery {
         }
     }
 
+    /// Checks the public address again at once (unless a round is running):
+    /// a direct path that died may mean the NAT gave this node a new mapping.
+    pub fn probe_soon(&mut self, now: Instant) {
+        if self.round_ends.is_none() {
+            self.next_round = self.next_round.min(now);
+        }
+    }
+
     /// Every endpoint to report: the public address first (what remote
     /// peers need), then the local ones, at most [`MAX_ENDPOINTS`].
     pub fn endpoints(&self) -> Vec<SocketAddr> {
@@ -337,6 +345,26 @@ mod tests {
         );
         // Nothing more until the next round.
         assert_eq!(d.poll_timeout(), t0 + ROUND_INTERVAL);
+    }
+
+    #[test]
+    fn a_rebound_mapping_is_found_by_an_early_round() {
+        let t0 = Instant::now();
+        let mut d = Discovery::new(7, t0);
+        d.set_targets(vec![target()], t0);
+        d.handle_timeout(t0);
+        for (to, req) in sent(&mut d) {
+            assert!(answer(&mut d, to, &req, "203.0.113.4:60000", t0));
+        }
+        // The NAT rebinds; a lost direct path asks for a round now.
+        let t1 = t0 + Duration::from_secs(3);
+        d.probe_soon(t1);
+        assert_eq!(d.poll_timeout(), t1);
+        d.handle_timeout(t1);
+        for (to, req) in sent(&mut d) {
+            assert!(answer(&mut d, to, &req, "203.0.113.4:61000", t1));
+        }
+        assert_eq!(d.endpoints(), ["203.0.113.4:61000".parse().unwrap()]);
     }
 
     #[test]

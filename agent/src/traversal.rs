@@ -648,6 +648,9 @@ impl Task {
             }
             PathEvent::FellBack { peer, from, to, silent_for } => {
                 tracing::info!(%peer, %from, to = %to, silent_ms = silent_for.as_millis(), "direct path lost");
+                // Perhaps this node's NAT rebound: its public address is
+                // checked again, and peers told if it moved.
+                self.discovery.probe_soon(now);
             }
             PathEvent::PingReply { peer, id, via, rtt } => {
                 if let Some((_, reply)) = self.pings.remove(&id) {
