@@ -318,7 +318,10 @@ fn demo(file: &Path) -> Result<()> {
         relays.iter().map(|r| r.host.as_str()).collect::<Vec<_>>().join(", "),
         nodes.len()
     );
-    println!("\n{:<8} {:<8} {:<22} {:<12}", "node", "site", "nat", "firewall");
+    println!(
+        "\n{:<8} {:<8} {:<22} {:<12}",
+        "node", "site", "nat", "firewall"
+    );
     for (n, site) in &nodes {
         println!(
             "{n:<8} {:<8} {:<22} {:<12}",
@@ -339,9 +342,11 @@ fn demo(file: &Path) -> Result<()> {
             let kind = want.trim_end_matches("-tls");
             // Hard NATs may still find a direct path: that is fine too.
             let ok = |p: &PeerPath| p.kind == kind || (want == "relay" && p.kind == "direct");
-            let _ = lab.wait_until(&format!("{a} → {b} {want}"), Duration::from_secs(15), || {
-                mesh.path(a, b).is_ok_and(|p| ok(&p))
-            });
+            let _ = lab.wait_until(
+                &format!("{a} → {b} {want}"),
+                Duration::from_secs(15),
+                || mesh.path(a, b).is_ok_and(|p| ok(&p)),
+            );
             let rtts = mesh.ping(a, b, 5)?;
             let path = mesh.path(a, b)?;
             let rtt = tools::median(&rtts);
@@ -368,14 +373,19 @@ fn demo(file: &Path) -> Result<()> {
     for (a, _) in &nodes {
         print!("{a:<8}");
         for (b, _) in &nodes {
-            let cell = cells.get(&(a.clone(), b.clone())).map_or("-", String::as_str);
+            let cell = cells
+                .get(&(a.clone(), b.clone()))
+                .map_or("-", String::as_str);
             print!(" {cell:>11}");
         }
         println!();
     }
     drop(mesh);
     lab.down()?;
-    println!("\nlab removed after {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "\nlab removed after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     if !wrong.is_empty() {
         bail!(
             "{} pair(s) did not behave as expected:\n  {}",

@@ -12,10 +12,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use meshd_agent::relay_member::{self, MemberConfig, Membership};
-use x25519_dalek::PublicKey;
 use meshd_proto::token::JoinToken;
 use meshd_proto::RelayInfo;
 use meshd_relay::{Members, MeshPeer, RelayConfig, RelayServer, Role};
+use x25519_dalek::PublicKey;
 
 /// Where `meshd relay status` finds the counters: rewritten every
 /// [`COUNTERS_INTERVAL`] by the running relay.
@@ -85,13 +85,18 @@ pub fn run(args: RelayArgs) -> Result<()> {
 fn status(state: &Path, json: bool) -> Result<()> {
     let path = state.join(COUNTERS_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
-        format!("no counters at {} (is meshd relay running with --state {}?)", path.display(), state.display())
+        format!(
+            "no counters at {} (is meshd relay running with --state {}?)",
+            path.display(),
+            state.display()
+        )
     })?;
     if json {
         print!("{text}");
         return Ok(());
     }
-    let v: serde_json::Value = serde_json::from_str(&text).context("reading the relay's counters")?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).context("reading the relay's counters")?;
     print_tree("", &v);
     Ok(())
 }
@@ -100,7 +105,11 @@ fn print_tree(prefix: &str, v: &serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, v) in m {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 print_tree(&key, v);
             }
         }
@@ -110,7 +119,10 @@ fn print_tree(prefix: &str, v: &serde_json::Value) {
 
 fn serve(args: RunArgs) -> Result<()> {
     if !meshd_coord::coordinator::valid_name(&args.region) {
-        bail!("invalid --region {:?}: use a DNS label (lowercase letters, digits, hyphens)", args.region);
+        bail!(
+            "invalid --region {:?}: use a DNS label (lowercase letters, digits, hyphens)",
+            args.region
+        );
     }
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => Some(t.clone()),

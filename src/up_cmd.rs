@@ -14,8 +14,8 @@ use meshd_agent::control::ipc::NodeStatus;
 use meshd_agent::control::state_dir::{FirstJoin, StateDir, DEFAULT_STATE_DIR};
 use meshd_agent::node_runtime::{self, UpOptions};
 use meshd_dataplane::standalone;
-use meshd_relay::client::TransportChoice;
 use meshd_proto::token::JoinToken;
+use meshd_relay::client::TransportChoice;
 use zeroize::Zeroizing;
 
 use crate::daemon::{self, Started};
@@ -374,7 +374,9 @@ pub fn ping(args: PingArgs) -> Result<()> {
                     println!("{v}");
                 } else {
                     let changed = match &last_via {
-                        Some(prev) if *prev != via => format!(" (path changed {:.1} s ago, was {prev})", age.as_secs_f64()),
+                        Some(prev) if *prev != via => {
+                            format!(" (path changed {:.1} s ago, was {prev})", age.as_secs_f64())
+                        }
                         _ => String::new(),
                     };
                     println!("pong from {} via {via} in {ms:.2} ms{changed}", args.peer);
@@ -383,7 +385,10 @@ pub fn ping(args: PingArgs) -> Result<()> {
             }
             Err(node_runtime::NodeError::Daemon(e)) if e == "no answer" => {
                 if args.json {
-                    println!("{}", serde_json::json!({"peer": args.peer, "seq": i, "timeout": true}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"peer": args.peer, "seq": i, "timeout": true})
+                    );
                 } else {
                     println!("no answer from {}", args.peer);
                 }
@@ -412,8 +417,10 @@ pub fn netcheck(args: StatusArgs) -> Result<()> {
     let udp = get("udp").as_deref() == Some("true");
     let varies = get("mapping_varies").map(|v| v == "true");
     if args.json {
-        let latency: serde_json::Map<String, serde_json::Value> =
-            relays.iter().map(|(r, ms)| (r.clone(), (*ms).into())).collect();
+        let latency: serde_json::Map<String, serde_json::Value> = relays
+            .iter()
+            .map(|(r, ms)| (r.clone(), (*ms).into()))
+            .collect();
         let v = serde_json::json!({
             "udp": udp,
             "public_address": get("public"),
@@ -426,7 +433,14 @@ pub fn netcheck(args: StatusArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("UDP: {}", if udp { "works" } else { "blocked (relays over TLS/TCP only)" });
+    println!(
+        "UDP: {}",
+        if udp {
+            "works"
+        } else {
+            "blocked (relays over TLS/TCP only)"
+        }
+    );
     if let Some(p) = get("public") {
         println!("public address: {p}");
     }
@@ -442,7 +456,10 @@ pub fn netcheck(args: StatusArgs) -> Result<()> {
         println!("preferred relay: {p}");
     }
     if let Some(h) = get("home") {
-        println!("home relay: {h} over {}", get("home_transport").unwrap_or_default());
+        println!(
+            "home relay: {h} over {}",
+            get("home_transport").unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -74,9 +74,11 @@ fn every_pair_takes_the_path_its_nats_allow() {
             let kind = want.trim_end_matches("-tls");
             // Hard NAT traversal may find a direct path where the relay is expected.
             let ok = |k: &str| k == kind || (want == "relay" && k == "direct" && sa.nat != sb.nat);
-            lab.wait_until(&format!("{a} → {b}: {want}"), Duration::from_secs(30), || {
-                mesh.path(a, b).is_ok_and(|p| ok(&p.kind))
-            })
+            lab.wait_until(
+                &format!("{a} → {b}: {want}"),
+                Duration::from_secs(30),
+                || mesh.path(a, b).is_ok_and(|p| ok(&p.kind)),
+            )
             .unwrap_or_else(|e| panic!("{e}: {:?}", mesh.path(a, b)));
             let rtts = mesh.ping(a, b, 3).unwrap();
             assert_eq!(rtts.len(), 3, "{a} → {b} lost pings over {want}");
@@ -98,14 +100,24 @@ fn every_pair_takes_the_path_its_nats_allow() {
     assert_eq!(n["home_relay"], "relay1", "{n}");
     let n = netcheck(&mesh, "eim1");
     assert_eq!(n["mapping_varies_by_destination"], false, "{n}");
-    assert!(n["public_address"].as_str().unwrap().starts_with(&lab.addr("home1").unwrap().to_string()), "{n}");
+    assert!(
+        n["public_address"]
+            .as_str()
+            .unwrap()
+            .starts_with(&lab.addr("home1").unwrap().to_string()),
+        "{n}"
+    );
 }
 
 /// A ping every 100 ms from `from` to `to`'s mesh address, in the background.
 fn pinger(mesh: &Mesh<'_>, from: &str, to: &str, label: &str) -> Proc {
     let target = mesh.mesh_ip(to).unwrap().to_string();
     mesh.lab()
-        .spawn(from, label, &["ping", "-n", "-i", "0.1", "-W", "1", &target])
+        .spawn(
+            from,
+            label,
+            &["ping", "-n", "-i", "0.1", "-W", "1", &target],
+        )
         .unwrap()
 }
 
@@ -117,7 +129,10 @@ fn stop_pinger(mut p: Proc) -> (u32, u32) {
     );
     let _ = p.wait_timeout(Duration::from_secs(5));
     let log = p.log();
-    let line = log.lines().find(|l| l.contains("packets transmitted")).unwrap_or("");
+    let line = log
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("");
     let num = |word: &str| -> u32 {
         line.split(", ")
             .find(|part| part.contains(word))
@@ -167,7 +182,10 @@ fn paths_survive_relays_dying_a_broken_direct_path_and_the_coordinator_leaving()
     let (sent, received) = stop_pinger(p);
     let lost = sent - received;
     // At 10 pings a second: the gap in traffic, in tenths of a second.
-    assert!(lost <= 30, "{lost} of {sent} pings lost when the direct path broke");
+    assert!(
+        lost <= 30,
+        "{lost} of {sent} pings lost when the direct path broke"
+    );
     eprintln!("direct path broken: relayed after {fell_back:?}, {lost} of {sent} pings lost");
     lab.unblock_udp("left").unwrap();
     let back = mesh.wait_path("l1", "r1", "direct", secs(40)).unwrap();
@@ -198,8 +216,14 @@ fn paths_survive_relays_dying_a_broken_direct_path_and_the_coordinator_leaving()
     time_until_reachable(&mesh, "c1", "c2", secs(15));
     let moved = start.elapsed();
     let (sent, received) = stop_pinger(p);
-    eprintln!("relay1 killed: c1 → c2 through relay2 after {moved:?}, {} of {sent} pings lost", sent - received);
-    assert!(moved < secs(10), "relayed pair took {moved:?} to move to relay2");
+    eprintln!(
+        "relay1 killed: c1 → c2 through relay2 after {moved:?}, {} of {sent} pings lost",
+        sent - received
+    );
+    assert!(
+        moved < secs(10),
+        "relayed pair took {moved:?} to move to relay2"
+    );
     assert_eq!(mesh.path("c1", "c2").unwrap().via, "relay2");
 
     // The last relay dies while l1 and r1 talk directly: nothing is lost.
@@ -210,7 +234,11 @@ fn paths_survive_relays_dying_a_broken_direct_path_and_the_coordinator_leaving()
     std::thread::sleep(secs(3));
     let (sent, received) = stop_pinger(p);
     assert!(sent >= 30, "{sent}");
-    assert!(sent - received <= 1, "{} of {sent} lost on a direct path when the relay died", sent - received);
+    assert!(
+        sent - received <= 1,
+        "{} of {sent} lost on a direct path when the relay died",
+        sent - received
+    );
     assert_eq!(mesh.path("l1", "r1").unwrap().kind, "direct");
 }
 
@@ -224,23 +252,30 @@ fn a_node_that_leaves_the_mesh_is_cut_from_its_relay() {
         .site(Site::new("cgn2", ["c2"]).nat(Nat::Symmetric));
     let lab = Lab::up(&topo).unwrap();
     let mesh = Mesh::up(&lab, spec(&topo)).unwrap();
-    mesh.wait_path("c1", "c2", "relay", Duration::from_secs(20)).unwrap();
+    mesh.wait_path("c1", "c2", "relay", Duration::from_secs(20))
+        .unwrap();
     assert_eq!(mesh.ping("c1", "c2", 3).unwrap().len(), 3);
     let clients = |m: &Mesh<'_>| {
         let c = m.relay_counters("relay1").unwrap();
         c["clients_quic"].as_u64().unwrap() + c["clients_tls"].as_u64().unwrap()
     };
-    lab.wait_until("both nodes on relay1", Duration::from_secs(10), || clients(&mesh) == 2)
-        .unwrap();
+    lab.wait_until("both nodes on relay1", Duration::from_secs(10), || {
+        clients(&mesh) == 2
+    })
+    .unwrap();
     // Expired by the operator (with its token revoked, so that it cannot
     // register again): the relay hears it from the coordinator and cuts the
     // node's connection within seconds; nothing reaches it any more.
     let tokens: serde_json::Value =
         serde_json::from_str(&mesh.admin(&["tokens", "list", "--json"]).unwrap()).unwrap();
     for t in tokens["tokens"].as_array().unwrap() {
-        mesh.admin(&["tokens", "revoke", t["id"].as_str().unwrap()]).unwrap();
+        mesh.admin(&["tokens", "revoke", t["id"].as_str().unwrap()])
+            .unwrap();
     }
-    let id = mesh.status("c2").unwrap()["node_id"].as_u64().unwrap().to_string();
+    let id = mesh.status("c2").unwrap()["node_id"]
+        .as_u64()
+        .unwrap()
+        .to_string();
     let start = Instant::now();
     mesh.admin(&["nodes", "expire", &id]).unwrap();
     lab.wait_until("relay1 to cut c2", Duration::from_secs(10), || {

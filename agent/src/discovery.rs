@@ -185,11 +185,7 @@ impl Discovery {
     }
 
     pub fn poll_timeout(&self) -> Instant {
-        let retry = self
-            .probes
-            .values()
-            .map(|p| p.sent + PROBE_TIMEOUT)
-            .min();
+        let retry = self.probes.values().map(|p| p.sent + PROBE_TIMEOUT).min();
         match retry {
             Some(r) => r.min(self.next_round),
             None => self.next_round,
@@ -291,7 +287,9 @@ impl Discovery {
             mapping_varies: varies,
             latency,
         };
-        if report.public != self.report.public || report.mapping_varies != self.report.mapping_varies {
+        if report.public != self.report.public
+            || report.mapping_varies != self.report.mapping_varies
+        {
             tracing::info!(public = ?report.public, mapping_varies = ?report.mapping_varies, udp = report.udp, "public address checked");
         }
         self.report = report;
@@ -341,7 +339,10 @@ mod tests {
         assert!((r.latency[0].1 - 20.0).abs() < 0.01);
         assert_eq!(
             d.endpoints(),
-            ["203.0.113.4:60000".parse().unwrap(), "192.168.1.5:41641".parse().unwrap()]
+            [
+                "203.0.113.4:60000".parse().unwrap(),
+                "192.168.1.5:41641".parse().unwrap()
+            ]
         );
         // Nothing more until the next round.
         assert_eq!(d.poll_timeout(), t0 + ROUND_INTERVAL);
@@ -375,8 +376,20 @@ mod tests {
         d.set_targets(vec![target()], t0);
         d.handle_timeout(t0);
         let reqs = sent(&mut d);
-        assert!(answer(&mut d, reqs[0].0, &reqs[0].1, "203.0.113.4:1111", t0));
-        assert!(answer(&mut d, reqs[1].0, &reqs[1].1, "203.0.113.4:2222", t0));
+        assert!(answer(
+            &mut d,
+            reqs[0].0,
+            &reqs[0].1,
+            "203.0.113.4:1111",
+            t0
+        ));
+        assert!(answer(
+            &mut d,
+            reqs[1].0,
+            &reqs[1].1,
+            "203.0.113.4:2222",
+            t0
+        ));
         assert_eq!(d.report().mapping_varies, Some(true));
         assert_eq!(d.endpoints(), ["10.0.0.5:41641".parse().unwrap()]);
     }
@@ -400,7 +413,11 @@ mod tests {
         assert!(d.poll_timeout() > now);
         // Answers that match nothing, or come from elsewhere, are ignored.
         let mut junk = Vec::new();
-        stun::write_binding_response(TransactionId([9; 12]), "1.2.3.4:5".parse().unwrap(), &mut junk);
+        stun::write_binding_response(
+            TransactionId([9; 12]),
+            "1.2.3.4:5".parse().unwrap(),
+            &mut junk,
+        );
         assert!(!d.handle_stun(target().addr, &junk, now));
         assert!(!d.handle_stun(target().addr, b"short", now));
     }

@@ -1042,15 +1042,16 @@ impl<'r> Runtime<'r> {
                 let key = p.node_key;
                 // Answered from a task: the control loop does not wait.
                 tokio::spawn(async move {
-                    let answer = match tokio::time::timeout(traversal::PING_TIMEOUT, t.ping(key)).await {
-                        Ok(Ok(r)) => Reply::Ok(vec![
-                            ("via".into(), r.via),
-                            ("rtt_us".into(), r.rtt.as_micros().to_string()),
-                            ("path_age_ms".into(), r.path_age.as_millis().to_string()),
-                        ]),
-                        Ok(Err(e)) => Reply::Error(e),
-                        Err(_) => Reply::Error("no answer".into()),
-                    };
+                    let answer =
+                        match tokio::time::timeout(traversal::PING_TIMEOUT, t.ping(key)).await {
+                            Ok(Ok(r)) => Reply::Ok(vec![
+                                ("via".into(), r.via),
+                                ("rtt_us".into(), r.rtt.as_micros().to_string()),
+                                ("path_age_ms".into(), r.path_age.as_millis().to_string()),
+                            ]),
+                            Ok(Err(e)) => Reply::Error(e),
+                            Err(_) => Reply::Error("no answer".into()),
+                        };
                     let _ = reply.send(answer);
                 });
             }

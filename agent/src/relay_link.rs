@@ -83,7 +83,10 @@ pub async fn connect(
     let liveness = tokio::spawn(async move {
         loop {
             tokio::time::sleep(LIVENESS_INTERVAL).await;
-            if tokio::time::timeout(LIVENESS_TIMEOUT, pinger.ping()).await.is_err() {
+            if tokio::time::timeout(LIVENESS_TIMEOUT, pinger.ping())
+                .await
+                .is_err()
+            {
                 let _ = dead.send(());
                 return;
             }
@@ -109,7 +112,10 @@ pub async fn connect(
                         }
                     } else {
                         let peer = PublicKey::from_bytes(src.to_bytes());
-                        if engine.relayed(dp::RelayId(id.0), peer, datagram.to_vec()).is_err() {
+                        if engine
+                            .relayed(dp::RelayId(id.0), peer, datagram.to_vec())
+                            .is_err()
+                        {
                             break;
                         }
                     }

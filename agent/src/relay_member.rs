@@ -34,7 +34,9 @@ pub struct Membership {
 pub enum MemberError {
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("this relay has not joined a mesh yet: give it a join token tagged tag:relay (--token)")]
+    #[error(
+        "this relay has not joined a mesh yet: give it a join token tagged tag:relay (--token)"
+    )]
     NoToken,
     #[error("the coordinator refused this relay: {message} ({code:?})")]
     Refused { code: ErrorCode, message: String },
@@ -68,7 +70,11 @@ pub async fn run(
     let state = StateDir::open(config.state)?;
     let mut file = match (state.load_node()?, &config.token) {
         (Some(f), None) => f,
-        (Some(f), Some(t)) if f.node.is_some() && f.coordinator == CoordinatorFile::from_token(t) => f,
+        (Some(f), Some(t))
+            if f.node.is_some() && f.coordinator == CoordinatorFile::from_token(t) =>
+        {
+            f
+        }
         (_, Some(t)) => {
             let f = NodeFile {
                 listen_port: None,
@@ -80,10 +86,13 @@ pub async fn run(
         }
         (None, None) => return Err(MemberError::NoToken),
     };
-    let pin = file.coordinator.pin_bytes().ok_or_else(|| StateError::Parse {
-        path: config.state.join("node.toml"),
-        message: "the coordinator's pin is not 64 hex digits".into(),
-    })?;
+    let pin = file
+        .coordinator
+        .pin_bytes()
+        .ok_or_else(|| StateError::Parse {
+            path: config.state.join("node.toml"),
+            message: "the coordinator's pin is not 64 hex digits".into(),
+        })?;
     let mut backoff = BACKOFF_MIN;
     let mut last = Membership::default();
     let mut address = 0usize;
@@ -105,8 +114,8 @@ pub async fn run(
             // Only an error ends a session.
             type Never = std::convert::Infallible;
             let mut conn = ClientConn::connect_any(&addr, pin, &ConnectOptions::default()).await?;
-            let mut client = Client::new(config.key.clone(), join, conn.binding())
-                .as_relay(config.info.clone());
+            let mut client =
+                Client::new(config.key.clone(), join, conn.binding()).as_relay(config.info.clone());
             loop {
                 while let Some(m) = client.poll_transmit() {
                     conn.send(&m).await?;

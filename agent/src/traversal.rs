@@ -16,9 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meshd_dataplane::engine::{
-    self as dp, EngineHandle, OtherOutlet, RelayOutlet,
-};
+use meshd_dataplane::engine::{self as dp, EngineHandle, OtherOutlet, RelayOutlet};
 use meshd_dataplane::keys::{PrivateKey, PublicKey};
 use meshd_proto::{disco, stun, NodeKey, RelayEntry};
 use rand::RngCore;
@@ -153,7 +151,10 @@ impl Pending {
             options,
             key: key.clone(),
             pm: PathManager::new(PathConfig::default(), key.to_static_secret(), seed),
-            discovery: Discovery::new(u64::from_le_bytes(seed[..8].try_into().unwrap_or([1; 8])), now),
+            discovery: Discovery::new(
+                u64::from_le_bytes(seed[..8].try_into().unwrap_or([1; 8])),
+                now,
+            ),
             engine,
             events,
             link: self.link,
@@ -206,8 +207,7 @@ impl Traversal {
         self.cmds
             .send(Cmd::Ping(peer, tx))
             .map_err(|_| "NAT traversal is not running".to_owned())?;
-        rx.await
-            .map_err(|_| "NAT traversal stopped".to_owned())?
+        rx.await.map_err(|_| "NAT traversal stopped".to_owned())?
     }
 }
 
@@ -331,7 +331,9 @@ impl Task {
                         tracing::warn!(peer = %key, error = %e, "peer not managed by NAT traversal");
                         continue;
                     }
-                    self.counters.entry(PublicKey::from_bytes(key.0)).or_default();
+                    self.counters
+                        .entry(PublicKey::from_bytes(key.0))
+                        .or_default();
                 }
             }
             Cmd::Relays(relays) => {
@@ -343,7 +345,12 @@ impl Task {
                     .relays
                     .iter()
                     .filter_map(|r| {
-                        let addr = r.info.addrs.iter().find(|a| a.is_ipv4()).or(r.info.addrs.first())?;
+                        let addr = r
+                            .info
+                            .addrs
+                            .iter()
+                            .find(|a| a.is_ipv4())
+                            .or(r.info.addrs.first())?;
                         Some(StunTarget {
                             region: r.info.region.clone(),
                             addr: SocketAddr::new(addr.ip(), r.info.stun_port),
@@ -440,9 +447,10 @@ impl Task {
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let start = Instant::now();
-            let ok = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
-                .await
-                .is_ok_and(|r| r.is_ok());
+            let ok =
+                tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
             let _ = tx.send((id, ok.then(|| start.elapsed())));
         });
     }
@@ -510,7 +518,8 @@ impl Task {
                 let now_counts = (p.rx_bytes, p.tx_bytes);
                 if now_counts != *last {
                     *last = now_counts;
-                    self.pm.note_activity(&NodeKey(*p.public_key.as_bytes()), now);
+                    self.pm
+                        .note_activity(&NodeKey(*p.public_key.as_bytes()), now);
                 }
             }
         }
@@ -547,13 +556,13 @@ impl Task {
                 self.set_link(Some((id, link)));
                 self.home = Some(id);
                 let now = Instant::now();
-                let keys: Vec<NodeKey> = self.counters.keys().map(|k| NodeKey(*k.as_bytes())).collect();
+                let keys: Vec<NodeKey> = self
+                    .counters
+                    .keys()
+                    .map(|k| NodeKey(*k.as_bytes()))
+                    .collect();
                 for k in keys {
-                    let candidates = self
-                        .pm
-                        .status(&k)
-                        .map(|s| s.candidates)
-                        .unwrap_or_default();
+                    let candidates = self.pm.status(&k).map(|s| s.candidates).unwrap_or_default();
                     let _ = self.pm.upsert_peer(k, &candidates, Some(id), now);
                 }
             }
@@ -640,13 +649,28 @@ impl Task {
     fn on_event(&mut self, e: PathEvent) {
         let now = Instant::now();
         match e {
-            PathEvent::Upgraded { peer, addr, after, rtt } => {
+            PathEvent::Upgraded {
+                peer,
+                addr,
+                after,
+                rtt,
+            } => {
                 tracing::info!(%peer, %addr, after_ms = after.as_millis(), rtt_ms = rtt.as_secs_f64() * 1000.0, "path upgraded to direct");
             }
-            PathEvent::Switched { peer, from, to, rtt } => {
+            PathEvent::Switched {
+                peer,
+                from,
+                to,
+                rtt,
+            } => {
                 tracing::info!(%peer, %from, %to, rtt_ms = rtt.as_secs_f64() * 1000.0, "direct path switched");
             }
-            PathEvent::FellBack { peer, from, to, silent_for } => {
+            PathEvent::FellBack {
+                peer,
+                from,
+                to,
+                silent_for,
+            } => {
                 tracing::info!(%peer, %from, to = %to, silent_ms = silent_for.as_millis(), "direct path lost");
                 // Perhaps this node's NAT rebound: its public address is
                 // checked again, and peers told if it moved.

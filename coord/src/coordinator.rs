@@ -836,7 +836,10 @@ impl Coordinator {
             }
             check_relay(relay)?;
         }
-        if expired.as_ref().is_some_and(|o| o.relay.is_some() != r.relay.is_some()) {
+        if expired
+            .as_ref()
+            .is_some_and(|o| o.relay.is_some() != r.relay.is_some())
+        {
             return Err(Reject::new(
                 ErrorCode::KeyInUse,
                 "this key belonged to a relay and a node cannot reuse it (or the reverse)",
@@ -921,10 +924,17 @@ impl Coordinator {
                 ));
             }
             if node.relay.is_some() != l.relay.is_some() {
-                let what = if node.relay.is_some() { "a relay" } else { "a node" };
+                let what = if node.relay.is_some() {
+                    "a relay"
+                } else {
+                    "a node"
+                };
                 return Err(Reject::new(
                     ErrorCode::UnexpectedMessage,
-                    format!("node {} ({}) registered as {what} and must log in as one", node.id, node.name),
+                    format!(
+                        "node {} ({}) registered as {what} and must log in as one",
+                        node.id, node.name
+                    ),
                 )
                 .into());
             }

@@ -30,7 +30,13 @@ fn first_node_joins_and_gets_addresses_an_empty_map_a_policy_and_the_relays() {
     let names: Vec<&str> = got.iter().map(Message::name).collect();
     assert_eq!(
         names,
-        ["Challenge", "RegisterOk", "PeerMap", "PolicyChanged", "RelayMap"]
+        [
+            "Challenge",
+            "RegisterOk",
+            "PeerMap",
+            "PolicyChanged",
+            "RelayMap"
+        ]
     );
     let info = h.info(a);
     assert_eq!(info.name, "edge-1");

@@ -716,7 +716,9 @@ fn with_roaming_off_only_the_owner_moves_a_peer() {
     assert!(!events(&mut sim.b)
         .iter()
         .any(|e| matches!(e, Event::EndpointChanged { endpoint, .. } if *endpoint != Endpoint::Udp(old_a))));
-    assert!(sim.b.set_endpoint(&key_a, Endpoint::Udp(sim.addr_a), sim.now));
+    assert!(sim
+        .b
+        .set_endpoint(&key_a, Endpoint::Udp(sim.addr_a), sim.now));
     let q = sim.b_sends(b"reply");
     sim.deliver();
     assert_eq!(sim.sa.take_packets(), vec![q]);
@@ -727,16 +729,22 @@ fn datagrams_that_are_not_wireguard_go_to_the_sink_untouched() {
     let mut sim = Sim::new(None);
     let from: SocketAddr = "203.0.113.9:3478".parse().unwrap();
     // A STUN binding response and a discovery packet share the socket.
-    let stun = [0x01, 0x01, 0, 0, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+    let stun = [
+        0x01, 0x01, 0, 0, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+    ];
     let disco = [0xff, b'm', b'e', b's', b'h', 1, 2, 3];
     for d in [&stun[..], &disco[..], &[][..], &[4, 0, 0][..]] {
         sim.a.handle_datagram(from, d, &mut sim.sa, sim.now);
     }
     let got: Vec<Vec<u8>> = sim.sa.other.iter().map(|(_, d)| d.clone()).collect();
-    assert_eq!(got, vec![stun.to_vec(), disco.to_vec(), vec![], vec![4, 0, 0]]);
+    assert_eq!(
+        got,
+        vec![stun.to_vec(), disco.to_vec(), vec![], vec![4, 0, 0]]
+    );
     assert_eq!(sim.a.counters().other_datagrams, 4);
     assert_eq!(sim.a.counters().bad_datagram, 0);
     // A WireGuard-shaped datagram that does not verify is still WireGuard's.
-    sim.a.handle_datagram(from, &[1, 0, 0, 0, 9, 9], &mut sim.sa, sim.now);
+    sim.a
+        .handle_datagram(from, &[1, 0, 0, 0, 9, 9], &mut sim.sa, sim.now);
     assert_eq!(sim.sa.other.len(), 4);
 }

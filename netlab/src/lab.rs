@@ -401,7 +401,12 @@ impl Lab {
              ip daddr {peer} meta l4proto udp drop\n    ip saddr {peer} meta l4proto udp drop\n  }}\n}}\n"
         );
         let ns = self.ns(site)?.to_owned();
-        sys::run("ip", &["netns", "exec", &ns, "nft", "-f", "-"], Some(&rules)).map(|_| ())
+        sys::run(
+            "ip",
+            &["netns", "exec", &ns, "nft", "-f", "-"],
+            Some(&rules),
+        )
+        .map(|_| ())
     }
 
     /// Lifts every [`Lab::block_udp`] of `site`.

@@ -8,8 +8,8 @@
 //! lab left behind. See docs/netlab.md for the address plan and the rules.
 pub mod bench;
 pub mod bench_dataplane;
-pub mod mesh;
 mod lab;
+pub mod mesh;
 mod nfqueue;
 pub mod peers;
 pub mod registry;

@@ -129,7 +129,14 @@ impl<'l> Mesh<'l> {
         let log = format!("RUST_LOG={}", self.spec.log);
         let state_s = state.display().to_string();
         let argv = [
-            "env", &log, self.meshd(), "coord", "--listen", &addr, "--state", &state_s,
+            "env",
+            &log,
+            self.meshd(),
+            "coord",
+            "--listen",
+            &addr,
+            "--state",
+            &state_s,
         ];
         let proc = self.lab.spawn(&host, "coord", &argv)?;
         self.coordinator = Some(proc);
@@ -153,9 +160,13 @@ impl<'l> Mesh<'l> {
         let state = self.state(host).display().to_string();
         let out = self
             .lab
-            .exec(host, &[self.meshd(), "relay", "status", "--json", "--state", &state])?
+            .exec(
+                host,
+                &[self.meshd(), "relay", "status", "--json", "--state", &state],
+            )?
             .ok()?;
-        serde_json::from_str(&out).map_err(|e| err(format!("{host}: meshd relay status --json: {e}")))
+        serde_json::from_str(&out)
+            .map_err(|e| err(format!("{host}: meshd relay status --json: {e}")))
     }
 
     fn create_token(&self, extra: &[&str]) -> Result<String, LabError> {
@@ -181,10 +192,22 @@ impl<'l> Mesh<'l> {
         let listen = format!("{public}:443");
         let log = format!("RUST_LOG={}", self.spec.log);
         let argv = [
-            "env", &log, self.meshd(), "relay", "--token", &self.relay_token, "--region",
-            &r.region, "--listen", &listen, "--state", &state,
+            "env",
+            &log,
+            self.meshd(),
+            "relay",
+            "--token",
+            &self.relay_token,
+            "--region",
+            &r.region,
+            "--listen",
+            &listen,
+            "--state",
+            &state,
         ];
-        let proc = self.lab.spawn(&r.host, &format!("relay-{}", r.region), &argv)?;
+        let proc = self
+            .lab
+            .spawn(&r.host, &format!("relay-{}", r.region), &argv)?;
         self.relays.insert(r.host.clone(), proc);
         Ok(())
     }
@@ -203,8 +226,17 @@ impl<'l> Mesh<'l> {
         let state = self.state(name).display().to_string();
         let log = format!("RUST_LOG={}", self.spec.log);
         let argv = [
-            "env", &log, self.meshd(), "up", "--foreground", "--name", name, "--state", &state,
-            "--token", &self.node_token,
+            "env",
+            &log,
+            self.meshd(),
+            "up",
+            "--foreground",
+            "--name",
+            name,
+            "--state",
+            &state,
+            "--token",
+            &self.node_token,
         ];
         let proc = self.lab.spawn(name, "up", &argv)?;
         self.nodes.insert(name.to_owned(), proc);
@@ -246,7 +278,13 @@ impl<'l> Mesh<'l> {
     }
 
     /// Waits until `from` reaches `to` by a path of `kind`.
-    pub fn wait_path(&self, from: &str, to: &str, kind: &str, timeout: Duration) -> Result<Duration, LabError> {
+    pub fn wait_path(
+        &self,
+        from: &str,
+        to: &str,
+        kind: &str,
+        timeout: Duration,
+    ) -> Result<Duration, LabError> {
         let start = Instant::now();
         self.lab.wait_until(
             &format!("{from} to reach {to} by a {kind} path"),

@@ -19,7 +19,9 @@ pub enum Request {
     RotateKey,
     Stop,
     /// One discovery ping to the peer of this name (or mesh address).
-    Ping { peer: String },
+    Ping {
+        peer: String,
+    },
     Netcheck,
 }
 

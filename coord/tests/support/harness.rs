@@ -129,12 +129,7 @@ impl Harness {
     }
 
     /// Connects a relay of `region` (a Register with `token`, else a Login).
-    pub fn connect_relay(
-        &mut self,
-        n: u8,
-        region: &str,
-        token: Option<&TokenSecret>,
-    ) -> SessionId {
+    pub fn connect_relay(&mut self, n: u8, region: &str, token: Option<&TokenSecret>) -> SessionId {
         let join = match token {
             Some(t) => Join::Register {
                 token_secret: t.clone(),

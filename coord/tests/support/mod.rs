@@ -31,7 +31,10 @@ pub fn node(i: u8) -> NodeRecord {
         // Every third one a relay, so the stores' round trips cover it.
         relay: i.is_multiple_of(3).then(|| meshd_proto::RelayInfo {
             region: "eu-west".into(),
-            addrs: vec!["198.18.2.2:443".parse().unwrap(), "[2001:db8::2]:443".parse().unwrap()],
+            addrs: vec![
+                "198.18.2.2:443".parse().unwrap(),
+                "[2001:db8::2]:443".parse().unwrap(),
+            ],
             stun_port: 3478,
             cert_pin: [i; 32],
         }),
