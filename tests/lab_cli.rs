@@ -215,3 +215,21 @@ fn without_root_the_lab_refuses_at_once_and_says_why() {
         "must fail at once"
     );
 }
+
+/// The README's main job: the demo federation with a whole mesh on it.
+#[test]
+fn the_demo_runs_a_mesh_and_every_pair_takes_its_expected_path() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/federation.toml");
+    let out = meshd(&["lab", "demo", file]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("every pair reached each other by the expected path"), "{stdout}");
+    // The matrix: one row per node, relayed cells for the UDP-blocked corp1.
+    let row = stdout.lines().find(|l| l.starts_with("corp1 ")).unwrap_or("");
+    assert_eq!(row.matches(" r ").count(), 4, "{stdout}");
+    assert!(stdout.contains("lab removed"), "{stdout}");
+}
