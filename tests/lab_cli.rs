@@ -227,9 +227,15 @@ fn the_demo_runs_a_mesh_and_every_pair_takes_its_expected_path() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("every pair reached each other by the expected path"), "{stdout}");
+    assert!(
+        stdout.contains("every pair reached each other by the expected path"),
+        "{stdout}"
+    );
     // The matrix: one row per node, relayed cells for the UDP-blocked corp1.
-    let row = stdout.lines().find(|l| l.starts_with("corp1 ")).unwrap_or("");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("corp1 "))
+        .unwrap_or("");
     assert_eq!(row.matches(" r ").count(), 4, "{stdout}");
     assert!(stdout.contains("lab removed"), "{stdout}");
 }

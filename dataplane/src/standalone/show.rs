@@ -34,7 +34,8 @@ pub fn format(name: &str, status: &Status, now: SystemTime) -> String {
         "  dropped: {} invalid datagrams, {} from unknown peers, {} spoofed sources, \
          {} without route, {} without endpoint, {} bad inner packets, {} send failures, \
          {} receive errors, {} TUN errors",
-        n.bad_datagram,
+        // Without NAT traversal, a datagram that is not WireGuard is invalid.
+        n.bad_datagram + c.other_dropped,
         n.unknown_peer,
         n.spoofed,
         n.no_route,

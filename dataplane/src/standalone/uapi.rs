@@ -354,7 +354,7 @@ fn push_hex(out: &mut String, key: &str, bytes: &[u8; 32]) {
 }
 
 /// The counters as `meshd_…` keys, in order.
-fn counter_fields(c: &EngineCounters) -> [(&'static str, u64); 14] {
+fn counter_fields(c: &EngineCounters) -> [(&'static str, u64); 15] {
     let n = &c.node;
     [
         ("meshd_tx_packets", n.tx_packets),
@@ -371,6 +371,7 @@ fn counter_fields(c: &EngineCounters) -> [(&'static str, u64); 14] {
         ("meshd_tun_read_errors", c.tun_read_errors),
         ("meshd_udp_recv_errors", c.udp_recv_errors),
         ("meshd_relay_send_dropped", c.relay_send_dropped),
+        ("meshd_other_dropped", c.other_dropped),
     ]
 }
 
@@ -391,6 +392,7 @@ fn counter_mut<'a>(c: &'a mut EngineCounters, key: &str) -> Option<&'a mut u64> 
         "meshd_tun_read_errors" => &mut c.tun_read_errors,
         "meshd_udp_recv_errors" => &mut c.udp_recv_errors,
         "meshd_relay_send_dropped" => &mut c.relay_send_dropped,
+        "meshd_other_dropped" => &mut c.other_dropped,
         _ => return None,
     })
 }
