@@ -234,7 +234,7 @@ fn the_demo_runs_a_mesh_and_every_pair_takes_its_expected_path() {
     // The matrix: one row per node, relayed cells for the UDP-blocked corp1.
     let row = stdout
         .lines()
-        .find(|l| l.starts_with("corp1 "))
+        .find(|l| l.starts_with("corp1 ") && l.contains(" ms"))
         .unwrap_or("");
     assert_eq!(row.matches(" r ").count(), 4, "{stdout}");
     assert!(stdout.contains("lab removed"), "{stdout}");

@@ -110,22 +110,11 @@ impl Harness {
         join: Join,
         endpoints: &[&str],
     ) -> SessionId {
-        let binding = [self.conns.len() as u8; 32];
-        let id = self.coord.open_session(&binding, self.now);
-        let mut client = Client::new(secret, join, &binding);
-        client.report_endpoints(endpoints.iter().map(|e| e.parse().unwrap()).collect());
-        self.conns.insert(
-            id,
-            Conn {
-                client,
-                got: vec![],
-                bytes: 0,
-                error: None,
-                closed: false,
-            },
-        );
-        self.drive();
-        id
+        self.open(|binding| {
+            let mut client = Client::new(secret, join, binding);
+            client.report_endpoints(endpoints.iter().map(|e| e.parse().unwrap()).collect());
+            client
+        })
     }
 
     /// Connects a relay of `region` (a Register with `token`, else a Login).
@@ -137,14 +126,20 @@ impl Harness {
             },
             None => Join::Login,
         };
-        let binding = [self.conns.len() as u8; 32];
-        let id = self.coord.open_session(&binding, self.now);
-        let client = Client::new(key(n), join, &binding).as_relay(RelayInfo {
+        let info = RelayInfo {
             region: region.into(),
             addrs: vec![format!("198.18.9.{n}:443").parse().unwrap()],
             stun_port: 3478,
             cert_pin: [n; 32],
-        });
+        };
+        self.open(|binding| Client::new(key(n), join, binding).as_relay(info))
+    }
+
+    /// Opens a session for the client `make` builds for its channel binding.
+    fn open(&mut self, make: impl FnOnce(&[u8]) -> Client) -> SessionId {
+        let binding = [self.conns.len() as u8; 32];
+        let id = self.coord.open_session(&binding, self.now);
+        let client = make(&binding);
         self.conns.insert(
             id,
             Conn {
