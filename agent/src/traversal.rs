@@ -32,6 +32,9 @@ type HomeLink = Arc<Mutex<Option<(RelayId, RelaySender)>>>;
 
 /// How often peers' byte counters are read to tell which peers are in use.
 const ACTIVITY_INTERVAL: Duration = Duration::from_secs(1);
+/// Waits before connecting to a relay again: doubling from the first to the last.
+const RETRY_MIN: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(8);
 /// How long `meshd ping` waits for one answer.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -165,6 +168,8 @@ impl Pending {
             home_link: None,
             generation: 0,
             lost_tx,
+            retry_at: None,
+            retry_backoff: RETRY_MIN,
             pings: BTreeMap::new(),
             counters: BTreeMap::new(),
             reported: Vec::new(),
@@ -231,6 +236,9 @@ struct Task {
     /// Numbers connections, so that the loss of a replaced one is ignored.
     generation: u64,
     lost_tx: mpsc::UnboundedSender<u64>,
+    /// When to connect to the home relay again, and the wait after that.
+    retry_at: Option<Instant>,
+    retry_backoff: Duration,
     pings: BTreeMap<u64, (Instant, oneshot::Sender<Result<PingResult, String>>)>,
     /// Each peer's byte counters at the last activity check.
     counters: BTreeMap<PublicKey, (u64, u64)>,
@@ -283,6 +291,7 @@ impl Task {
                     self.pm.handle_timeout(now);
                     self.discovery.handle_timeout(now);
                     self.after_discovery();
+                    self.retry_home(now);
                 }
                 _ = activity.tick() => self.check_activity(),
             }
@@ -293,7 +302,23 @@ impl Task {
 
     fn next_wake(&self) -> Instant {
         let d = self.discovery.poll_timeout();
+        let d = self.retry_at.map_or(d, |r| r.min(d));
         self.pm.poll_timeout().map_or(d, |p| p.min(d))
+    }
+
+    /// Without a home relay connection (it failed, was refused — a relay may
+    /// hear of a new node a moment after the node itself — or was lost),
+    /// connects again to the home relay path selection prefers, with backoff.
+    fn retry_home(&mut self, now: Instant) {
+        if self.retry_at.is_none_or(|t| t > now) || self.connecting.is_some() {
+            return;
+        }
+        self.retry_at = None;
+        if self.home_link.is_none() {
+            if let Some(id) = self.pm.home_relay() {
+                self.connect(id);
+            }
+        }
     }
 
     fn relay_id(&mut self, key: NodeKey) -> RelayId {
@@ -542,6 +567,7 @@ impl Task {
             // measured again shortly, and taken back when it answers.
             self.pm.handle_relay_latency(id, None);
             self.measure_tcp(id, Duration::from_secs(1));
+            self.retry_at = Some(Instant::now() + self.retry_backoff);
         }
     }
 
@@ -553,6 +579,8 @@ impl Task {
         match result {
             Ok(link) => {
                 tracing::info!(%region, transport = %link.transport, "connected to the home relay");
+                self.retry_backoff = RETRY_MIN;
+                self.retry_at = None;
                 self.set_link(Some((id, link)));
                 self.home = Some(id);
                 let now = Instant::now();
@@ -567,10 +595,12 @@ impl Task {
                 }
             }
             Err(e) => {
-                tracing::warn!(%region, error = %e, "cannot connect to the relay");
+                tracing::warn!(%region, error = %e, retry_in = ?self.retry_backoff, "cannot connect to the relay");
                 self.tcp_latency.remove(&id);
                 self.pm.handle_relay_latency(id, None);
                 self.measure_tcp(id, Duration::from_secs(2));
+                self.retry_at = Some(Instant::now() + self.retry_backoff);
+                self.retry_backoff = (self.retry_backoff * 2).min(RETRY_MAX);
             }
         }
     }

@@ -251,7 +251,13 @@ impl RelayServer {
         quic_config.transport_config(Arc::new(quic_transport(false, None)));
         let bind = |what, addr| move |source| RelayError::Bind { what, addr, source };
 
-        let (socket, tcp) = bind_pair(config.listen).await?;
+        let (socket, tcp) = meshd_control::listen::bind_pair(config.listen, udp_socket)
+            .await
+            .map_err(|e| RelayError::Bind {
+                what: if e.proto == "UDP" { "QUIC" } else { "TLS" },
+                addr: e.addr,
+                source: e.source,
+            })?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind("QUIC", config.listen)(io::Error::other("no async runtime")))?;
         let endpoint = quinn::Endpoint::new(
@@ -850,40 +856,6 @@ impl Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         self.shared.unregister(&self.conn);
-    }
-}
-
-/// The QUIC socket and the TCP listener on the same port. With port 0 the
-/// port UDP got may be taken on TCP (by a connection's local port): another
-/// is tried then.
-async fn bind_pair(listen: SocketAddr) -> Result<(std::net::UdpSocket, TcpListener), RelayError> {
-    const ATTEMPTS: usize = 16;
-    let mut attempt = 1;
-    loop {
-        let udp = udp_socket(listen).map_err(|source| RelayError::Bind {
-            what: "QUIC",
-            addr: listen,
-            source,
-        })?;
-        let port = udp.local_addr().map_or(listen.port(), |a| a.port());
-        let tcp_addr = SocketAddr::new(listen.ip(), port);
-        match TcpListener::bind(tcp_addr).await {
-            Ok(tcp) => return Ok((udp, tcp)),
-            Err(e)
-                if listen.port() == 0
-                    && e.kind() == io::ErrorKind::AddrInUse
-                    && attempt < ATTEMPTS =>
-            {
-                attempt += 1;
-            }
-            Err(source) => {
-                return Err(RelayError::Bind {
-                    what: "TLS",
-                    addr: tcp_addr,
-                    source,
-                })
-            }
-        }
     }
 }
 

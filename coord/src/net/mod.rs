@@ -232,7 +232,13 @@ impl Server {
             addr: listen,
             source,
         };
-        let (socket, tcp) = bind_pair(listen).await?;
+        let (socket, tcp) =
+            meshd_control::listen::bind_pair(listen, |a| bind_udp(a, UDP_RECV_BUFFER))
+                .await
+                .map_err(|e| NetError::Bind {
+                    addr: e.addr,
+                    source: e.source,
+                })?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_err(io::Error::other("no async runtime")))?;
         let endpoint = quinn::Endpoint::new(
@@ -446,37 +452,6 @@ fn core_loop(mut coord: Coordinator, rx: &mpsc::Receiver<Event>) {
 /// as the system allows: above `net.core.rmem_max` only a process with
 /// CAP_NET_ADMIN gets it (SO_RCVBUFFORCE); others get `rmem_max`, which an
 /// administrator can raise.
-/// A UDP socket and a TCP listener on the same port. When the port is left to
-/// the system (0), the one it picks for UDP may be taken for TCP (by another
-/// listener, or as a connection's local port): another is tried then.
-async fn bind_pair(listen: SocketAddr) -> Result<(std::net::UdpSocket, TcpListener), NetError> {
-    const ATTEMPTS: usize = 16;
-    let mut attempt = 1;
-    loop {
-        let udp = bind_udp(listen, UDP_RECV_BUFFER).map_err(|source| NetError::Bind {
-            addr: listen,
-            source,
-        })?;
-        let tcp_addr = SocketAddr::new(listen.ip(), udp.local_addr()?.port());
-        match TcpListener::bind(tcp_addr).await {
-            Ok(tcp) => return Ok((udp, tcp)),
-            Err(e)
-                if listen.port() == 0
-                    && e.kind() == io::ErrorKind::AddrInUse
-                    && attempt < ATTEMPTS =>
-            {
-                attempt += 1;
-            }
-            Err(source) => {
-                return Err(NetError::Bind {
-                    addr: tcp_addr,
-                    source,
-                })
-            }
-        }
-    }
-}
-
 fn bind_udp(listen: SocketAddr, want: usize) -> io::Result<std::net::UdpSocket> {
     use rustix::net::sockopt;
     let socket = std::net::UdpSocket::bind(listen)?;
