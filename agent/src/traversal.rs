@@ -613,7 +613,7 @@ impl Task {
         }
         while let Some(a) = self.pm.poll_action() {
             match a {
-                Action::SetEndpoint { peer, endpoint } => {
+                Action::SetEndpoint { peer, endpoint, .. } => {
                     let e = match endpoint {
                         Endpoint::Udp(addr) => dp::Endpoint::Udp(addr),
                         Endpoint::Relay { relay, peer } => dp::Endpoint::Relay {
@@ -625,6 +625,7 @@ impl Task {
                         .engine
                         .set_endpoint_then(PublicKey::from_bytes(peer.0), e, |_| {});
                 }
+                Action::OpenSocket(_) | Action::CloseSocket(_) => {}
                 Action::SetHomeRelay(id) => {
                     if self.connecting.as_ref().map(|c| c.0) != Some(id) && self.home != Some(id) {
                         self.connect(id);
