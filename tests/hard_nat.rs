@@ -1,0 +1,108 @@
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+//! Hard-NAT traversal end to end, with the real `meshd` binary in netlab:
+//! a node behind an endpoint-independent NAT (Linux masquerade) and one
+//! behind a symmetric NAT (masquerade fully-random: a new random public
+//! port per destination), both filtering per address and port. Only the
+//! birthday technique gets them direct (docs/disco-protocol.md). Each trial
+//! is a fresh lab, so the ports are drawn anew; the test asserts what holds
+//! every time — the relay carries traffic whatever happens, and a birthday
+//! hit ends direct both ways and carries pings — and prints how many trials
+//! ended direct.
+
+use std::time::{Duration, Instant};
+
+use meshd_netlab::mesh::{Mesh, MeshSpec, RelaySpec};
+use meshd_netlab::{Lab, Nat, Site, Topology};
+
+const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
+const TRIALS: usize = 5;
+
+#[test]
+fn an_endpoint_independent_nat_reaches_a_symmetric_one_by_the_birthday_technique() {
+    let secs = Duration::from_secs;
+    let mut report = Vec::new();
+    for trial in 0..TRIALS {
+        let topo = Topology::new()
+            .host("coord")
+            .host("relay1")
+            .site(Site::new("home", ["easy"]).nat(Nat::EndpointIndependent))
+            .site(Site::new("cgn", ["hard"]).nat(Nat::Symmetric));
+        let lab = Lab::up(&topo).unwrap();
+        let spec = MeshSpec {
+            meshd: MESHD.into(),
+            coordinator: "coord".into(),
+            relays: vec![RelaySpec {
+                host: "relay1".into(),
+                region: "relay1".into(),
+            }],
+            nodes: vec!["easy".into(), "hard".into()],
+            log: "info".into(),
+        };
+        let mesh = Mesh::up(&lab, spec).unwrap();
+        let start = Instant::now();
+        // The relay carries traffic at once, attempt or not.
+        lab.wait_until("easy to reach hard", secs(15), || {
+            mesh.ping("easy", "hard", 1).is_ok_and(|r| r.len() == 1)
+        })
+        .unwrap();
+        // An attempt starts 2 s after the peers meet and ends within 8 s.
+        let direct = mesh.wait_path("hard", "easy", "direct", secs(20)).is_ok();
+        let log = std::fs::read_to_string(lab.log_dir().join("hard.up.log")).unwrap_or_default();
+        let hit = log.contains("birthday hit");
+        let sockets = log.contains("birthday: sockets open");
+        assert!(
+            sockets,
+            "trial {trial}: the hard side never opened its sockets:\n{log}"
+        );
+        if direct {
+            assert!(hit, "trial {trial}: direct without a birthday hit");
+            mesh.wait_path("easy", "hard", "direct", secs(5)).unwrap();
+            let rtts = mesh.ping("easy", "hard", 3).unwrap();
+            assert_eq!(
+                rtts.len(),
+                3,
+                "trial {trial}: pings lost on the direct path"
+            );
+            let rtts = mesh.ping("hard", "easy", 3).unwrap();
+            assert_eq!(
+                rtts.len(),
+                3,
+                "trial {trial}: pings lost on the direct path"
+            );
+        } else {
+            assert_eq!(
+                mesh.path("hard", "easy").unwrap().kind,
+                "relay",
+                "trial {trial}"
+            );
+        }
+        // Whatever happened, traffic flows (over the relay if need be).
+        assert_eq!(
+            mesh.ping("easy", "hard", 3).unwrap().len(),
+            3,
+            "trial {trial}"
+        );
+        let path = mesh.path("hard", "easy").unwrap();
+        let probes = std::fs::read_to_string(lab.log_dir().join("easy.up.log"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.contains("birthday: probing ended"))
+            .and_then(|l| {
+                l.split("probes=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        eprintln!(
+            "trial {trial}: {} {} after {:?}, {probes} probes (hit: {hit})",
+            path.kind,
+            path.via,
+            start.elapsed()
+        );
+        report.push(direct);
+    }
+    let direct = report.iter().filter(|d| **d).count();
+    eprintln!("endpoint-independent ↔ symmetric: direct in {direct} of {TRIALS} trials");
+}
