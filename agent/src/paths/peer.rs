@@ -95,7 +95,8 @@ enum Birthday {
         sockets: Vec<SocketId>,
         until: Instant,
     },
-    /// Easy side: accepted, waiting for the hard side's go.
+    /// Easy side: accepted, waiting for the hard side's go; holds the
+    /// node's probing slot.
     Accepted {
         ip: std::net::IpAddr,
         until: Instant,
@@ -412,6 +413,9 @@ impl Peer {
                 if !b.enabled || own.mapping_varies || busy || recent || self.direct().is_some() {
                     return;
                 }
+                // The probing slot is ours from now on, so that the Go
+                // cannot find it taken by another peer's attempt.
+                out.probing = true;
                 self.birthday_last = Some(now);
                 self.birthday = Birthday::Accepted {
                     ip: addr.ip(),
@@ -435,6 +439,7 @@ impl Peer {
                     self.birthday = Birthday::Idle;
                     return;
                 }
+                self.birthday_last = Some(now);
                 let mut sockets = Vec::new();
                 for _ in 0..count {
                     sockets.push(out.open_socket());
@@ -466,10 +471,6 @@ impl Peer {
                 let Birthday::Accepted { ip, until } = self.birthday else {
                     return;
                 };
-                if out.probing {
-                    return;
-                }
-                out.probing = true;
                 tracing::info!(peer = %self.key(), %ip, probes = b.probes, "birthday: probing");
                 self.birthday = Birthday::Probing {
                     ip,
@@ -482,8 +483,9 @@ impl Peer {
         }
     }
 
-    /// The hard side offers an attempt when ordinary probing has not found
-    /// a path for `after`, at most once per `retry_after`.
+    /// The hard side offers an attempt with each probe once ordinary
+    /// probing has not found a path for `after`, and no attempt ran within
+    /// `retry_after`.
     fn maybe_offer(&mut self, config: &PathConfig, out: &mut Out, own: &Own, now: Instant) {
         let b = &config.birthday;
         let (Some(public), Some(relay)) = (own.public, self.relay) else {
@@ -502,7 +504,10 @@ impl Peer {
         {
             return;
         }
-        self.birthday_last = Some(now);
+        // An offer costs one relayed packet, so it goes with every probe
+        // until one is accepted (the peer may be busy with another
+        // attempt); only the sockets are limited to one attempt per
+        // `retry_after`.
         self.birthday = Birthday::Offered {
             until: now + b.timeout,
         };
@@ -525,7 +530,11 @@ impl Peer {
     fn birthday_tick(&mut self, config: &PathConfig, out: &mut Out, now: Instant) {
         let b = &config.birthday;
         match self.birthday {
-            Birthday::Offered { until } | Birthday::Accepted { until, .. } if until <= now => {
+            Birthday::Offered { until } if until <= now => {
+                self.birthday = Birthday::Idle;
+            }
+            Birthday::Accepted { until, .. } if until <= now => {
+                out.probing = false;
                 self.birthday = Birthday::Idle;
             }
             Birthday::Holding { until, .. } if until <= now || self.won.is_some() => {
@@ -611,7 +620,7 @@ impl Peer {
 
     /// Closes every extra socket of this peer (it is removed).
     pub(super) fn close_sockets(&mut self, out: &mut Out) {
-        if let Birthday::Probing { .. } = self.birthday {
+        if let Birthday::Accepted { .. } | Birthday::Probing { .. } = self.birthday {
             out.probing = false;
         }
         self.end_holding(out);

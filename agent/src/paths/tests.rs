@@ -935,3 +935,24 @@ fn birthday_needs_one_easy_side_and_can_be_turned_off() {
     );
     assert_eq!(sim.nodes[1].max_sockets, 0);
 }
+
+#[test]
+fn an_easy_node_takes_two_hard_peers_one_attempt_at_a_time() {
+    let mut sim = Sim::new(21);
+    let easy = sim.add_node(Net::Nat(Nat::masquerade()), 5);
+    let hard1 = sim.add_node(Net::Nat(Nat::symmetric()), 5);
+    let hard2 = sim.add_node(Net::Nat(Nat::symmetric()), 5);
+    sim.connect(easy, hard1, MS(10));
+    sim.connect(easy, hard2, MS(10));
+    sim.connect(hard1, hard2, MS(10));
+    // One is probed first; the other's offer, refused meanwhile, comes
+    // back with its next probe.
+    let direct = |sim: &Sim| [hard1, hard2].iter().filter(|&&h| sim.is_direct(easy, h)).count();
+    assert!(sim.run_until(SECS(30), |s| direct(s) == 2));
+    // Never two attempts at once: the easy side sent at most one budget of
+    // probes per peer.
+    assert!(sim.nodes[easy].udp_sent <= 2 * 1024 + 200, "{}", sim.nodes[easy].udp_sent);
+    assert!(sim.is_direct(hard1, easy) && sim.is_direct(hard2, easy));
+    assert_eq!(kind(sim.path(hard1, hard2)), "relay");
+    assert_eq!((sim.sockets_open(hard1), sim.sockets_open(hard2)), (1, 1));
+}
