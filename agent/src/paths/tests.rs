@@ -947,11 +947,20 @@ fn an_easy_node_takes_two_hard_peers_one_attempt_at_a_time() {
     sim.connect(hard1, hard2, MS(10));
     // One is probed first; the other's offer, refused meanwhile, comes
     // back with its next probe.
-    let direct = |sim: &Sim| [hard1, hard2].iter().filter(|&&h| sim.is_direct(easy, h)).count();
+    let direct = |sim: &Sim| {
+        [hard1, hard2]
+            .iter()
+            .filter(|&&h| sim.is_direct(easy, h))
+            .count()
+    };
     assert!(sim.run_until(SECS(30), |s| direct(s) == 2));
     // Never two attempts at once: the easy side sent at most one budget of
     // probes per peer.
-    assert!(sim.nodes[easy].udp_sent <= 2 * 1024 + 200, "{}", sim.nodes[easy].udp_sent);
+    assert!(
+        sim.nodes[easy].udp_sent <= 2 * 1024 + 200,
+        "{}",
+        sim.nodes[easy].udp_sent
+    );
     assert!(sim.is_direct(hard1, easy) && sim.is_direct(hard2, easy));
     assert_eq!(kind(sim.path(hard1, hard2)), "relay");
     assert_eq!((sim.sockets_open(hard1), sim.sockets_open(hard2)), (1, 1));
