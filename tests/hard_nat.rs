@@ -12,10 +12,43 @@
 use std::time::{Duration, Instant};
 
 use meshd_netlab::mesh::{Mesh, MeshSpec, RelaySpec};
-use meshd_netlab::{Lab, Nat, Site, Topology};
+use meshd_netlab::{Lab, Nat, Proc, Site, Topology};
 
 const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
 const TRIALS: usize = 5;
+
+/// A ping every 100 ms from `from` to `to`'s mesh address, in the background.
+fn pinger(mesh: &Mesh<'_>, from: &str, to: &str) -> Proc {
+    let target = mesh.mesh_ip(to).unwrap().to_string();
+    mesh.lab()
+        .spawn(
+            from,
+            "ping",
+            &["ping", "-n", "-i", "0.1", "-W", "1", &target],
+        )
+        .unwrap()
+}
+
+/// Stops a pinger: (sent, received).
+fn stop_pinger(mut p: Proc) -> (u32, u32) {
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(p.pid() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    );
+    let _ = p.wait_timeout(Duration::from_secs(5));
+    let log = p.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("");
+    let num = |word: &str| -> u32 {
+        line.split(", ")
+            .find(|part| part.contains(word))
+            .and_then(|part| part.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (num("transmitted"), num("received"))
+}
 
 #[test]
 fn an_endpoint_independent_nat_reaches_a_symmetric_one_by_the_birthday_technique() {
@@ -45,8 +78,18 @@ fn an_endpoint_independent_nat_reaches_a_symmetric_one_by_the_birthday_technique
             mesh.ping("easy", "hard", 1).is_ok_and(|r| r.len() == 1)
         })
         .unwrap();
+        // Traffic flows through the attempt: the relay carries it until a
+        // direct path is proven, and nothing is switched before that.
+        let p = pinger(&mesh, "easy", "hard");
         // An attempt starts 2 s after the peers meet and ends within 8 s.
         let direct = mesh.wait_path("hard", "easy", "direct", secs(20)).is_ok();
+        std::thread::sleep(secs(1));
+        let (sent, received) = stop_pinger(p);
+        let lost = sent - received;
+        assert!(
+            lost <= 5,
+            "trial {trial}: {lost} of {sent} pings lost during the attempt"
+        );
         let log = std::fs::read_to_string(lab.log_dir().join("hard.up.log")).unwrap_or_default();
         let hit = log.contains("birthday hit");
         let sockets = log.contains("birthday: sockets open");
@@ -96,7 +139,8 @@ fn an_endpoint_independent_nat_reaches_a_symmetric_one_by_the_birthday_technique
             })
             .unwrap_or_default();
         eprintln!(
-            "trial {trial}: {} {} after {:?}, {probes} probes (hit: {hit})",
+            "trial {trial}: {} {} after {:?}, {probes} probes (hit: {hit}), \
+             {lost} of {sent} pings lost meanwhile",
             path.kind,
             path.via,
             start.elapsed()
