@@ -435,10 +435,12 @@ impl Peer {
                     return;
                 }
                 let count = b.sockets.saturating_sub(out.sockets_open);
-                if count == 0 {
+                // Without our public IP (STUN lost it meanwhile) the peer
+                // would not know where to probe.
+                let Some(public) = own.public.filter(|_| count > 0) else {
                     self.birthday = Birthday::Idle;
                     return;
-                }
+                };
                 self.birthday_last = Some(now);
                 let mut sockets = Vec::new();
                 for _ in 0..count {
@@ -452,7 +454,6 @@ impl Peer {
                     };
                     self.send_from(out, s, Endpoint::Udp(addr), &ping);
                 }
-                let public = own.public.unwrap_or(addr);
                 self.send(
                     out,
                     via,
@@ -585,6 +586,9 @@ impl Peer {
     /// The hard side's attempt ends: every extra socket but the winner is
     /// closed.
     fn end_holding(&mut self, out: &mut Out) {
+        if !matches!(self.birthday, Birthday::Holding { .. }) {
+            return;
+        }
         if let Birthday::Holding { sockets, .. } = std::mem::take(&mut self.birthday) {
             let mut closed = 0;
             for s in sockets {
