@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::discovery::{Discovery, NetcheckReport, StunTarget};
 use crate::paths::{
-    Action, Endpoint, Path, PathConfig, PathEvent, PathManager, RelayId, SocketId,
+    Action, BirthdayConfig, Endpoint, Path, PathConfig, PathEvent, PathManager, RelayId, SocketId,
 };
 use crate::relay_link;
 use meshd_relay::client::RelaySender;
@@ -52,6 +52,8 @@ pub struct TraversalOptions {
     /// How to reach relays: QUIC with TLS/TCP after a head start (the
     /// default), or only one of them.
     pub relay_transport: Option<meshd_relay::client::TransportChoice>,
+    /// The birthday technique's budget (docs/disco-protocol.md).
+    pub birthday: BirthdayConfig,
 }
 
 /// What the engine is given at start; see the module doc.
@@ -157,10 +159,14 @@ impl Pending {
         let mut seed = [0u8; 32];
         rand::rng().fill_bytes(&mut seed);
         let now = Instant::now();
+        let config = PathConfig {
+            birthday: options.birthday.clone(),
+            ..PathConfig::default()
+        };
         let task = Task {
             options,
             key: key.clone(),
-            pm: PathManager::new(PathConfig::default(), key.to_static_secret(), seed),
+            pm: PathManager::new(config, key.to_static_secret(), seed),
             discovery: Discovery::new(u64::from_le_bytes(seed[..8].try_into().unwrap_or([1; 8])), now),
             engine,
             events,
