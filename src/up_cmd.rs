@@ -66,6 +66,15 @@ pub struct UpArgs {
     /// benchmarks).
     #[arg(long)]
     no_direct: bool,
+    /// The birthday technique for a NAT that maps per destination facing
+    /// one that filters per address and port: extra sockets the hard side
+    /// opens (0 turns the technique off).
+    #[arg(long, default_value_t = 256)]
+    birthday_sockets: u32,
+    /// Probes the easy side sends per attempt, 250 a second (0 turns the
+    /// technique off).
+    #[arg(long, default_value_t = 1024)]
+    birthday_probes: u32,
     /// Internal: this process is the background daemon that `up` started;
     /// the token, if any, comes on stdin.
     #[arg(long, hide = true)]
@@ -150,6 +159,9 @@ fn run(args: &UpArgs, token: Option<JoinToken>) -> Result<()> {
     opts.rotate_every = args.rotate_key_every;
     opts.answer_poll = args.poll.get();
     opts.traversal.no_direct = args.no_direct;
+    opts.traversal.birthday.sockets = args.birthday_sockets;
+    opts.traversal.birthday.probes = args.birthday_probes;
+    opts.traversal.birthday.enabled = args.birthday_sockets > 0 && args.birthday_probes > 0;
     opts.traversal.relay_transport = match args.relay_transport.as_str() {
         "quic" => Some(TransportChoice::Quic),
         "tls" => Some(TransportChoice::Tls),
@@ -228,6 +240,8 @@ fn start_daemon(args: &UpArgs, token: Option<&str>) -> Result<()> {
     if args.no_direct {
         cmd.arg("--no-direct");
     }
+    cmd.args(["--birthday-sockets", &args.birthday_sockets.to_string()]);
+    cmd.args(["--birthday-probes", &args.birthday_probes.to_string()]);
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -41,6 +41,9 @@ pub struct NetcheckReport {
     pub public: Option<SocketAddr>,
     /// The NAT gave different public ports to different destinations.
     pub mapping_varies: Option<bool>,
+    /// The public IP the relays saw, when they agree (also when the ports
+    /// differ: the birthday technique probes ports of this IP).
+    pub public_ip: Option<std::net::IpAddr>,
     /// Round-trip time to each relay's STUN responder (region, ms), best first.
     pub latency: Vec<(String, f64)>,
 }
@@ -281,7 +284,12 @@ impl Discovery {
             [] | [_] => None,
             [first, rest @ ..] => Some(rest.iter().any(|m| m != first)),
         };
+        let public_ip = mapped
+            .first()
+            .map(|m| m.ip())
+            .filter(|ip| mapped.iter().all(|m| m.ip() == *ip));
         let report = NetcheckReport {
+            public_ip,
             udp: !mapped.is_empty(),
             public: mapped.first().copied().filter(|_| varies != Some(true)),
             mapping_varies: varies,
@@ -391,6 +399,7 @@ mod tests {
             t0
         ));
         assert_eq!(d.report().mapping_varies, Some(true));
+        assert_eq!(d.report().public_ip, Some("203.0.113.4".parse().unwrap()));
         assert_eq!(d.endpoints(), ["10.0.0.5:41641".parse().unwrap()]);
     }
 

@@ -10,6 +10,11 @@
 //! forwards relayed WireGuard datagrams to the engine, sets peers'
 //! endpoints, and tells the node runtime when its endpoints change (to
 //! report them to the coordinator).
+//!
+//! For the birthday technique it opens the extra sockets the manager asks
+//! for (plain `SO_REUSEPORT` sockets, one receiving task each), sends from
+//! them, and when a path through one wins, has the engine send that peer's
+//! datagrams from its port ([`EngineHandle::set_source_port`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,7 +28,9 @@ use rand::RngCore;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::discovery::{Discovery, NetcheckReport, StunTarget};
-use crate::paths::{Action, Endpoint, Path, PathConfig, PathEvent, PathManager, RelayId};
+use crate::paths::{
+    Action, BirthdayConfig, Endpoint, Path, PathConfig, PathEvent, PathManager, RelayId, SocketId,
+};
 use crate::relay_link;
 use meshd_relay::client::RelaySender;
 
@@ -46,6 +53,8 @@ pub struct TraversalOptions {
     /// How to reach relays: QUIC with TLS/TCP after a head start (the
     /// default), or only one of them.
     pub relay_transport: Option<meshd_relay::client::TransportChoice>,
+    /// The birthday technique's budget (docs/disco-protocol.md).
+    pub birthday: BirthdayConfig,
 }
 
 /// What the engine is given at start; see the module doc.
@@ -147,13 +156,18 @@ impl Pending {
         let (relayed_tx, relayed_rx) = mpsc::unbounded_channel();
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
         let (latency_tx, latency_rx) = mpsc::unbounded_channel();
+        let (extra_tx, extra_rx) = mpsc::unbounded_channel();
         let mut seed = [0u8; 32];
         rand::rng().fill_bytes(&mut seed);
         let now = Instant::now();
+        let config = PathConfig {
+            birthday: options.birthday.clone(),
+            ..PathConfig::default()
+        };
         let task = Task {
             options,
             key: key.clone(),
-            pm: PathManager::new(PathConfig::default(), key.to_static_secret(), seed),
+            pm: PathManager::new(config, key.to_static_secret(), seed),
             discovery: Discovery::new(
                 u64::from_le_bytes(seed[..8].try_into().unwrap_or([1; 8])),
                 now,
@@ -176,8 +190,19 @@ impl Pending {
             tcp_latency: BTreeMap::new(),
             relayed_tx,
             latency_tx,
+            extra: BTreeMap::new(),
+            extra_tx,
+            pinned: BTreeMap::new(),
         };
-        tokio::spawn(task.run(cmd_rx, self.udp_rx, relayed_rx, latency_rx, lost_rx));
+        let rx = Receivers {
+            cmds: cmd_rx,
+            udp: self.udp_rx,
+            relayed: relayed_rx,
+            latency: latency_rx,
+            lost: lost_rx,
+            extra: extra_rx,
+        };
+        tokio::spawn(task.run(rx));
         Traversal { cmds }
     }
 }
@@ -218,6 +243,16 @@ impl Traversal {
 
 type Connected = Result<relay_link::Link, String>;
 
+/// What the task listens to besides its timers.
+struct Receivers {
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    udp: mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
+    relayed: mpsc::UnboundedReceiver<(RelayId, NodeKey, Vec<u8>)>,
+    latency: mpsc::UnboundedReceiver<(RelayId, Option<Duration>)>,
+    lost: mpsc::UnboundedReceiver<u64>,
+    extra: mpsc::UnboundedReceiver<(SocketId, SocketAddr, Vec<u8>)>,
+}
+
 struct Task {
     options: TraversalOptions,
     key: PrivateKey,
@@ -249,17 +284,65 @@ struct Task {
     /// from key zero: the connection is lost).
     relayed_tx: mpsc::UnboundedSender<(RelayId, NodeKey, Vec<u8>)>,
     latency_tx: mpsc::UnboundedSender<(RelayId, Option<Duration>)>,
+    /// The birthday technique's extra sockets, open now.
+    extra: BTreeMap<SocketId, ExtraSocket>,
+    /// Where the extra sockets deliver the disco packets they receive.
+    extra_tx: mpsc::UnboundedSender<(SocketId, SocketAddr, Vec<u8>)>,
+    /// Per peer, the endpoint the engine sends to from an extra socket's port.
+    pinned: BTreeMap<NodeKey, SocketAddr>,
+}
+
+/// An extra socket and the task that reads it (stopped when dropped).
+struct ExtraSocket {
+    /// For sending: a plain non-blocking socket sends at once, where
+    /// tokio's `try_send_to` refuses until the reactor has seen the socket
+    /// writable (not yet, right after it was opened).
+    sock: std::net::UdpSocket,
+    port: u16,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ExtraSocket {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl ExtraSocket {
+    fn open(
+        id: SocketId,
+        to: mpsc::UnboundedSender<(SocketId, SocketAddr, Vec<u8>)>,
+    ) -> std::io::Result<ExtraSocket> {
+        let std_sock = meshd_dataplane::udp::bind_extra_v4()?;
+        let port = std_sock.local_addr()?.port();
+        let sock = std_sock.try_clone()?;
+        let reader_sock = tokio::net::UdpSocket::from_std(std_sock)?;
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; disco::MAX_PACKET_LEN + 1];
+            // Only disco packets matter here: WireGuard that arrives
+            // before the engine's own socket on this port exists is
+            // dropped, and its retransmissions reach the engine.
+            while let Ok((n, from)) = reader_sock.recv_from(&mut buf).await {
+                let d = &buf[..n];
+                if disco::is_disco(d) && to.send((id, from, d.to_vec())).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(ExtraSocket { sock, port, reader })
+    }
 }
 
 impl Task {
-    async fn run(
-        mut self,
-        mut cmds: mpsc::UnboundedReceiver<Cmd>,
-        mut udp: mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
-        mut relayed: mpsc::UnboundedReceiver<(RelayId, NodeKey, Vec<u8>)>,
-        mut latency: mpsc::UnboundedReceiver<(RelayId, Option<Duration>)>,
-        mut lost: mpsc::UnboundedReceiver<u64>,
-    ) {
+    async fn run(mut self, rx: Receivers) {
+        let Receivers {
+            mut cmds,
+            mut udp,
+            mut relayed,
+            mut latency,
+            mut lost,
+            mut extra,
+        } = rx;
         let mut activity = tokio::time::interval(ACTIVITY_INTERVAL);
         activity.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -270,7 +353,8 @@ impl Task {
                     Some(c) => self.on_cmd(c),
                     None => break,
                 },
-                Some((from, d)) = udp.recv() => self.on_udp(from, &d),
+                Some((from, d)) = udp.recv() => self.on_udp(SocketId::MAIN, from, &d),
+                Some((socket, from, d)) = extra.recv() => self.on_udp(socket, from, &d),
                 Some((relay, from, d)) = relayed.recv() => self.on_relayed(relay, from, d),
                 Some(generation) = lost.recv() => {
                     if generation == self.generation {
@@ -349,6 +433,9 @@ impl Task {
                     .collect();
                 for k in stale {
                     self.pm.remove_peer(&k);
+                    if let Some(a) = self.pinned.remove(&k) {
+                        let _ = self.engine.set_source_port(a, None);
+                    }
                     self.counters.remove(&PublicKey::from_bytes(k.0));
                 }
                 for (key, candidates) in peers {
@@ -450,9 +537,13 @@ impl Task {
         }
     }
 
-    fn on_udp(&mut self, from: SocketAddr, d: &[u8]) {
+    fn on_udp(&mut self, socket: SocketId, from: SocketAddr, d: &[u8]) {
         let now = Instant::now();
-        if stun::is_stun(d) {
+        if socket != SocketId::MAIN {
+            if let Err(e) = self.pm.handle_udp_on(socket, from, d, now) {
+                tracing::debug!(%from, ?socket, error = %e, "disco packet dropped");
+            }
+        } else if stun::is_stun(d) {
             if self.discovery.handle_stun(from, d, now) {
                 self.after_discovery();
             }
@@ -494,6 +585,13 @@ impl Task {
     fn after_discovery(&mut self) {
         self.report_latencies();
         let eps = self.discovery.endpoints();
+        let report = self.discovery.report();
+        let varies = report.mapping_varies == Some(true);
+        // Where the mapping varies only the IP means anything: the port is 0.
+        let public = report
+            .public
+            .or_else(|| report.public_ip.map(|ip| SocketAddr::new(ip, 0)));
+        self.pm.set_public(public, varies);
         if eps != self.reported {
             self.pm.set_own_candidates(eps.clone(), Instant::now());
             let _ = self.events.send(TraversalEvent::Endpoints(eps.clone()));
@@ -636,9 +734,21 @@ impl Task {
         while let Some((to, bytes)) = self.discovery.poll_transmit() {
             let _ = self.engine.send_udp(to, bytes);
         }
+        // Actions first: a transmit may leave from a socket opened just now.
+        while let Some(a) = self.pm.poll_action() {
+            self.on_action(a);
+        }
         while let Some(t) = self.pm.poll_transmit() {
             match t.to {
                 Endpoint::Udp(_) if self.options.no_direct => {}
+                Endpoint::Udp(addr) if t.from != SocketId::MAIN => {
+                    // A socket that could not be opened loses what it sends.
+                    if let Some(s) = self.extra.get(&t.from) {
+                        if let Err(e) = s.sock.send_to(&t.packet, addr) {
+                            tracing::debug!(%addr, socket = ?t.from, error = %e, "disco packet not sent");
+                        }
+                    }
+                }
                 Endpoint::Udp(addr) => {
                     let _ = self.engine.send_udp(addr, t.packet);
                 }
@@ -650,29 +760,73 @@ impl Task {
                 }
             }
         }
-        while let Some(a) = self.pm.poll_action() {
-            match a {
-                Action::SetEndpoint { peer, endpoint } => {
-                    let e = match endpoint {
-                        Endpoint::Udp(addr) => dp::Endpoint::Udp(addr),
-                        Endpoint::Relay { relay, peer } => dp::Endpoint::Relay {
-                            relay: dp::RelayId(relay.0),
-                            peer: PublicKey::from_bytes(peer.0),
-                        },
-                    };
-                    let _ = self
-                        .engine
-                        .set_endpoint_then(PublicKey::from_bytes(peer.0), e, |_| {});
+        while let Some(e) = self.pm.poll_event() {
+            self.on_event(e);
+        }
+    }
+
+    fn on_action(&mut self, a: Action) {
+        match a {
+            Action::SetEndpoint {
+                peer,
+                endpoint,
+                from,
+            } => {
+                self.pin(peer, endpoint, from);
+                let e = match endpoint {
+                    Endpoint::Udp(addr) => dp::Endpoint::Udp(addr),
+                    Endpoint::Relay { relay, peer } => dp::Endpoint::Relay {
+                        relay: dp::RelayId(relay.0),
+                        peer: PublicKey::from_bytes(peer.0),
+                    },
+                };
+                let _ = self
+                    .engine
+                    .set_endpoint_then(PublicKey::from_bytes(peer.0), e, |_| {});
+            }
+            Action::OpenSocket(id) => {
+                if self.options.no_direct {
+                    return;
                 }
-                Action::SetHomeRelay(id) => {
-                    if self.connecting.as_ref().map(|c| c.0) != Some(id) && self.home != Some(id) {
-                        self.connect(id);
+                match ExtraSocket::open(id, self.extra_tx.clone()) {
+                    Ok(s) => {
+                        self.extra.insert(id, s);
                     }
+                    Err(e) => tracing::debug!(?id, error = %e, "no extra socket"),
+                }
+            }
+            Action::CloseSocket(id) => {
+                self.extra.remove(&id);
+            }
+            Action::SetHomeRelay(id) => {
+                if self.connecting.as_ref().map(|c| c.0) != Some(id) && self.home != Some(id) {
+                    self.connect(id);
                 }
             }
         }
-        while let Some(e) = self.pm.poll_event() {
-            self.on_event(e);
+    }
+
+    /// Has the engine send the peer's datagrams from the extra socket's port
+    /// (only its NAT mapping reaches the peer), or from the main socket's
+    /// again. Told before the endpoint itself, so the first datagram to it
+    /// already leaves from the right port.
+    fn pin(&mut self, peer: NodeKey, endpoint: Endpoint, from: SocketId) {
+        let want = match endpoint {
+            Endpoint::Udp(addr) if from != SocketId::MAIN => {
+                self.extra.get(&from).map(|s| (addr, s.port))
+            }
+            _ => None,
+        };
+        let before = self.pinned.get(&peer).copied();
+        if before.is_some() && before != want.map(|(a, _)| a) {
+            if let Some(old) = self.pinned.remove(&peer) {
+                let _ = self.engine.set_source_port(old, None);
+            }
+        }
+        if let Some((addr, port)) = want {
+            tracing::info!(%peer, %addr, port, "sending from the birthday technique's socket");
+            let _ = self.engine.set_source_port(addr, Some(port));
+            self.pinned.insert(peer, addr);
         }
     }
 

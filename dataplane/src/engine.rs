@@ -196,6 +196,10 @@ enum Command {
         to: SocketAddr,
         datagram: Vec<u8>,
     },
+    SetSourcePort {
+        endpoint: SocketAddr,
+        port: Option<u16>,
+    },
 }
 
 /// A way for other threads to talk to a running [`Engine`]: each command
@@ -292,6 +296,20 @@ impl EngineHandle {
     /// NAT mapping). Returns without waiting.
     pub fn send_udp(&self, to: SocketAddr, datagram: Vec<u8>) -> Result<(), ControlError> {
         self.send(Command::SendUdp { to, datagram })
+    }
+
+    /// Datagrams to `endpoint` leave from local port `port` (`None`: the
+    /// main socket's), on a socket connected to it that also receives what
+    /// comes from there. The port is one that NAT traversal's birthday
+    /// technique punched a mapping from, on a socket it opened with
+    /// `SO_REUSEPORT` (see `udp::PeerSockets::set_source_port`). Returns
+    /// without waiting; set it before pointing a peer at the endpoint.
+    pub fn set_source_port(
+        &self,
+        endpoint: SocketAddr,
+        port: Option<u16>,
+    ) -> Result<(), ControlError> {
+        self.send(Command::SetSourcePort { endpoint, port })
     }
 
     /// Hands the engine a datagram that relay `relay` carried from `peer`.
@@ -1030,6 +1048,9 @@ impl Engine {
                 reply,
             } => {
                 let found = self.node.set_endpoint(&peer, endpoint, self.now);
+                // Before anything leaves for it: an endpoint with its own
+                // source port is reachable only from that port's socket.
+                self.sync_peer_sockets(self.now);
                 reply(found);
             }
             // Sent with the turn's other datagrams; the batch is empty when
@@ -1038,6 +1059,12 @@ impl Engine {
                 if !(self.udp_out.has_room(datagram.len()) && self.udp_out.push(to, &datagram)) {
                     self.counters.other_dropped += 1;
                 }
+            }
+            Command::SetSourcePort { endpoint, port } => {
+                let changes = self.peer_sockets.set_source_port(endpoint, port);
+                self.watch_peer_sockets(changes);
+                self.peer_sockets_generation = None;
+                self.sync_peer_sockets(self.now);
             }
         }
     }

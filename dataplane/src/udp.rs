@@ -25,6 +25,12 @@
 //! anyone else still arrive at the main socket: the kernel never picks a
 //! connected socket of a reuseport group for a datagram it was not
 //! connected to.
+//!
+//! A peer socket may also be bound to another local port than the main
+//! socket's ([`PeerSockets::set_source_port`]): NAT traversal's birthday
+//! technique punches a mapping from an extra socket of its own (opened with
+//! `SO_REUSEPORT`), and only datagrams from that port use the mapping, so
+//! the peer's WireGuard datagrams must leave from, and arrive at, that port.
 
 use std::collections::BTreeMap;
 use std::io::{self, IoSliceMut};
@@ -203,6 +209,13 @@ impl UdpSocket {
     /// paths (about 14 µs per round trip between two meshd on the standard
     /// machine, idle).
     pub fn connect_peer(&self, endpoint: SocketAddr) -> Result<Self, UdpError> {
+        self.connect_peer_on(endpoint, self.local.port())
+    }
+
+    /// As [`UdpSocket::connect_peer`], on local port `port`: the port of
+    /// another socket of ours that set `SO_REUSEPORT` (this one joins its
+    /// group, as the same user).
+    pub fn connect_peer_on(&self, endpoint: SocketAddr, port: u16) -> Result<Self, UdpError> {
         let endpoint = canonical(endpoint);
         if self.map_destination(endpoint).is_none() {
             return Err(UdpError::Bind {
@@ -210,7 +223,6 @@ impl UdpSocket {
                 source: io::Error::from(io::ErrorKind::Unsupported),
             });
         }
-        let port = self.local.port();
         let local = match (endpoint, self.local) {
             (SocketAddr::V4(_), _) if self.dual_stack => {
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
@@ -553,6 +565,21 @@ pub fn send_batch_via(
     report
 }
 
+/// A plain IPv4 socket on any free port with `SO_REUSEPORT` set, non-blocking:
+/// the extra socket NAT traversal's birthday technique sends from, whose
+/// port a peer socket may later join (see [`PeerSockets::set_source_port`]).
+pub fn bind_extra_v4() -> io::Result<std::net::UdpSocket> {
+    let fd = rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        Some(rustix::net::ipproto::UDP),
+    )?;
+    sockopt::set_socket_reuseport(&fd, true)?;
+    rustix::net::bind(&fd, &SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+    Ok(std::net::UdpSocket::from(fd))
+}
+
 /// At most this many peer sockets: each is a descriptor, and the usual soft
 /// limit is 1024 per process. Endpoints beyond it use the main socket.
 pub const MAX_PEER_SOCKETS: usize = 256;
@@ -576,6 +603,9 @@ const PEER_SOCKET_MIN_AGE: Duration = Duration::from_secs(1);
 pub struct PeerSockets {
     slots: Vec<Option<(UdpSocket, Instant)>>,
     by_endpoint: BTreeMap<SocketAddr, usize>,
+    /// Endpoints whose socket is bound to this local port rather than the
+    /// main socket's (see the module docs).
+    source_ports: BTreeMap<SocketAddr, u16>,
     /// Some socket was marked stale since the last [`PeerSockets::refresh`].
     any_stale: AtomicBool,
 }
@@ -618,6 +648,28 @@ impl PeerSockets {
         self.by_endpoint.is_empty()
     }
 
+    /// Datagrams to `endpoint` leave from local port `port` (`None`: the
+    /// main socket's) once [`PeerSockets::sync`] next lists the endpoint;
+    /// a socket it has on another port is closed now.
+    pub fn set_source_port(
+        &mut self,
+        endpoint: SocketAddr,
+        port: Option<u16>,
+    ) -> PeerSocketChanges {
+        let endpoint = canonical(endpoint);
+        let mut changes = PeerSocketChanges::default();
+        let before = match port {
+            Some(p) => self.source_ports.insert(endpoint, p),
+            None => self.source_ports.remove(&endpoint),
+        };
+        if before != port {
+            if let Some(&slot) = self.by_endpoint.get(&endpoint) {
+                changes.removed.extend(self.close(slot));
+            }
+        }
+        changes
+    }
+
     /// Closes the socket in `slot`; its endpoint falls back to the main
     /// socket.
     pub fn close(&mut self, slot: usize) -> Option<UdpSocket> {
@@ -649,11 +701,12 @@ impl PeerSockets {
         endpoints: impl IntoIterator<Item = SocketAddr>,
         now: Instant,
     ) -> PeerSocketChanges {
-        let wanted: std::collections::BTreeSet<SocketAddr> = endpoints
-            .into_iter()
-            .map(canonical)
-            .take(MAX_PEER_SOCKETS)
-            .collect();
+        // Endpoints with their own source port first: without their socket
+        // they cannot be reached at all, the others only lose some speed.
+        let mut all: Vec<SocketAddr> = endpoints.into_iter().map(canonical).collect();
+        all.sort_by_key(|e| !self.source_ports.contains_key(e));
+        let wanted: std::collections::BTreeSet<SocketAddr> =
+            all.into_iter().take(MAX_PEER_SOCKETS).collect();
         let mut changes = PeerSocketChanges::default();
         let unwanted: Vec<usize> = self
             .by_endpoint
@@ -711,7 +764,12 @@ impl PeerSockets {
         now: Instant,
         changes: &mut PeerSocketChanges,
     ) {
-        match main.connect_peer(endpoint) {
+        let port = self
+            .source_ports
+            .get(&endpoint)
+            .copied()
+            .unwrap_or(main.local.port());
+        match main.connect_peer_on(endpoint, port) {
             Ok(sock) => {
                 let slot = match self.slots.iter().position(Option::is_none) {
                     Some(free) => free,

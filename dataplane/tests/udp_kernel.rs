@@ -288,3 +288,54 @@ fn stale_peer_sockets_are_replaced_once_old_enough() {
         assert_eq!((changes.added.len(), changes.removed.len()), (0, 0));
     });
 }
+
+/// NAT traversal's birthday technique: a mapping punched from an extra
+/// socket of another port (reuseport, as the agent opens it) carries the
+/// endpoint's datagrams once the peer socket is set to that port, both ways.
+#[test]
+fn a_peer_socket_on_another_source_port_carries_its_endpoint() {
+    in_netns(|_| {
+        let main = UdpSocket::bind_any(0).unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let endpoint = peer.local_addr();
+        let extra = meshd_dataplane::udp::bind_extra_v4().unwrap();
+        let port = extra.local_addr().unwrap().port();
+        let mut sockets = PeerSockets::default();
+        let now = Instant::now();
+        sockets.sync(&main, [endpoint], now);
+        // Set after its socket exists: that one is closed, the next sync
+        // opens it on the new port.
+        let changes = sockets.set_source_port(endpoint, Some(port));
+        assert_eq!(changes.removed.len(), 1);
+        let changes = sockets.sync(&main, [endpoint], now);
+        assert_eq!((changes.added.len(), changes.removed.len()), (1, 0));
+        let connected = sockets.get(endpoint).unwrap();
+        assert_eq!(connected.local_addr().port(), port);
+
+        let mut batch = UdpSendBatch::new();
+        assert!(batch.push(endpoint, b"out"));
+        assert_eq!(send_batch_via(&mut batch, &main, &sockets).sent, 1);
+        let got = receive(&peer, 1).0;
+        assert_eq!(
+            got,
+            vec![(SocketAddr::from(([127, 0, 0, 1], port)), b"out".to_vec())]
+        );
+
+        // The endpoint's answer reaches the connected socket, not the extra
+        // one that shares its port.
+        let to_us = SocketAddr::from(([127, 0, 0, 1], port));
+        assert!(batch.push(to_us, b"in"));
+        peer.send_batch(&mut batch);
+        assert_eq!(receive(connected, 1).0, vec![(endpoint, b"in".to_vec())]);
+        assert!(extra.recv_from(&mut [0; 16]).is_err());
+
+        // Back to the main socket's port.
+        let changes = sockets.set_source_port(endpoint, None);
+        assert_eq!(changes.removed.len(), 1);
+        sockets.sync(&main, [endpoint], now);
+        assert_eq!(
+            sockets.get(endpoint).unwrap().local_addr().port(),
+            main.local_addr().port()
+        );
+    });
+}

@@ -51,6 +51,7 @@ const KDF_INFO: &[u8] = b"meshd disco v1 box key";
 const TYPE_PING: u8 = 1;
 const TYPE_PONG: u8 = 2;
 const TYPE_CALL_ME_MAYBE: u8 = 3;
+const TYPE_BIRTHDAY: u8 = 4;
 
 /// A ping's transaction id: its pong carries it back.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -77,6 +78,25 @@ pub enum Message {
     /// "Ping me on these addresses now": sent through the relay so both
     /// sides send towards each other at the same time.
     CallMeMaybe { candidates: Vec<SocketAddr> },
+    /// A step of the birthday technique between a node whose NAT maps per
+    /// destination and one whose NAT does not (docs/disco-protocol.md),
+    /// sent through the relay. `addr` is the sender's public address.
+    Birthday {
+        step: BirthdayStep,
+        addr: SocketAddr,
+    },
+}
+
+/// Which step of the birthday exchange a [`Message::Birthday`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BirthdayStep {
+    /// From the hard side: "my mapping varies by destination; my public
+    /// address is `addr`" (the peer probes ports of its IP).
+    Offer = 1,
+    /// From the easy side: "send from your extra sockets to `addr`".
+    Accept = 2,
+    /// From the hard side: "my extra sockets have sent to you: probe now".
+    Go = 3,
 }
 
 impl Message {
@@ -85,6 +105,7 @@ impl Message {
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
             Message::CallMeMaybe { .. } => "call-me-maybe",
+            Message::Birthday { .. } => "birthday",
         }
     }
 }
@@ -122,6 +143,8 @@ pub enum DiscoError {
     BadFamily { what: &'static str, family: u8 },
     #[error("call-me-maybe with {0} candidates, more than the limit of {MAX_CANDIDATES}")]
     TooManyCandidates(usize),
+    #[error("birthday step {0} is neither 1, 2 nor 3")]
+    BadBirthdayStep(u8),
 }
 
 /// Whether `packet` is meant to be a disco packet (it may still fail to
@@ -270,6 +293,11 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, DiscoError> {
                 put_addr(&mut out, *a);
             }
         }
+        Message::Birthday { step, addr } => {
+            out.push(TYPE_BIRTHDAY);
+            out.push(*step as u8);
+            put_addr(&mut out, *addr);
+        }
     }
     Ok(out)
 }
@@ -302,6 +330,19 @@ pub fn decode(plaintext: &[u8]) -> Result<Message, DiscoError> {
             }
             let candidates = (0..count).map(|_| r.addr()).collect::<Result<_, _>>()?;
             Message::CallMeMaybe { candidates }
+        }
+        TYPE_BIRTHDAY => {
+            r.what = "birthday";
+            let step = match r.bytes(1)?[0] {
+                1 => BirthdayStep::Offer,
+                2 => BirthdayStep::Accept,
+                3 => BirthdayStep::Go,
+                other => return Err(DiscoError::BadBirthdayStep(other)),
+            };
+            Message::Birthday {
+                step,
+                addr: r.addr()?,
+            }
         }
         other => return Err(DiscoError::UnknownType(other)),
     };
@@ -414,6 +455,18 @@ mod tests {
                     .map(|p| SocketAddr::new("2001:db8::2".parse().unwrap(), p))
                     .collect(),
             },
+            Message::Birthday {
+                step: BirthdayStep::Offer,
+                addr: "198.51.100.7:1".parse().unwrap(),
+            },
+            Message::Birthday {
+                step: BirthdayStep::Accept,
+                addr: "[2001:db8::1]:51820".parse().unwrap(),
+            },
+            Message::Birthday {
+                step: BirthdayStep::Go,
+                addr: "203.0.113.9:65535".parse().unwrap(),
+            },
         ]
     }
 
@@ -432,7 +485,10 @@ mod tests {
     #[test]
     fn the_largest_message_is_exactly_the_maximum_packet() {
         let (a, _) = pair();
-        let largest = messages().pop().unwrap();
+        let largest = messages()
+            .into_iter()
+            .max_by_key(|m| encode(m).unwrap().len())
+            .unwrap();
         assert_eq!(a.seal(&largest, [0; 24]).unwrap().len(), MAX_PACKET_LEN);
     }
 
@@ -536,6 +592,22 @@ mod tests {
                 what: "call-me-maybe",
                 have: 6,
                 need: 7,
+            },
+        );
+        check(&[TYPE_BIRTHDAY, 4], DiscoError::BadBirthdayStep(4));
+        check(
+            &[TYPE_BIRTHDAY, 1, 4, 1, 2, 3, 4, 0],
+            DiscoError::Truncated {
+                what: "birthday",
+                have: 8,
+                need: 9,
+            },
+        );
+        check(
+            &[TYPE_BIRTHDAY, 3, 4, 1, 2, 3, 4, 0, 1, 0],
+            DiscoError::TrailingBytes {
+                what: "birthday",
+                extra: 1,
             },
         );
         let too_many = Message::CallMeMaybe {

@@ -22,15 +22,18 @@
 //! Its decision is the only authority over a managed peer's endpoint: the
 //! data plane's roaming must be off for these peers, or the two would fight.
 //!
-//! Not done: the birthday technique for a NAT that maps per destination
-//! facing one that filters per address and port (docs/disco-protocol.md,
-//! "Not done"). It would extend the API with local sockets: an input saying
-//! our mapping varies by destination (two STUN servers disagree), a flag in
-//! CallMeMaybe telling the peer so, an `Action::OpenSockets { count }`
-//! answered with socket ids, a `from: SocketId` on [`Transmit`] and on
-//! `handle_udp`, a socket in [`Endpoint::Udp`] (the data plane would send a
-//! peer's datagrams from that socket), and a probe budget in [`PathConfig`];
-//! candidates and path decisions would stay as they are.
+//! The birthday technique (docs/disco-protocol.md, "The birthday
+//! technique") reaches a peer behind a NAT that filters per address and
+//! port when our NAT maps per destination, or the other way round. The
+//! driver says whether our mapping varies and what our public address is
+//! ([`PathManager::set_public`]); the hard side asks for extra local
+//! sockets ([`Action::OpenSocket`], closed again with
+//! [`Action::CloseSocket`]), packets leave from the socket named in
+//! [`Transmit::from`], arrive through [`PathManager::handle_udp_on`], and a
+//! direct path found through an extra socket is set with that socket in
+//! [`Action::SetEndpoint`] (the data plane must send the peer's datagrams
+//! from it, as only it holds the punched mapping). [`BirthdayConfig`]
+//! bounds sockets, probes, their rate and the time spent.
 
 mod peer;
 mod relay;
@@ -92,9 +95,20 @@ impl fmt::Display for Path {
     }
 }
 
+/// A local UDP socket: [`SocketId::MAIN`] is WireGuard's, the others are
+/// the extra sockets of the birthday technique, numbered by the manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SocketId(pub u32);
+
+impl SocketId {
+    pub const MAIN: SocketId = SocketId(0);
+}
+
 /// A disco packet to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
+    /// The local socket it leaves from (meaningless for a relay).
+    pub from: SocketId,
     pub to: Endpoint,
     pub packet: Vec<u8>,
 }
@@ -102,8 +116,21 @@ pub struct Transmit {
 /// Something the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Point the peer's WireGuard endpoint here (`Node::set_endpoint`).
-    SetEndpoint { peer: NodeKey, endpoint: Endpoint },
+    /// Point the peer's WireGuard endpoint here (`Node::set_endpoint`),
+    /// its datagrams leaving from local socket `from` (for a relay, always
+    /// [`SocketId::MAIN`]).
+    SetEndpoint {
+        peer: NodeKey,
+        endpoint: Endpoint,
+        from: SocketId,
+    },
+    /// Open an extra UDP socket on a new local port, for the birthday
+    /// technique; packets that arrive on it go to
+    /// [`PathManager::handle_udp_on`]. One that cannot be opened is simply
+    /// never used (what is sent from it is lost).
+    OpenSocket(SocketId),
+    /// Close an extra socket: it did not win, or its path is gone.
+    CloseSocket(SocketId),
     /// Connect to this relay as the node's home and report it to the
     /// coordinator, so peers send relayed packets there.
     SetHomeRelay(RelayId),
@@ -216,6 +243,45 @@ pub struct PathConfig {
     pub max_candidates: usize,
     /// Pings in flight per peer; the oldest is forgotten beyond this.
     pub max_outstanding: usize,
+    pub birthday: BirthdayConfig,
+}
+
+/// The bounds of the birthday technique. With `sockets` mappings open on
+/// the hard side among the ~64 000 ports a NAT picks from, each probe hits
+/// with a chance of about `sockets / 64 512`, so `probes` probes succeed
+/// with a chance of about `1 - exp(-sockets * probes / 64 512)`: 98 % for
+/// 256 sockets and 1024 probes (docs/disco-protocol.md has the measurements).
+#[derive(Debug, Clone)]
+pub struct BirthdayConfig {
+    pub enabled: bool,
+    /// Extra sockets the hard side opens, for all its peers together.
+    pub sockets: u32,
+    /// Probes the easy side sends in one attempt.
+    pub probes: u32,
+    /// Probes per second, for all peers together (one attempt at a time).
+    pub probe_rate: u32,
+    /// An attempt ends this long after it began, hit or not: the hard side
+    /// closes its sockets, the easy side stops probing.
+    pub timeout: Duration,
+    /// The hard side offers an attempt once the peer has been relayed this
+    /// long (so peers that ordinary probing reaches never pay for it) and
+    /// then at most once per `retry_after` while the peer is in use.
+    pub after: Duration,
+    pub retry_after: Duration,
+}
+
+impl Default for BirthdayConfig {
+    fn default() -> Self {
+        BirthdayConfig {
+            enabled: true,
+            sockets: 256,
+            probes: 1024,
+            probe_rate: 250,
+            timeout: Duration::from_secs(8),
+            after: Duration::from_secs(2),
+            retry_after: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Default for PathConfig {
@@ -237,23 +303,55 @@ impl Default for PathConfig {
             switch_samples: 3,
             max_candidates: 2 * disco::MAX_CANDIDATES,
             max_outstanding: 64,
+            birthday: BirthdayConfig::default(),
         }
     }
 }
 
-/// Everything a peer's state machine writes to: the queues and the RNG.
+/// Everything a peer's state machine writes to: the queues, the RNG, and
+/// the node-wide budget of the birthday technique.
 struct Out {
     rng: StdRng,
     transmits: VecDeque<Transmit>,
     actions: VecDeque<Action>,
     events: VecDeque<PathEvent>,
+    /// Extra sockets open now (at most `BirthdayConfig::sockets`).
+    sockets_open: u32,
+    /// The last socket id given out.
+    last_socket: u32,
+    /// A peer is being probed (one at a time, so the rate holds node-wide).
+    probing: bool,
+}
+
+impl Out {
+    fn open_socket(&mut self) -> SocketId {
+        self.last_socket = self.last_socket.wrapping_add(1).max(1);
+        self.sockets_open += 1;
+        let id = SocketId(self.last_socket);
+        self.actions.push_back(Action::OpenSocket(id));
+        id
+    }
+
+    fn close_socket(&mut self, id: SocketId) {
+        self.sockets_open = self.sockets_open.saturating_sub(1);
+        self.actions.push_back(Action::CloseSocket(id));
+    }
+}
+
+/// What the node knows of itself: its candidates, and for the birthday
+/// technique its public address and whether its NAT maps per destination.
+#[derive(Debug, Default)]
+struct Own {
+    candidates: Vec<SocketAddr>,
+    public: Option<SocketAddr>,
+    mapping_varies: bool,
 }
 
 /// The path decisions of one node for all its peers; see the module doc.
 pub struct PathManager {
     config: PathConfig,
     secret: StaticSecret,
-    own_candidates: Vec<SocketAddr>,
+    own: Own,
     peers: BTreeMap<NodeKey, Peer>,
     relays: RelayChoice,
     next_ping_id: u64,
@@ -263,7 +361,7 @@ pub struct PathManager {
 impl fmt::Debug for PathManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PathManager")
-            .field("own_candidates", &self.own_candidates)
+            .field("own", &self.own)
             .field("peers", &self.peers.len())
             .field("home_relay", &self.relays.home())
             .finish_non_exhaustive()
@@ -278,7 +376,7 @@ impl PathManager {
         PathManager {
             config,
             secret,
-            own_candidates: Vec::new(),
+            own: Own::default(),
             peers: BTreeMap::new(),
             relays: RelayChoice::default(),
             next_ping_id: 0,
@@ -287,6 +385,9 @@ impl PathManager {
                 transmits: VecDeque::new(),
                 actions: VecDeque::new(),
                 events: VecDeque::new(),
+                sockets_open: 0,
+                last_socket: 0,
+                probing: false,
             },
         }
     }
@@ -298,11 +399,11 @@ impl PathManager {
         candidates.sort();
         candidates.dedup();
         candidates.truncate(disco::MAX_CANDIDATES);
-        if candidates == self.own_candidates {
+        if candidates == self.own.candidates {
             return;
         }
         tracing::debug!(?candidates, "own endpoint candidates changed");
-        self.own_candidates = candidates;
+        self.own.candidates = candidates;
         for p in self.peers.values_mut() {
             p.reprobe_soon(&self.config, now);
         }
@@ -326,7 +427,18 @@ impl PathManager {
     }
 
     pub fn own_candidates(&self) -> &[SocketAddr] {
-        &self.own_candidates
+        &self.own.candidates
+    }
+
+    /// What STUN says of this node: its public address, and whether its NAT
+    /// maps per destination (two STUN servers saw different ports). A node
+    /// whose mapping varies is the hard side of the birthday technique.
+    pub fn set_public(&mut self, public: Option<SocketAddr>, mapping_varies: bool) {
+        if (public, mapping_varies) != (self.own.public, self.own.mapping_varies) {
+            tracing::debug!(?public, mapping_varies, "own public address");
+        }
+        self.own.public = public;
+        self.own.mapping_varies = mapping_varies;
     }
 
     /// Adds a peer or updates what the coordinator says of it. A new peer
@@ -350,9 +462,11 @@ impl PathManager {
         Ok(())
     }
 
-    /// Forgets a peer (its pings in flight too).
+    /// Forgets a peer (its pings in flight too), closing its extra sockets.
     pub fn remove_peer(&mut self, key: &NodeKey) {
-        self.peers.remove(key);
+        if let Some(mut p) = self.peers.remove(key) {
+            p.close_sockets(&mut self.out);
+        }
     }
 
     /// Data went to or came from the peer: it is in use, so its direct path
@@ -385,8 +499,19 @@ impl PathManager {
         packet: &[u8],
         now: Instant,
     ) -> Result<(), PathError> {
-        tracing::trace!(%src, len = packet.len(), "disco packet");
-        self.deliver(packet, Endpoint::Udp(src), now)
+        self.handle_udp_on(SocketId::MAIN, src, packet, now)
+    }
+
+    /// A disco packet that came to local socket `socket` from `src`.
+    pub fn handle_udp_on(
+        &mut self,
+        socket: SocketId,
+        src: SocketAddr,
+        packet: &[u8],
+        now: Instant,
+    ) -> Result<(), PathError> {
+        tracing::trace!(%src, ?socket, len = packet.len(), "disco packet");
+        self.deliver(packet, Endpoint::Udp(src), socket, now)
     }
 
     /// A disco packet that `relay` delivered from the node with key `from`.
@@ -405,24 +530,34 @@ impl PathManager {
             });
         }
         tracing::trace!(peer = %from, %relay, len = packet.len(), "relayed disco packet");
-        self.deliver(packet, Endpoint::Relay { relay, peer: from }, now)
+        self.deliver(
+            packet,
+            Endpoint::Relay { relay, peer: from },
+            SocketId::MAIN,
+            now,
+        )
     }
 
-    fn deliver(&mut self, packet: &[u8], from: Endpoint, now: Instant) -> Result<(), PathError> {
+    fn deliver(
+        &mut self,
+        packet: &[u8],
+        from: Endpoint,
+        socket: SocketId,
+        now: Instant,
+    ) -> Result<(), PathError> {
         let key = disco::sender(packet)?;
         let p = self
             .peers
             .get_mut(&key)
             .ok_or(PathError::UnknownPeer(key))?;
         let msg = p.open(packet)?;
-        p.handle(
-            &self.config,
-            msg,
-            from,
-            &mut self.out,
-            &self.own_candidates,
-            now,
-        );
+        if let (Endpoint::Udp(src), false) = (from, socket == SocketId::MAIN) {
+            if !p.hit(&self.config, socket, src, now) {
+                tracing::debug!(peer = %key, ?socket, %src, "disco packet on a socket not the peer's");
+                return Ok(());
+            }
+        }
+        p.handle(&self.config, msg, from, &mut self.out, &self.own, now);
         Ok(())
     }
 
@@ -441,6 +576,12 @@ impl PathManager {
         }
         self.next_ping_id += 1;
         Ok(id)
+    }
+
+    /// Extra sockets open now (the birthday technique's), for status and
+    /// tests.
+    pub fn sockets_open(&self) -> u32 {
+        self.out.sockets_open
     }
 
     pub fn status(&self, key: &NodeKey) -> Option<PeerStatus> {
@@ -469,7 +610,7 @@ impl PathManager {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         for p in self.peers.values_mut() {
-            p.tick(&self.config, &mut self.out, &self.own_candidates, now);
+            p.tick(&self.config, &mut self.out, &self.own, now);
         }
     }
 }

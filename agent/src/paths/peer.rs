@@ -5,11 +5,14 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use meshd_proto::disco::{self, DiscoError, DiscoKeys, Message, TxId};
+use meshd_proto::disco::{self, BirthdayStep, DiscoError, DiscoKeys, Message, TxId};
 use meshd_proto::NodeKey;
 use rand::Rng;
 
-use super::{Action, Endpoint, Out, Path, PathConfig, PathEvent, PeerStatus, RelayId, Transmit};
+use super::{
+    Action, Endpoint, Out, Own, Path, PathConfig, PathEvent, PeerStatus, RelayId, SocketId,
+    Transmit,
+};
 
 /// RTT samples kept per candidate.
 const RTT_SAMPLES: usize = 5;
@@ -42,6 +45,9 @@ struct Candidate {
     rtts: VecDeque<Duration>,
     /// Pongs in a row that beat the active path by the margin.
     wins: u32,
+    /// The local socket whose NAT mapping reaches this address: an extra
+    /// socket once a birthday probe came through it, else the main one.
+    socket: SocketId,
 }
 
 impl Candidate {
@@ -76,6 +82,34 @@ struct Sent {
     user: Option<u64>,
 }
 
+/// Where the peer stands in the birthday technique (docs/disco-protocol.md).
+#[derive(Debug, Default)]
+enum Birthday {
+    #[default]
+    Idle,
+    /// Hard side: offered, waiting for the peer's accept.
+    Offered { until: Instant },
+    /// Hard side: extra sockets open, each having sent to the peer's public
+    /// address; waiting for a probe to come through one of them.
+    Holding {
+        sockets: Vec<SocketId>,
+        until: Instant,
+    },
+    /// Easy side: accepted, waiting for the hard side's go; holds the
+    /// node's probing slot.
+    Accepted {
+        ip: std::net::IpAddr,
+        until: Instant,
+    },
+    /// Easy side: probing random ports of the peer's public IP.
+    Probing {
+        ip: std::net::IpAddr,
+        start: Instant,
+        sent: u32,
+        until: Instant,
+    },
+}
+
 #[derive(Debug)]
 pub(super) struct Peer {
     keys: DiscoKeys,
@@ -95,6 +129,11 @@ pub(super) struct Peer {
     last_probe: Option<Instant>,
     last_call: Option<Instant>,
     relay_rtt: Option<Duration>,
+    birthday: Birthday,
+    /// When the last birthday attempt with this peer began.
+    birthday_last: Option<Instant>,
+    /// The extra socket that won a birthday attempt and carries the path.
+    won: Option<SocketId>,
 }
 
 impl Peer {
@@ -122,6 +161,9 @@ impl Peer {
             last_probe: None,
             last_call: None,
             relay_rtt: None,
+            birthday: Birthday::Idle,
+            birthday_last: None,
+            won: None,
         };
         tracing::debug!(peer = %p.key(), ?candidates, ?relay, "peer added");
         p.update(config, candidates, relay, out, now);
@@ -290,14 +332,315 @@ impl Peer {
         msg: Message,
         from: Endpoint,
         out: &mut Out,
-        own: &[SocketAddr],
+        own: &Own,
         now: Instant,
     ) {
         match msg {
             Message::Ping { txid } => self.handle_ping(config, txid, from, out, now),
             Message::Pong { txid, .. } => self.handle_pong(config, txid, from, out, now),
             Message::CallMeMaybe { candidates } => {
-                self.handle_call(config, &candidates, out, own, now)
+                self.handle_call(config, &candidates, out, &own.candidates, now)
+            }
+            Message::Birthday { step, addr } => match from {
+                // Only through the relay: it proves the sender, and a replay
+                // over UDP must not make us open sockets or probe.
+                Endpoint::Relay { .. } => {
+                    self.handle_birthday(config, (step, addr), from, out, own, now)
+                }
+                Endpoint::Udp(_) => {
+                    tracing::debug!(peer = %self.key(), "birthday message over UDP ignored");
+                }
+            },
+        }
+    }
+
+    /// A packet from the peer came through extra socket `socket` from
+    /// `src`: a birthday hit. That socket's mapping reaches `src`, so
+    /// everything to `src` leaves from it from now on.
+    /// Returns whether the socket is ours: a packet that came on another
+    /// extra socket is dropped.
+    pub(super) fn hit(
+        &mut self,
+        config: &PathConfig,
+        socket: SocketId,
+        src: SocketAddr,
+        now: Instant,
+    ) -> bool {
+        let ours = match &self.birthday {
+            Birthday::Holding { sockets, .. } => sockets.contains(&socket),
+            _ => self.won == Some(socket),
+        };
+        if !ours {
+            return false;
+        }
+        let peer = self.key();
+        let Some(c) = self.candidate(config, src) else {
+            return false;
+        };
+        if c.socket != socket {
+            tracing::info!(%peer, ?socket, %src, "birthday hit");
+            c.socket = socket;
+            c.unanswered_since = None;
+        }
+        if !c.has_source() {
+            c.learned = Some(now);
+        }
+        true
+    }
+
+    fn handle_birthday(
+        &mut self,
+        config: &PathConfig,
+        (step, addr): (BirthdayStep, SocketAddr),
+        via: Endpoint,
+        out: &mut Out,
+        own: &Own,
+        now: Instant,
+    ) {
+        let b = &config.birthday;
+        tracing::debug!(peer = %self.key(), ?step, %addr, "birthday message");
+        match step {
+            BirthdayStep::Offer => {
+                let Some(public) = own.public else {
+                    return;
+                };
+                let busy = !matches!(self.birthday, Birthday::Idle) || out.probing;
+                let recent = self
+                    .birthday_last
+                    .is_some_and(|t| now.saturating_duration_since(t) < b.retry_after);
+                // Two hard sides cannot meet this way; and one attempt per
+                // `retry_after` bounds what a peer can make us send.
+                if !b.enabled || own.mapping_varies || busy || recent || self.direct().is_some() {
+                    return;
+                }
+                // The probing slot is ours from now on, so that the Go
+                // cannot find it taken by another peer's attempt.
+                out.probing = true;
+                self.birthday_last = Some(now);
+                self.birthday = Birthday::Accepted {
+                    ip: addr.ip(),
+                    until: now + b.timeout,
+                };
+                self.send(
+                    out,
+                    via,
+                    &Message::Birthday {
+                        step: BirthdayStep::Accept,
+                        addr: public,
+                    },
+                );
+            }
+            BirthdayStep::Accept => {
+                if !matches!(self.birthday, Birthday::Offered { .. }) {
+                    return;
+                }
+                let count = b.sockets.saturating_sub(out.sockets_open);
+                // Without our public IP (STUN lost it meanwhile) the peer
+                // would not know where to probe.
+                let Some(public) = own.public.filter(|_| count > 0) else {
+                    self.birthday = Birthday::Idle;
+                    return;
+                };
+                self.birthday_last = Some(now);
+                let mut sockets = Vec::new();
+                for _ in 0..count {
+                    sockets.push(out.open_socket());
+                }
+                // Each socket's packet opens a mapping on our NAT (with its
+                // own public port) that lets the peer's address in.
+                for &s in &sockets {
+                    let ping = Message::Ping {
+                        txid: TxId(out.rng.random()),
+                    };
+                    self.send_from(out, s, Endpoint::Udp(addr), &ping);
+                }
+                self.send(
+                    out,
+                    via,
+                    &Message::Birthday {
+                        step: BirthdayStep::Go,
+                        addr: public,
+                    },
+                );
+                tracing::info!(peer = %self.key(), sockets = count, target = %addr, "birthday: sockets open");
+                self.birthday = Birthday::Holding {
+                    sockets,
+                    until: now + b.timeout,
+                };
+            }
+            BirthdayStep::Go => {
+                let Birthday::Accepted { ip, until } = self.birthday else {
+                    return;
+                };
+                tracing::info!(peer = %self.key(), %ip, probes = b.probes, "birthday: probing");
+                self.birthday = Birthday::Probing {
+                    ip,
+                    start: now,
+                    sent: 0,
+                    until,
+                };
+                self.birthday_tick(config, out, now);
+            }
+        }
+    }
+
+    /// The hard side offers an attempt with each probe once ordinary
+    /// probing has not found a path for `after`, and no attempt ran within
+    /// `retry_after`.
+    fn maybe_offer(&mut self, config: &PathConfig, out: &mut Out, own: &Own, now: Instant) {
+        let b = &config.birthday;
+        let (Some(public), Some(relay)) = (own.public, self.relay) else {
+            return;
+        };
+        let due = now.saturating_duration_since(self.relayed_since) >= b.after
+            && self
+                .birthday_last
+                .is_none_or(|t| now.saturating_duration_since(t) >= b.retry_after);
+        if !b.enabled
+            || !own.mapping_varies
+            || !due
+            || !matches!(self.birthday, Birthday::Idle)
+            || self.direct().is_some()
+            || out.sockets_open >= b.sockets
+        {
+            return;
+        }
+        // An offer costs one relayed packet, so it goes with every probe
+        // until one is accepted (the peer may be busy with another
+        // attempt); only the sockets are limited to one attempt per
+        // `retry_after`.
+        self.birthday = Birthday::Offered {
+            until: now + b.timeout,
+        };
+        let via = Endpoint::Relay {
+            relay,
+            peer: self.key(),
+        };
+        tracing::debug!(peer = %self.key(), %public, "birthday: offering");
+        self.send(
+            out,
+            via,
+            &Message::Birthday {
+                step: BirthdayStep::Offer,
+                addr: public,
+            },
+        );
+    }
+
+    /// Sends the probes that are due, and ends attempts that ran out.
+    fn birthday_tick(&mut self, config: &PathConfig, out: &mut Out, now: Instant) {
+        let b = &config.birthday;
+        match self.birthday {
+            Birthday::Offered { until } if until <= now => {
+                self.birthday = Birthday::Idle;
+            }
+            Birthday::Accepted { until, .. } if until <= now => {
+                out.probing = false;
+                self.birthday = Birthday::Idle;
+            }
+            Birthday::Holding { until, .. } if until <= now || self.won.is_some() => {
+                self.end_holding(out);
+            }
+            Birthday::Probing {
+                ip,
+                start,
+                sent,
+                until,
+            } => {
+                let elapsed = now.saturating_duration_since(start);
+                let due = u64::try_from(elapsed.as_micros() * u128::from(b.probe_rate) / 1_000_000)
+                    .unwrap_or(u64::MAX)
+                    .saturating_add(1)
+                    .min(u64::from(b.probes));
+                let due = u32::try_from(due).unwrap_or(b.probes);
+                for _ in sent..due {
+                    let port = out.rng.random_range(1024..=65535);
+                    let ping = Message::Ping {
+                        txid: TxId(out.rng.random()),
+                    };
+                    self.send_from(
+                        out,
+                        SocketId::MAIN,
+                        Endpoint::Udp(SocketAddr::new(ip, port)),
+                        &ping,
+                    );
+                }
+                let done = due >= b.probes || until <= now || self.direct().is_some();
+                if done {
+                    tracing::info!(peer = %self.key(), probes = due, direct = self.direct().is_some(), "birthday: probing ended");
+                    out.probing = false;
+                    self.birthday = Birthday::Idle;
+                } else {
+                    self.birthday = Birthday::Probing {
+                        ip,
+                        start,
+                        sent: due,
+                        until,
+                    };
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The hard side's attempt ends: every extra socket but the winner is
+    /// closed.
+    fn end_holding(&mut self, out: &mut Out) {
+        if !matches!(self.birthday, Birthday::Holding { .. }) {
+            return;
+        }
+        if let Birthday::Holding { sockets, .. } = std::mem::take(&mut self.birthday) {
+            let mut closed = 0;
+            for s in sockets {
+                if Some(s) != self.won {
+                    self.close_socket(s, out);
+                    closed += 1;
+                }
+            }
+            tracing::info!(peer = %self.key(), won = ?self.won, closed, "birthday: attempt over");
+        }
+    }
+
+    fn birthday_wake(&self, config: &PathConfig) -> Option<Instant> {
+        match self.birthday {
+            Birthday::Idle => None,
+            Birthday::Offered { until }
+            | Birthday::Accepted { until, .. }
+            | Birthday::Holding { until, .. } => Some(until),
+            Birthday::Probing {
+                start, sent, until, ..
+            } => {
+                // Rounded up, so the wake comes after the probe is due and
+                // never at the same instant again.
+                let rate = u64::from(config.birthday.probe_rate.max(1));
+                let next = start
+                    + Duration::from_micros(
+                        u64::from(sent).saturating_mul(1_000_000).div_ceil(rate),
+                    );
+                Some(next.min(until))
+            }
+        }
+    }
+
+    /// Closes every extra socket of this peer (it is removed).
+    pub(super) fn close_sockets(&mut self, out: &mut Out) {
+        if let Birthday::Accepted { .. } | Birthday::Probing { .. } = self.birthday {
+            out.probing = false;
+        }
+        self.end_holding(out);
+        self.birthday = Birthday::Idle;
+        if let Some(s) = self.won.take() {
+            self.close_socket(s, out);
+        }
+    }
+
+    /// Closes an extra socket; addresses reached through it go back to the
+    /// main socket, so nothing is ever sent from a closed one.
+    fn close_socket(&mut self, socket: SocketId, out: &mut Out) {
+        out.close_socket(socket);
+        for c in self.candidates.values_mut() {
+            if c.socket == socket {
+                c.socket = SocketId::MAIN;
             }
         }
     }
@@ -523,7 +866,9 @@ impl Peer {
 
     /// Pings every candidate and, through the relay, sends our candidates
     /// and a ping (for the relay's RTT).
-    fn probe(&mut self, config: &PathConfig, out: &mut Out, own: &[SocketAddr], now: Instant) {
+    fn probe(&mut self, config: &PathConfig, out: &mut Out, own: &Own, now: Instant) {
+        self.maybe_offer(config, out, own, now);
+        let own = &own.candidates;
         self.last_probe = Some(now);
         self.prune(now);
         let targets: Vec<SocketAddr> = self.candidates.keys().copied().collect();
@@ -572,11 +917,20 @@ impl Peer {
         self.send(out, to, &Message::Ping { txid });
     }
 
+    /// Sends from the socket whose mapping reaches `to`.
     fn send(&self, out: &mut Out, to: Endpoint, msg: &Message) {
+        let from = match to {
+            Endpoint::Udp(a) => self.candidates.get(&a).map_or(SocketId::MAIN, |c| c.socket),
+            Endpoint::Relay { .. } => SocketId::MAIN,
+        };
+        self.send_from(out, from, to, msg);
+    }
+
+    fn send_from(&self, out: &mut Out, from: SocketId, to: Endpoint, msg: &Message) {
         match self.keys.seal(msg, out.rng.random()) {
             Ok(packet) => {
-                tracing::trace!(peer = %self.key(), ?to, ?msg, "disco packet out");
-                out.transmits.push_back(Transmit { to, packet });
+                tracing::trace!(peer = %self.key(), ?from, ?to, ?msg, "disco packet out");
+                out.transmits.push_back(Transmit { from, to, packet });
             }
             Err(e) => tracing::warn!(peer = %self.key(), error = %e, "disco message not sent"),
         }
@@ -592,15 +946,46 @@ impl Peer {
         self.path = path;
         self.path_since = now;
         let peer = self.key();
-        let endpoint = match path {
-            Path::Direct(a) => Endpoint::Udp(a),
-            Path::Relay(relay) => Endpoint::Relay { relay, peer },
+        let (endpoint, from) = match path {
+            Path::Direct(a) => {
+                let from = self.candidates.get(&a).map_or(SocketId::MAIN, |c| c.socket);
+                (Some(Endpoint::Udp(a)), from)
+            }
+            Path::Relay(relay) => (Some(Endpoint::Relay { relay, peer }), SocketId::MAIN),
             // The engine keeps its old endpoint: sending into a dead path
             // loses nothing more than holding packets would.
-            Path::None => return,
+            Path::None => (None, SocketId::MAIN),
         };
-        out.actions
-            .push_back(Action::SetEndpoint { peer, endpoint });
+        // The winning socket is kept while a path uses it; the attempt's
+        // other sockets close as soon as one wins, and a winner whose path
+        // is gone closes too (its mapping may be stale by the next attempt).
+        let winner = (from != SocketId::MAIN).then_some(from);
+        if winner != self.won {
+            if let Some(old) = self.won.take() {
+                if matches!(&self.birthday, Birthday::Holding { sockets, .. } if sockets.contains(&old))
+                {
+                    // Closed with the attempt's others.
+                    for c in self.candidates.values_mut() {
+                        if c.socket == old {
+                            c.socket = SocketId::MAIN;
+                        }
+                    }
+                } else {
+                    self.close_socket(old, out);
+                }
+            }
+            self.won = winner;
+            if winner.is_some() {
+                self.end_holding(out);
+            }
+        }
+        if let Some(endpoint) = endpoint {
+            out.actions.push_back(Action::SetEndpoint {
+                peer,
+                endpoint,
+                from,
+            });
+        }
     }
 
     /// The active direct path went silent: another live direct path if
@@ -677,6 +1062,7 @@ impl Peer {
     }
 
     pub(super) fn next_wake(&self, config: &PathConfig) -> Option<Instant> {
+        let birthday = self.birthday_wake(config);
         let expiry = self
             .outstanding
             .values()
@@ -687,19 +1073,15 @@ impl Peer {
             self.heartbeat_at(config),
             self.dead_at(config),
             expiry,
+            birthday,
         ]
         .into_iter()
         .flatten()
         .min()
     }
 
-    pub(super) fn tick(
-        &mut self,
-        config: &PathConfig,
-        out: &mut Out,
-        own: &[SocketAddr],
-        now: Instant,
-    ) {
+    pub(super) fn tick(&mut self, config: &PathConfig, out: &mut Out, own: &Own, now: Instant) {
+        self.birthday_tick(config, out, now);
         let peer = self.key();
         self.outstanding.retain(|_, s| {
             let live = s.at + config.ping_timeout > now;

@@ -2,7 +2,9 @@
 //! nodes behind NATs modelled after RFC 4787 (mapping, filtering, expiry of
 //! unreplied mappings refreshed by outbound packets, port allocation), links
 //! with latency and loss, a relay that always delivers (until killed), and
-//! links that can be cut. Everything is decided by one seed.
+//! links that can be cut. Everything is decided by one seed. A node has its
+//! main socket and the extra sockets its manager opens (each on its own
+//! local port, so a NAT gives each its own mappings).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,7 +15,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use super::{Action, Endpoint, Path, PathConfig, PathError, PathEvent, PathManager, RelayId};
+use super::{
+    Action, Endpoint, Path, PathConfig, PathError, PathEvent, PathManager, RelayId, SocketId,
+};
 
 /// What a NAT's mapping for an outbound flow depends on (RFC 4787, 4.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +192,13 @@ pub(super) struct SimNode {
     busy: BTreeSet<NodeKey>,
     /// Disco packets this node sent over UDP.
     pub udp_sent: usize,
+    /// The extra sockets open now, by id, with their local port.
+    sockets: BTreeMap<SocketId, u16>,
+    next_port: u16,
+    /// The most extra sockets open at once.
+    pub max_sockets: usize,
+    /// The socket WireGuard sends from, per peer, as set by the manager.
+    pub sources: BTreeMap<NodeKey, SocketId>,
 }
 
 #[derive(Debug)]
@@ -284,6 +295,10 @@ impl Sim {
             events: Vec::new(),
             busy: BTreeSet::new(),
             udp_sent: 0,
+            sockets: BTreeMap::new(),
+            next_port: 40000,
+            max_sockets: 0,
+            sources: BTreeMap::new(),
         });
         self.refresh_candidates(i);
         self.drain(i);
@@ -301,9 +316,16 @@ impl Sim {
         let now = self.now;
         let n = &mut self.nodes[i];
         let mut candidates = vec![n.local];
+        let mut public = (!matches!(n.net, Net::UdpBlocked)).then_some(n.local);
+        let mut varies = false;
         if let (Some(nat), Net::Nat(_)) = (&mut n.nat, n.net) {
-            candidates.push(nat.outbound(n.local, STUN, now, &mut self.rng));
+            let mapped = nat.outbound(n.local, STUN, now, &mut self.rng);
+            candidates.push(mapped);
+            public = Some(mapped);
+            // What a second STUN server would show.
+            varies = nat.config.mapping != Mapping::EndpointIndependent;
         }
+        n.pm.set_public(public, varies);
         n.pm.set_own_candidates(candidates, now);
         self.drain(i);
     }
@@ -479,12 +501,23 @@ impl Sim {
                 let local = match (&mut n.nat, n.net) {
                     (_, Net::UdpBlocked) => None,
                     (Some(nat), _) => nat.inbound(dst.port(), src, now),
-                    (None, _) => (dst == n.local).then_some(dst),
+                    (None, _) => (dst.ip() == n.local.ip()).then_some(dst),
                 };
-                if lost || local != Some(n.local) {
+                let Some(local) = local.filter(|_| !lost) else {
                     return;
-                }
-                expect_ours(n.pm.handle_udp(src, &packet, now));
+                };
+                let socket = if local == n.local {
+                    SocketId::MAIN
+                } else if let Some((&id, _)) = n
+                    .sockets
+                    .iter()
+                    .find(|(_, &port)| local == SocketAddr::new(n.local.ip(), port))
+                {
+                    id
+                } else {
+                    return;
+                };
+                expect_ours(n.pm.handle_udp_on(socket, src, &packet, now));
             }
             Delivery::Relay { to, from, packet } => {
                 expect_ours(self.nodes[to].pm.handle_relayed(RELAY, from, &packet, now));
@@ -514,8 +547,29 @@ impl Sim {
     fn drain(&mut self, i: usize) {
         let now = self.now;
         while let Some(a) = self.nodes[i].pm.poll_action() {
-            if let Action::SetEndpoint { peer, endpoint } = a {
-                self.nodes[i].endpoints.insert(peer, endpoint);
+            let n = &mut self.nodes[i];
+            match a {
+                Action::SetEndpoint {
+                    peer,
+                    endpoint,
+                    from,
+                } => {
+                    n.endpoints.insert(peer, endpoint);
+                    n.sources.insert(peer, from);
+                }
+                Action::OpenSocket(id) => {
+                    assert!(!n.sockets.contains_key(&id), "{id:?} opened twice");
+                    n.next_port = n.next_port.wrapping_add(1).max(40000);
+                    n.sockets.insert(id, n.next_port);
+                    n.max_sockets = n.max_sockets.max(n.sockets.len());
+                }
+                Action::CloseSocket(id) => {
+                    assert!(
+                        n.sockets.remove(&id).is_some(),
+                        "{id:?} closed but not open"
+                    );
+                }
+                Action::SetHomeRelay(_) => {}
             }
         }
         while let Some(e) = self.nodes[i].pm.poll_event() {
@@ -523,7 +577,7 @@ impl Sim {
         }
         while let Some(t) = self.nodes[i].pm.poll_transmit() {
             match t.to {
-                Endpoint::Udp(dst) => self.send_udp(i, dst, t.packet),
+                Endpoint::Udp(dst) => self.send_udp(i, t.from, dst, t.packet),
                 Endpoint::Relay { peer, .. } => {
                     let Some(to) = self.nodes.iter().position(|n| n.key == peer) else {
                         continue;
@@ -548,14 +602,23 @@ impl Sim {
         }
     }
 
-    fn send_udp(&mut self, i: usize, dst: SocketAddr, packet: Vec<u8>) {
+    fn send_udp(&mut self, i: usize, from: SocketId, dst: SocketAddr, packet: Vec<u8>) {
         let now = self.now;
         self.nodes[i].udp_sent += 1;
         let n = &mut self.nodes[i];
+        let local = if from == SocketId::MAIN {
+            n.local
+        } else {
+            let port = *n
+                .sockets
+                .get(&from)
+                .expect("sent from a socket that is not open");
+            SocketAddr::new(n.local.ip(), port)
+        };
         let src = match (&mut n.nat, n.net) {
             (_, Net::UdpBlocked) => return,
-            (Some(nat), _) => nat.outbound(n.local, dst, now, &mut self.rng),
-            (None, _) => n.local,
+            (Some(nat), _) => nat.outbound(local, dst, now, &mut self.rng),
+            (None, _) => local,
         };
         if self.rng.random_bool(self.nodes[i].loss) {
             return;
@@ -580,6 +643,16 @@ impl Sim {
                 packet,
             },
         );
+    }
+
+    /// Extra sockets open on node `i` now.
+    pub fn sockets_open(&self, i: usize) -> usize {
+        assert_eq!(
+            self.nodes[i].sockets.len(),
+            self.nodes[i].pm.sockets_open() as usize,
+            "the manager's count of sockets matches the driver's"
+        );
+        self.nodes[i].sockets.len()
     }
 
     /// When `i` first went direct to `j` after `since`.

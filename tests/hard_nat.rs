@@ -1,0 +1,162 @@
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+//! Hard-NAT traversal end to end, with the real `meshd` binary in netlab:
+//! a node behind an endpoint-independent NAT (Linux masquerade) and one
+//! behind a symmetric NAT (masquerade fully-random: a new random public
+//! port per destination), both filtering per address and port. Only the
+//! birthday technique gets them direct (docs/disco-protocol.md). Each trial
+//! is a fresh lab, so the ports are drawn anew; the test asserts what holds
+//! every time — the relay carries traffic whatever happens, and a birthday
+//! hit ends direct both ways and carries pings — and prints how many trials
+//! ended direct.
+
+use std::time::{Duration, Instant};
+
+use meshd_netlab::mesh::{Mesh, MeshSpec, RelaySpec};
+use meshd_netlab::{Lab, Nat, Proc, Site, Topology};
+
+const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
+const TRIALS: usize = 5;
+
+/// A ping every 100 ms from `from` to `to`'s mesh address, in the background.
+fn pinger(mesh: &Mesh<'_>, from: &str, to: &str) -> Proc {
+    let target = mesh.mesh_ip(to).unwrap().to_string();
+    mesh.lab()
+        .spawn(
+            from,
+            "ping",
+            &["ping", "-n", "-i", "0.1", "-W", "1", &target],
+        )
+        .unwrap()
+}
+
+/// Stops a pinger: (sent, received).
+fn stop_pinger(mut p: Proc) -> (u32, u32) {
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(p.pid() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    );
+    let _ = p.wait_timeout(Duration::from_secs(5));
+    let log = p.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("");
+    let num = |word: &str| -> u32 {
+        line.split(", ")
+            .find(|part| part.contains(word))
+            .and_then(|part| part.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (num("transmitted"), num("received"))
+}
+
+#[test]
+fn an_endpoint_independent_nat_reaches_a_symmetric_one_by_the_birthday_technique() {
+    let secs = Duration::from_secs;
+    let mut report: Vec<bool> = Vec::new();
+    for trial in 0..TRIALS {
+        let topo = Topology::new()
+            .host("coord")
+            .host("relay1")
+            .site(Site::new("home", ["easy"]).nat(Nat::EndpointIndependent))
+            .site(Site::new("cgn", ["hard"]).nat(Nat::Symmetric));
+        let lab = Lab::up(&topo).unwrap();
+        let spec = MeshSpec {
+            meshd: MESHD.into(),
+            coordinator: "coord".into(),
+            relays: vec![RelaySpec {
+                host: "relay1".into(),
+                region: "relay1".into(),
+            }],
+            nodes: vec!["easy".into(), "hard".into()],
+            log: "info".into(),
+        };
+        let mesh = Mesh::up(&lab, spec).unwrap();
+        let start = Instant::now();
+        // The relay carries traffic at once, attempt or not.
+        lab.wait_until("easy to reach hard", secs(15), || {
+            mesh.ping("easy", "hard", 1).is_ok_and(|r| r.len() == 1)
+        })
+        .unwrap();
+        // Traffic flows through the attempt: the relay carries it until a
+        // direct path is proven, and nothing is switched before that.
+        let p = pinger(&mesh, "easy", "hard");
+        // An attempt starts 2 s after the peers meet and ends within 8 s.
+        let direct = mesh.wait_path("hard", "easy", "direct", secs(20)).is_ok();
+        std::thread::sleep(secs(1));
+        let (sent, received) = stop_pinger(p);
+        let lost = sent - received;
+        assert!(
+            lost <= 5,
+            "trial {trial}: {lost} of {sent} pings lost during the attempt"
+        );
+        let log = std::fs::read_to_string(lab.log_dir().join("hard.up.log")).unwrap_or_default();
+        let hit = log.contains("birthday hit");
+        let sockets = log.contains("birthday: sockets open");
+        assert!(
+            sockets,
+            "trial {trial}: the hard side never opened its sockets:\n{log}"
+        );
+        if direct {
+            assert!(hit, "trial {trial}: direct without a birthday hit");
+            mesh.wait_path("easy", "hard", "direct", secs(5)).unwrap();
+            let rtts = mesh.ping("easy", "hard", 3).unwrap();
+            assert_eq!(
+                rtts.len(),
+                3,
+                "trial {trial}: pings lost on the direct path"
+            );
+            let rtts = mesh.ping("hard", "easy", 3).unwrap();
+            if !report.contains(&true) {
+                // The first time: the path holds, heartbeats and WireGuard
+                // leaving from the winning socket's port.
+                let p = pinger(&mesh, "hard", "easy");
+                std::thread::sleep(secs(10));
+                let (sent, received) = stop_pinger(p);
+                assert!(sent - received <= 1, "{received} of {sent} pings over 10 s");
+                assert_eq!(mesh.path("hard", "easy").unwrap().kind, "direct");
+                assert_eq!(mesh.path("easy", "hard").unwrap().kind, "direct");
+            }
+            assert_eq!(
+                rtts.len(),
+                3,
+                "trial {trial}: pings lost on the direct path"
+            );
+        } else {
+            assert_eq!(
+                mesh.path("hard", "easy").unwrap().kind,
+                "relay",
+                "trial {trial}"
+            );
+        }
+        // Whatever happened, traffic flows (over the relay if need be).
+        assert_eq!(
+            mesh.ping("easy", "hard", 3).unwrap().len(),
+            3,
+            "trial {trial}"
+        );
+        let path = mesh.path("hard", "easy").unwrap();
+        let probes = std::fs::read_to_string(lab.log_dir().join("easy.up.log"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.contains("birthday: probing ended"))
+            .and_then(|l| {
+                l.split("probes=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        eprintln!(
+            "trial {trial}: {} {} after {:?}, {probes} probes (hit: {hit}), \
+             {lost} of {sent} pings lost meanwhile",
+            path.kind,
+            path.via,
+            start.elapsed()
+        );
+        report.push(direct);
+    }
+    let direct = report.iter().filter(|d| **d).count();
+    eprintln!("endpoint-independent ↔ symmetric: direct in {direct} of {TRIALS} trials");
+}
