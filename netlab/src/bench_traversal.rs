@@ -699,7 +699,7 @@ impl Report {
             }
             if let [(_, m), (_, s)] = &self.timing[..] {
                 let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                    (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                    (Some(a), Some(b)) if b > 0.0 => format!("{:.3}", a / b),
                     _ => "–".into(),
                 };
                 let _ =
