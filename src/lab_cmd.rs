@@ -68,6 +68,26 @@ pub enum BenchCmd {
         #[arg(long, value_delimiter = ',')]
         peers: Vec<String>,
     },
+    /// NAT traversal and relaying, meshd against the seed prototype (Headscale, derper,
+    /// tailscaled) on one lab: the path of every pair of examples/federation.toml, time from
+    /// the first packet to a direct path and the outage when it is cut (two endpoint-
+    /// independent NATs, 20 ms uplinks), and one pair's throughput direct and relayed with the
+    /// relay's CPU per GB. Builds Tailscale and Headscale first if they are not. Build meshd
+    /// with --release first: the meshd measured is the one running.
+    Traversal {
+        /// Trials of the timing phase (fresh start of both nodes in each).
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        /// iperf3 runs per throughput row (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        secs: u32,
+        /// Only these phases, comma-separated: paths, timing, throughput.
+        #[arg(long, value_delimiter = ',')]
+        phases: Vec<String>,
+    },
 }
 
 pub fn run(cmd: LabCmd) -> Result<()> {
@@ -120,6 +140,32 @@ pub fn run(cmd: LabCmd) -> Result<()> {
                     .collect::<Result<_, _>>()?;
             }
             let report = meshd_netlab::bench_dataplane::run(&opts)?;
+            println!("{}", report.table());
+            Ok(())
+        }
+        LabCmd::Bench(BenchCmd::Traversal {
+            trials,
+            runs,
+            secs,
+            phases,
+        }) => {
+            use meshd_netlab::bench_traversal::{self as bt, Phase};
+            let phases = if phases.is_empty() {
+                Phase::NAMES.iter().map(|(_, p)| *p).collect()
+            } else {
+                phases
+                    .iter()
+                    .map(|p| Phase::from_name(p))
+                    .collect::<Result<_, _>>()?
+            };
+            let opts = bt::Options {
+                meshd: std::env::current_exe().context("finding the meshd binary")?,
+                trials,
+                runs,
+                secs,
+                phases,
+            };
+            let report = bt::run(&opts)?;
             println!("{}", report.table());
             Ok(())
         }
@@ -309,6 +355,7 @@ fn demo(file: &Path) -> Result<()> {
         relays: relays.clone(),
         nodes: nodes.iter().map(|(n, _)| n.clone()).collect(),
         log: "warn".into(),
+        up_args: Vec::new(),
     };
     let mesh = Mesh::up(&lab, spec)?;
     println!(

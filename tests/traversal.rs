@@ -26,6 +26,7 @@ fn spec(topo: &Topology) -> MeshSpec {
             .collect(),
         nodes: topo.sites.iter().flat_map(|s| s.nodes.clone()).collect(),
         log: "info".into(),
+        up_args: Vec::new(),
     }
 }
 

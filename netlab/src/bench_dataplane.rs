@@ -452,7 +452,7 @@ fn unreadable(what: &str, text: &str) -> LabError {
     ))
 }
 
-fn load_average() -> Result<f64, LabError> {
+pub(crate) fn load_average() -> Result<f64, LabError> {
     let text = read_proc("/proc/loadavg")?;
     text.split_whitespace()
         .next()
@@ -474,7 +474,7 @@ fn parse_busy_ticks(stat: &str) -> Option<u64> {
 }
 
 /// utime + stime of a process (all its threads) from /proc/PID/stat.
-fn parse_process_ticks(stat: &str) -> Option<u64> {
+pub(crate) fn parse_process_ticks(stat: &str) -> Option<u64> {
     // The command name (field 2) may contain spaces and parentheses: fields are counted from
     // the last ')'. utime and stime are fields 14 and 15, the 12th and 13th after it.
     let rest = stat.get(stat.rfind(')')? + 1..)?;

@@ -8,6 +8,7 @@
 //! lab left behind. See docs/netlab.md for the address plan and the rules.
 pub mod bench;
 pub mod bench_dataplane;
+pub mod bench_traversal;
 mod lab;
 pub mod mesh;
 mod nfqueue;

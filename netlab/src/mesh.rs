@@ -28,6 +28,8 @@ pub struct MeshSpec {
     pub nodes: Vec<String>,
     /// `RUST_LOG` of every process.
     pub log: String,
+    /// Extra arguments of every `meshd up` (e.g. `--no-direct`).
+    pub up_args: Vec<String>,
 }
 
 /// A running mesh; every process is stopped on drop.
@@ -61,7 +63,15 @@ impl<'l> Mesh<'l> {
     /// joins every node; returns once every node is connected and sees every
     /// other node as a peer.
     pub fn up(lab: &'l Lab, spec: MeshSpec) -> Result<Mesh<'l>, LabError> {
-        let dir = lab.log_dir().join("mesh");
+        // A lab may hold one mesh after another: each gets a fresh directory, so no state
+        // (nor the coordinator's `admin.url`, which says it is ready) is left from the last.
+        let dir = (1..)
+            .map(|i| match i {
+                1 => lab.log_dir().join("mesh"),
+                i => lab.log_dir().join(format!("mesh-{i}")),
+            })
+            .find(|d| !d.exists())
+            .unwrap_or_else(|| lab.log_dir().join("mesh"));
         std::fs::create_dir_all(&dir).map_err(|source| LabError::Io {
             what: format!("creating {}", dir.display()),
             source,
@@ -217,15 +227,32 @@ impl<'l> Mesh<'l> {
         self.relays.remove(host);
     }
 
+    /// The process id of the relay on `host`.
+    pub fn relay_pid(&self, host: &str) -> Result<u32, LabError> {
+        self.relays
+            .get(host)
+            .map(Proc::pid)
+            .ok_or_else(|| err(format!("no relay runs on {host}")))
+    }
+
+    /// Stops `meshd up` on `node` (SIGTERM, so it removes its interface); [`Self::start_node`]
+    /// starts it again with the same state, and it logs in with its key.
+    pub fn stop_node(&mut self, node: &str) {
+        if let Some(mut p) = self.nodes.remove(node) {
+            p.stop(Duration::from_secs(5));
+        }
+    }
+
     /// Kills the coordinator at once (SIGKILL).
     pub fn kill_coordinator(&mut self) {
         self.coordinator = None;
     }
 
-    fn start_node(&mut self, name: &str) -> Result<(), LabError> {
+    /// Starts `meshd up` on `name` (the first time, it joins with the mesh's token).
+    pub fn start_node(&mut self, name: &str) -> Result<(), LabError> {
         let state = self.state(name).display().to_string();
         let log = format!("RUST_LOG={}", self.spec.log);
-        let argv = [
+        let mut argv = vec![
             "env",
             &log,
             self.meshd(),
@@ -238,6 +265,7 @@ impl<'l> Mesh<'l> {
             "--token",
             &self.node_token,
         ];
+        argv.extend(self.spec.up_args.iter().map(String::as_str));
         let proc = self.lab.spawn(name, "up", &argv)?;
         self.nodes.insert(name.to_owned(), proc);
         Ok(())

@@ -296,6 +296,7 @@ fn start_daemon(
     node: &str,
     iface: &str,
     mtu: Option<u16>,
+    env: &[String],
     timeout: Duration,
 ) -> Result<Daemon, LabError> {
     let socket = socket_path(dir, node);
@@ -325,6 +326,7 @@ fn start_daemon(
     if let Some(m) = &mtu_env {
         argv.push(m);
     }
+    argv.extend(env.iter().map(String::as_str));
     argv.extend_from_slice(&[
         &bin,
         &tun,
@@ -482,6 +484,8 @@ pub struct SeedOptions {
     pub timeout: Duration,
     /// The MTU of the nodes' TUN (`TS_DEBUG_MTU`); None keeps Tailscale's default (1280).
     pub mtu: Option<u16>,
+    /// Extra `NAME=value` environment of every `tailscaled` (e.g. `TS_DEBUG_ALWAYS_USE_DERP=1`).
+    pub env: Vec<String>,
 }
 
 impl Default for SeedOptions {
@@ -489,6 +493,7 @@ impl Default for SeedOptions {
         SeedOptions {
             timeout: Duration::from_secs(60),
             mtu: None,
+            env: Vec::new(),
         }
     }
 }
@@ -502,6 +507,7 @@ pub struct SeedPrototype<'lab> {
     daemons: Vec<Daemon>,
     control: Control,
     dir: PathBuf,
+    opts: SeedOptions,
 }
 
 impl<'lab> SeedPrototype<'lab> {
@@ -548,6 +554,7 @@ impl<'lab> SeedPrototype<'lab> {
                 node,
                 "tailscale0",
                 opts.mtu,
+                &opts.env,
                 opts.timeout,
             )?);
         }
@@ -559,6 +566,7 @@ impl<'lab> SeedPrototype<'lab> {
             daemons,
             control,
             dir,
+            opts: opts.clone(),
         };
         for d in &seed.daemons {
             let others: Vec<&str> = nodes.iter().copied().filter(|n| *n != d.node).collect();
@@ -577,6 +585,44 @@ impl<'lab> SeedPrototype<'lab> {
         }
         tracing::info!(nodes = ?nodes, control = seed.control.url(), "seed prototype is up");
         Ok(seed)
+    }
+
+    /// Stops `tailscaled` in `node` (SIGTERM: it removes its TUN and rules); [`Self::start`]
+    /// starts it again from its state.
+    pub fn stop(&mut self, node: &str) {
+        if let Some(at) = self.daemons.iter().position(|d| d.node == node) {
+            let mut d = self.daemons.remove(at);
+            d.proc.stop(STOP_GRACE);
+        }
+    }
+
+    /// Starts `tailscaled` in `node` again after [`Self::stop`]: it logs in with the keys in
+    /// its state and learns its peers afresh. Returns once it is running.
+    pub fn start(&mut self, node: &str) -> Result<(), LabError> {
+        if self.daemons.iter().any(|d| d.node == node) {
+            return Err(LabError::Lab(format!("tailscaled already runs in {node}")));
+        }
+        let d = start_daemon(
+            self.lab,
+            &self.dir,
+            node,
+            "tailscale0",
+            self.opts.mtu,
+            &self.opts.env,
+            self.opts.timeout,
+        )?;
+        self.lab.wait_until(
+            &format!("tailscaled in {node} to run again"),
+            self.opts.timeout,
+            || status(self.lab, &d).is_ok_and(|s| s.backend_state == "Running"),
+        )?;
+        self.daemons.push(d);
+        Ok(())
+    }
+
+    /// The process id of derper.
+    pub fn derper_pid(&self) -> u32 {
+        self.control.pids()[1]
     }
 
     fn daemon(&self, node: &str) -> Result<&Daemon, LabError> {
@@ -663,6 +709,7 @@ pub(super) fn start_pair(
             spec.node,
             &spec.iface,
             Some(opts.mtu),
+            &[],
             opts.timeout,
         )?;
         join(lab, &control, &mut d, opts.timeout)?;
