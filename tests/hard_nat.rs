@@ -11,44 +11,11 @@
 
 use std::time::{Duration, Instant};
 
-use meshd_netlab::mesh::{Mesh, MeshSpec, RelaySpec};
-use meshd_netlab::{Lab, Nat, Proc, Site, Topology};
+use meshd_netlab::mesh::{stop_pinging, Mesh, MeshSpec, RelaySpec};
+use meshd_netlab::{Lab, Nat, Site, Topology};
 
 const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
 const TRIALS: usize = 5;
-
-/// A ping every 100 ms from `from` to `to`'s mesh address, in the background.
-fn pinger(mesh: &Mesh<'_>, from: &str, to: &str) -> Proc {
-    let target = mesh.mesh_ip(to).unwrap().to_string();
-    mesh.lab()
-        .spawn(
-            from,
-            "ping",
-            &["ping", "-n", "-i", "0.1", "-W", "1", &target],
-        )
-        .unwrap()
-}
-
-/// Stops a pinger: (sent, received).
-fn stop_pinger(mut p: Proc) -> (u32, u32) {
-    let _ = rustix::process::kill_process(
-        rustix::process::Pid::from_raw(p.pid() as i32).unwrap(),
-        rustix::process::Signal::INT,
-    );
-    let _ = p.wait_timeout(Duration::from_secs(5));
-    let log = p.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or("");
-    let num = |word: &str| -> u32 {
-        line.split(", ")
-            .find(|part| part.contains(word))
-            .and_then(|part| part.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (num("transmitted"), num("received"))
-}
 
 #[test]
 fn an_endpoint_independent_nat_reaches_a_symmetric_one_by_the_birthday_technique() {
@@ -70,6 +37,7 @@ fn an_endpoint_independent_nat_reaches_a_symmetric_one_by_the_birthday_technique
             }],
             nodes: vec!["easy".into(), "hard".into()],
             log: "info".into(),
+            up_args: Vec::new(),
         };
         let mesh = Mesh::up(&lab, spec).unwrap();
         let start = Instant::now();
@@ -80,11 +48,11 @@ fn an_endpoint_independent_nat_reaches_a_symmetric_one_by_the_birthday_technique
         .unwrap();
         // Traffic flows through the attempt: the relay carries it until a
         // direct path is proven, and nothing is switched before that.
-        let p = pinger(&mesh, "easy", "hard");
+        let p = mesh.start_pinging("easy", "hard", "ping").unwrap();
         // An attempt starts 2 s after the peers meet and ends within 8 s.
         let direct = mesh.wait_path("hard", "easy", "direct", secs(20)).is_ok();
         std::thread::sleep(secs(1));
-        let (sent, received) = stop_pinger(p);
+        let (sent, received) = stop_pinging(p);
         let lost = sent - received;
         assert!(
             lost <= 5,
@@ -110,9 +78,9 @@ fn an_endpoint_independent_nat_reaches_a_symmetric_one_by_the_birthday_technique
             if !report.contains(&true) {
                 // The first time: the path holds, heartbeats and WireGuard
                 // leaving from the winning socket's port.
-                let p = pinger(&mesh, "hard", "easy");
+                let p = mesh.start_pinging("hard", "easy", "ping").unwrap();
                 std::thread::sleep(secs(10));
-                let (sent, received) = stop_pinger(p);
+                let (sent, received) = stop_pinging(p);
                 assert!(sent - received <= 1, "{received} of {sent} pings over 10 s");
                 assert_eq!(mesh.path("hard", "easy").unwrap().kind, "direct");
                 assert_eq!(mesh.path("easy", "hard").unwrap().kind, "direct");
@@ -159,4 +127,50 @@ fn an_endpoint_independent_nat_reaches_a_symmetric_one_by_the_birthday_technique
     }
     let direct = report.iter().filter(|d| **d).count();
     eprintln!("endpoint-independent ↔ symmetric: direct in {direct} of {TRIALS} trials");
+}
+
+/// With a budget far too small to hit (one extra socket, four probes), the
+/// attempt runs, misses, closes its socket and the pair stays on the relay
+/// without losing traffic.
+#[test]
+fn a_birthday_attempt_that_misses_leaves_the_pair_on_the_relay() {
+    let secs = Duration::from_secs;
+    let topo = Topology::new()
+        .host("coord")
+        .host("relay1")
+        .site(Site::new("home", ["easy"]).nat(Nat::EndpointIndependent))
+        .site(Site::new("cgn", ["hard"]).nat(Nat::Symmetric));
+    let lab = Lab::up(&topo).unwrap();
+    let spec = MeshSpec {
+        meshd: MESHD.into(),
+        coordinator: "coord".into(),
+        relays: vec![RelaySpec {
+            host: "relay1".into(),
+            region: "relay1".into(),
+        }],
+        nodes: vec!["easy".into(), "hard".into()],
+        log: "info".into(),
+        up_args: ["--birthday-sockets", "1", "--birthday-probes", "4"]
+            .map(String::from)
+            .to_vec(),
+    };
+    let mesh = Mesh::up(&lab, spec).unwrap();
+    mesh.wait_path("hard", "easy", "relay", secs(15)).unwrap();
+    let p = mesh.start_pinging("easy", "hard", "ping").unwrap();
+    lab.wait_until("the hard side to try and give up", secs(30), || {
+        std::fs::read_to_string(lab.log_dir().join("hard.up.log")).is_ok_and(|l| {
+            l.contains("birthday: sockets open") && l.contains("birthday: attempt over")
+        })
+    })
+    .unwrap();
+    std::thread::sleep(secs(1));
+    let (sent, received) = stop_pinging(p);
+    assert!(sent >= 20, "{sent}");
+    assert!(
+        sent - received <= 2,
+        "{} of {sent} pings lost",
+        sent - received
+    );
+    assert_eq!(mesh.path("hard", "easy").unwrap().kind, "relay");
+    assert_eq!(mesh.path("easy", "hard").unwrap().kind, "relay");
 }

@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use meshd_netlab::mesh::{expected_path, hard_pairing, Mesh, MeshSpec, RelaySpec};
-use meshd_netlab::{Firewall, Host, Lab, Nat, Proc, Site, Topology};
+use meshd_netlab::mesh::{expected_path, hard_pairing, stop_pinging, Mesh, MeshSpec, RelaySpec};
+use meshd_netlab::{Firewall, Host, Lab, Nat, Site, Topology};
 
 const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
 
@@ -111,39 +111,6 @@ fn every_pair_takes_the_path_its_nats_allow() {
     );
 }
 
-/// A ping every 100 ms from `from` to `to`'s mesh address, in the background.
-fn pinger(mesh: &Mesh<'_>, from: &str, to: &str, label: &str) -> Proc {
-    let target = mesh.mesh_ip(to).unwrap().to_string();
-    mesh.lab()
-        .spawn(
-            from,
-            label,
-            &["ping", "-n", "-i", "0.1", "-W", "1", &target],
-        )
-        .unwrap()
-}
-
-/// Stops a pinger: (sent, received).
-fn stop_pinger(mut p: Proc) -> (u32, u32) {
-    let _ = rustix::process::kill_process(
-        rustix::process::Pid::from_raw(p.pid() as i32).unwrap(),
-        rustix::process::Signal::INT,
-    );
-    let _ = p.wait_timeout(Duration::from_secs(5));
-    let log = p.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or("");
-    let num = |word: &str| -> u32 {
-        line.split(", ")
-            .find(|part| part.contains(word))
-            .and_then(|part| part.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (num("transmitted"), num("received"))
-}
-
 /// Waits until `from` → `to` answers a ping; how long that took.
 fn time_until_reachable(mesh: &Mesh<'_>, from: &str, to: &str, timeout: Duration) -> Duration {
     let start = Instant::now();
@@ -175,13 +142,13 @@ fn paths_survive_relays_dying_a_broken_direct_path_and_the_coordinator_leaving()
     // A direct path breaks: traffic falls back to the relay within 3 s, and
     // returns to the direct path once it works again.
     let right = lab.addr("right").unwrap();
-    let p = pinger(&mesh, "l1", "r1", "ping-break");
+    let p = mesh.start_pinging("l1", "r1", "ping-break").unwrap();
     time_until_reachable(&mesh, "l1", "r1", secs(5));
     lab.block_udp("left", right).unwrap();
     let fell_back = mesh.wait_path("l1", "r1", "relay", secs(10)).unwrap();
     assert!(fell_back < secs(4), "fell back after {fell_back:?}");
     std::thread::sleep(secs(2)); // traffic flows over the relay meanwhile
-    let (sent, received) = stop_pinger(p);
+    let (sent, received) = stop_pinging(p);
     let lost = sent - received;
     // At 10 pings a second: the gap in traffic, in tenths of a second.
     assert!(
@@ -205,7 +172,9 @@ fn paths_survive_relays_dying_a_broken_direct_path_and_the_coordinator_leaving()
 
     // The home relay dies while c1 and c2 are relayed: they move to the
     // other region within seconds.
-    let p = pinger(&mesh, "c1", "c2", "ping-relay-failover");
+    let p = mesh
+        .start_pinging("c1", "c2", "ping-relay-failover")
+        .unwrap();
     time_until_reachable(&mesh, "c1", "c2", secs(5));
     mesh.kill_relay("relay1");
     let start = Instant::now();
@@ -217,7 +186,7 @@ fn paths_survive_relays_dying_a_broken_direct_path_and_the_coordinator_leaving()
     .unwrap();
     time_until_reachable(&mesh, "c1", "c2", secs(15));
     let moved = start.elapsed();
-    let (sent, received) = stop_pinger(p);
+    let (sent, received) = stop_pinging(p);
     eprintln!(
         "relay1 killed: c1 → c2 through relay2 after {moved:?}, {} of {sent} pings lost",
         sent - received
@@ -229,12 +198,12 @@ fn paths_survive_relays_dying_a_broken_direct_path_and_the_coordinator_leaving()
     assert_eq!(mesh.path("c1", "c2").unwrap().via, "relay2");
 
     // The last relay dies while l1 and r1 talk directly: nothing is lost.
-    let p = pinger(&mesh, "l1", "r1", "ping-direct");
+    let p = mesh.start_pinging("l1", "r1", "ping-direct").unwrap();
     time_until_reachable(&mesh, "l1", "r1", secs(5));
     std::thread::sleep(Duration::from_millis(500));
     mesh.kill_relay("relay2");
     std::thread::sleep(secs(3));
-    let (sent, received) = stop_pinger(p);
+    let (sent, received) = stop_pinging(p);
     assert!(sent >= 30, "{sent}");
     assert!(
         sent - received <= 1,

@@ -322,6 +322,17 @@ impl<'l> Mesh<'l> {
         Ok(start.elapsed())
     }
 
+    /// Pings `to`'s mesh address from `from` every 100 ms in the background,
+    /// until [`stop_pinging`].
+    pub fn start_pinging(&self, from: &str, to: &str, label: &str) -> Result<Proc, LabError> {
+        let target = self.mesh_ip(to)?.to_string();
+        self.lab.spawn(
+            from,
+            label,
+            &["ping", "-n", "-i", "0.1", "-W", "1", &target],
+        )
+    }
+
     /// Round-trip times (ms) of `count` pings from `from` to `to`'s mesh address.
     pub fn ping(&self, from: &str, to: &str, count: u32) -> Result<Vec<f64>, LabError> {
         let target = self.mesh_ip(to)?;
@@ -394,4 +405,27 @@ mod tests {
         assert_eq!(expected_path(&open, &corp), "relay-tls");
         assert_eq!(expected_path(&corp, &eim), "relay-tls");
     }
+}
+
+/// Stops a [`Mesh::start_pinging`]: (sent, received).
+pub fn stop_pinging(mut p: Proc) -> (u32, u32) {
+    if let Some(pid) = i32::try_from(p.pid())
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+    }
+    let _ = p.wait_timeout(Duration::from_secs(5));
+    let log = p.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("");
+    let num = |word: &str| -> u32 {
+        line.split(", ")
+            .find(|part| part.contains(word))
+            .and_then(|part| part.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (num("transmitted"), num("received"))
 }
