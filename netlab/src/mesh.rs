@@ -379,6 +379,29 @@ pub fn hard_pairing(a: &crate::Site, b: &crate::Site) -> bool {
         )
 }
 
+/// Stops a [`Mesh::start_pinging`]: (sent, received).
+pub fn stop_pinging(mut p: Proc) -> (u32, u32) {
+    if let Some(pid) = i32::try_from(p.pid())
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+    }
+    let _ = p.wait_timeout(Duration::from_secs(5));
+    let log = p.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("");
+    let num = |word: &str| -> u32 {
+        line.split(", ")
+            .find(|part| part.contains(word))
+            .and_then(|part| part.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (num("transmitted"), num("received"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,27 +428,4 @@ mod tests {
         assert_eq!(expected_path(&open, &corp), "relay-tls");
         assert_eq!(expected_path(&corp, &eim), "relay-tls");
     }
-}
-
-/// Stops a [`Mesh::start_pinging`]: (sent, received).
-pub fn stop_pinging(mut p: Proc) -> (u32, u32) {
-    if let Some(pid) = i32::try_from(p.pid())
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
-    }
-    let _ = p.wait_timeout(Duration::from_secs(5));
-    let log = p.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or("");
-    let num = |word: &str| -> u32 {
-        line.split(", ")
-            .find(|part| part.contains(word))
-            .and_then(|part| part.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (num("transmitted"), num("received"))
 }
