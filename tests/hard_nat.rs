@@ -17,29 +17,36 @@ use meshd_netlab::{Lab, Nat, Site, Topology};
 const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
 const TRIALS: usize = 5;
 
+/// An endpoint-independent NAT and a symmetric one, a coordinator and a relay.
+fn topology() -> Topology {
+    Topology::new()
+        .host("coord")
+        .host("relay1")
+        .site(Site::new("home", ["easy"]).nat(Nat::EndpointIndependent))
+        .site(Site::new("cgn", ["hard"]).nat(Nat::Symmetric))
+}
+
+fn spec(up_args: &[&str]) -> MeshSpec {
+    MeshSpec {
+        meshd: MESHD.into(),
+        coordinator: "coord".into(),
+        relays: vec![RelaySpec {
+            host: "relay1".into(),
+            region: "relay1".into(),
+        }],
+        nodes: vec!["easy".into(), "hard".into()],
+        log: "info".into(),
+        up_args: up_args.iter().map(|a| (*a).to_owned()).collect(),
+    }
+}
+
 #[test]
 fn an_endpoint_independent_nat_reaches_a_symmetric_one_by_the_birthday_technique() {
     let secs = Duration::from_secs;
     let mut report: Vec<bool> = Vec::new();
     for trial in 0..TRIALS {
-        let topo = Topology::new()
-            .host("coord")
-            .host("relay1")
-            .site(Site::new("home", ["easy"]).nat(Nat::EndpointIndependent))
-            .site(Site::new("cgn", ["hard"]).nat(Nat::Symmetric));
-        let lab = Lab::up(&topo).unwrap();
-        let spec = MeshSpec {
-            meshd: MESHD.into(),
-            coordinator: "coord".into(),
-            relays: vec![RelaySpec {
-                host: "relay1".into(),
-                region: "relay1".into(),
-            }],
-            nodes: vec!["easy".into(), "hard".into()],
-            log: "info".into(),
-            up_args: Vec::new(),
-        };
-        let mesh = Mesh::up(&lab, spec).unwrap();
+        let lab = Lab::up(&topology()).unwrap();
+        let mesh = Mesh::up(&lab, spec(&[])).unwrap();
         let start = Instant::now();
         // The relay carries traffic at once, attempt or not.
         lab.wait_until("easy to reach hard", secs(15), || {
@@ -135,26 +142,9 @@ fn an_endpoint_independent_nat_reaches_a_symmetric_one_by_the_birthday_technique
 #[test]
 fn a_birthday_attempt_that_misses_leaves_the_pair_on_the_relay() {
     let secs = Duration::from_secs;
-    let topo = Topology::new()
-        .host("coord")
-        .host("relay1")
-        .site(Site::new("home", ["easy"]).nat(Nat::EndpointIndependent))
-        .site(Site::new("cgn", ["hard"]).nat(Nat::Symmetric));
-    let lab = Lab::up(&topo).unwrap();
-    let spec = MeshSpec {
-        meshd: MESHD.into(),
-        coordinator: "coord".into(),
-        relays: vec![RelaySpec {
-            host: "relay1".into(),
-            region: "relay1".into(),
-        }],
-        nodes: vec!["easy".into(), "hard".into()],
-        log: "info".into(),
-        up_args: ["--birthday-sockets", "1", "--birthday-probes", "4"]
-            .map(String::from)
-            .to_vec(),
-    };
-    let mesh = Mesh::up(&lab, spec).unwrap();
+    let lab = Lab::up(&topology()).unwrap();
+    let tiny = ["--birthday-sockets", "1", "--birthday-probes", "4"];
+    let mesh = Mesh::up(&lab, spec(&tiny)).unwrap();
     mesh.wait_path("hard", "easy", "relay", secs(15)).unwrap();
     let p = mesh.start_pinging("easy", "hard", "ping").unwrap();
     lab.wait_until("the hard side to try and give up", secs(30), || {

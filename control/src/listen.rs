@@ -54,3 +54,41 @@ pub async fn bind_pair(
         }
     }
 }
+
+/// The server's side of a TLS handshake on `stream`, within `timeout`, and
+/// the connection's channel binding (TLS exporter under `label`, 32 bytes,
+/// empty context). A failure is logged at debug level (a stranger's
+/// business, not the operator's) and gives `None`.
+pub async fn accept_tls(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    timeout: std::time::Duration,
+    label: &[u8],
+) -> Option<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    [u8; 32],
+)> {
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return None;
+        }
+    };
+    match tls
+        .get_ref()
+        .1
+        .export_keying_material([0u8; 32], label, Some(b""))
+    {
+        Ok(binding) => Some((tls, binding)),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "TLS exporter unavailable");
+            None
+        }
+    }
+}

@@ -26,9 +26,8 @@ use tokio::task::JoinHandle;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::conn::{
-    client_handshake, connect_tls, drive, quic_binding, quic_transport, tls_binding, tune_tcp,
-    udp_socket, ClientError, Cut, End, Handshake, HandshakeError, Incoming, Io, Mailbox, Stop,
-    Traffic,
+    client_handshake, connect_tls, drive, quic_binding, quic_transport, tune_tcp, udp_socket,
+    ClientError, Cut, End, Handshake, HandshakeError, Incoming, Io, Mailbox, Stop, Traffic,
 };
 use crate::identity::{Identity, IdentityError};
 use crate::members::{Members, Role};
@@ -878,13 +877,11 @@ async fn accept_tcp(
         tokio::spawn(async move {
             tune_tcp(&stream);
             let timeout = shared.limits.handshake_timeout;
-            let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-            };
-            let Ok(binding) = tls_binding(tls.get_ref().1) else {
-                return tracing::debug!(%peer, "TLS exporter unavailable");
+            let label = meshd_proto::relay::EXPORTER_LABEL;
+            let Some((tls, binding)) =
+                meshd_control::listen::accept_tls(&acceptor, stream, peer, timeout, label).await
+            else {
+                return;
             };
             let (r, w) = tokio::io::split(tls);
             let io = Io {

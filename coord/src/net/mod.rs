@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use meshd_control::{quic_binding, tls_binding};
+use meshd_control::quic_binding;
 use meshd_proto::{encode_frame, DecodeError, EncodeError, FrameDecoder, Message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -530,16 +530,12 @@ async fn accept_tcp(
         );
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            let tls =
-                match tokio::time::timeout(TRANSPORT_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                    .await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                };
-            let Ok(binding) = tls_binding(tls.get_ref().1) else {
-                return tracing::debug!(%peer, "TLS exporter unavailable");
+            let label = meshd_proto::EXPORTER_LABEL;
+            let timeout = TRANSPORT_HANDSHAKE_TIMEOUT;
+            let Some((tls, binding)) =
+                meshd_control::listen::accept_tls(&acceptor, stream, peer, timeout, label).await
+            else {
+                return;
             };
             let (r, w) = tokio::io::split(tls);
             let r = BufferedRead {
