@@ -462,6 +462,13 @@ impl<'r> Runtime<'r> {
         let sup = Supervisor::new(config, identity, rand::rng().next_u64(), Instant::now());
         let name = opts.name.clone().unwrap_or_else(default_name);
         let (traversal_tx, traversal_rx) = tokio::sync::mpsc::unbounded_channel();
+        // A registered node starts with the relays it knew, so relayed paths
+        // come back while the coordinator is away.
+        let relays = if info.is_some() {
+            state.load_relays()
+        } else {
+            Vec::new()
+        };
         Ok(Runtime {
             opts,
             node_file,
@@ -489,7 +496,7 @@ impl<'r> Runtime<'r> {
             traversal: None,
             traversal_tx,
             traversal_rx,
-            relays: Vec::new(),
+            relays,
         }
         .with_ready(ready))
     }
@@ -720,6 +727,9 @@ impl<'r> Runtime<'r> {
             self.relays = s.client.relays().to_vec();
         }
         tracing::debug!(relays = self.relays.len(), "relay map received");
+        if let Err(e) = self.state.save_relays(&self.relays) {
+            tracing::warn!(error = %e, "relay cache not written");
+        }
         if let Some(t) = &self.traversal {
             t.set_relays(self.relays.clone());
         }

@@ -6,6 +6,7 @@
 //! | `node.key.next` | the key of a rotation not yet confirmed by the coordinator |
 //! | `node.toml` | the coordinator's addresses and certificate pin, the node's record (id, name, addresses) once registered, its UDP port |
 //! | `peers.toml` | the last peer map, so tunnels come up before the coordinator answers |
+//! | `relays.toml` | the last relay map, so relayed paths come back before it answers |
 //! | `control.sock` | the running daemon's control socket (0600) |
 //!
 //! The join token's secret is never written: once registered, the node
@@ -20,7 +21,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use meshd_proto::token::{Hex, JoinToken};
-use meshd_proto::{NodeId, NodeInfo, NodeKey, Peer};
+use meshd_proto::{NodeId, NodeInfo, NodeKey, Peer, RelayEntry, RelayInfo};
 use serde::{Deserialize, Serialize};
 
 use meshd_dataplane::keys::{self, KeyError, PrivateKey, PublicKey};
@@ -31,6 +32,7 @@ const KEY_FILE: &str = "node.key";
 const PENDING_KEY_FILE: &str = "node.key.next";
 const NODE_FILE: &str = "node.toml";
 const PEERS_FILE: &str = "peers.toml";
+const RELAYS_FILE: &str = "relays.toml";
 const SOCKET_FILE: &str = "control.sock";
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +161,24 @@ struct PeerFile {
 struct PeersFile {
     #[serde(default)]
     peer: Vec<PeerFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RelayFile {
+    id: u64,
+    name: String,
+    key: String,
+    region: String,
+    addrs: Vec<String>,
+    stun_port: u16,
+    /// SHA-256 of its certificate, hex.
+    pin: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RelaysFile {
+    #[serde(default)]
+    relay: Vec<RelayFile>,
 }
 
 /// What a first join may leave behind, noted before it starts: when it
@@ -377,6 +397,67 @@ impl StateDir {
         self.write_atomic(&path, text.as_bytes())
     }
 
+    /// The cached relay map; missing or unreadable is none (the
+    /// coordinator sends the real one).
+    pub fn load_relays(&self) -> Vec<RelayEntry> {
+        let path = self.file(RELAYS_FILE);
+        let Ok(text) = fs::read_to_string(&path) else {
+            return Vec::new();
+        };
+        let file: RelaysFile = match toml::from_str(&text) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e.message(), "ignoring the relay cache");
+                return Vec::new();
+            }
+        };
+        file.relay
+            .into_iter()
+            .filter_map(|r| {
+                let key: PublicKey = r.key.parse().ok()?;
+                let pin = CoordinatorFile {
+                    addresses: Vec::new(),
+                    pin: r.pin,
+                }
+                .pin_bytes()?;
+                Some(RelayEntry {
+                    node_id: NodeId(r.id),
+                    key: NodeKey(*key.as_bytes()),
+                    name: r.name,
+                    info: RelayInfo {
+                        region: r.region,
+                        addrs: r.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+                        stun_port: r.stun_port,
+                        cert_pin: pin,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    pub fn save_relays(&self, relays: &[RelayEntry]) -> Result<(), StateError> {
+        let path = self.file(RELAYS_FILE);
+        let file = RelaysFile {
+            relay: relays
+                .iter()
+                .map(|r| RelayFile {
+                    id: r.node_id.0,
+                    name: r.name.clone(),
+                    key: r.key.to_string(),
+                    region: r.info.region.clone(),
+                    addrs: r.info.addrs.iter().map(ToString::to_string).collect(),
+                    stun_port: r.info.stun_port,
+                    pin: Hex(&r.info.cert_pin).to_string(),
+                })
+                .collect(),
+        };
+        let text = toml::to_string(&file).map_err(|e| StateError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        self.write_atomic(&path, text.as_bytes())
+    }
+
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
@@ -409,6 +490,31 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_relay_map_round_trips_and_a_broken_cache_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        assert!(state.load_relays().is_empty());
+        let relays = vec![RelayEntry {
+            node_id: NodeId(7),
+            key: NodeKey([3; 32]),
+            name: "relay-eu".into(),
+            info: RelayInfo {
+                region: "eu".into(),
+                addrs: vec![
+                    "198.18.2.2:443".parse().unwrap(),
+                    "[2001:db8::2]:443".parse().unwrap(),
+                ],
+                stun_port: 3478,
+                cert_pin: [9; 32],
+            },
+        }];
+        state.save_relays(&relays).unwrap();
+        assert_eq!(state.load_relays(), relays);
+        fs::write(dir.path().join(RELAYS_FILE), "relay = 3").unwrap();
+        assert!(state.load_relays().is_empty());
+    }
 
     #[test]
     fn key_is_created_once_0600_and_promoted_atomically() {
