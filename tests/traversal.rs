@@ -167,6 +167,12 @@ fn paths_survive_relays_dying_a_broken_direct_path_and_the_coordinator_leaving()
     mesh.wait_path("l1", "r1", "relay", secs(10)).unwrap();
     assert_eq!(mesh.ping("l1", "r1", 3).unwrap().len(), 3);
     assert_eq!(mesh.ping("c1", "c2", 3).unwrap().len(), 3);
+    // A relayed node restarted meanwhile comes back from its cached peer and
+    // relay maps: relayed again without the coordinator.
+    mesh.restart_node("c1").unwrap();
+    let back = time_until_reachable(&mesh, "c1", "c2", secs(15));
+    eprintln!("c1 restarted without the coordinator: relayed to c2 again after {back:?}");
+    assert_eq!(mesh.path("c1", "c2").unwrap().kind, "relay");
     lab.unblock_udp("left").unwrap();
     mesh.wait_path("l1", "r1", "direct", secs(40)).unwrap();
 

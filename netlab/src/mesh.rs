@@ -42,6 +42,8 @@ pub struct Mesh<'l> {
     nodes: BTreeMap<String, Proc>,
     node_token: String,
     relay_token: String,
+    /// Node restarts so far, to name their logs.
+    restarts: usize,
 }
 
 /// How one node reaches one peer, from the node's `meshd status --json`.
@@ -85,6 +87,7 @@ impl<'l> Mesh<'l> {
             nodes: BTreeMap::new(),
             node_token: String::new(),
             relay_token: String::new(),
+            restarts: 0,
         };
         mesh.start_coordinator()?;
         mesh.node_token = mesh.create_token(&[])?;
@@ -249,7 +252,20 @@ impl<'l> Mesh<'l> {
     }
 
     /// Starts `meshd up` on `name` (the first time, it joins with the mesh's token).
+    /// Kills `name`'s daemon at once (SIGKILL) and starts it again, with its
+    /// state (it logs in with its key); its new log is `NAME.up-N.log`.
+    pub fn restart_node(&mut self, name: &str) -> Result<(), LabError> {
+        self.nodes.remove(name);
+        self.restarts += 1;
+        let label = format!("up-{}", self.restarts);
+        self.spawn_node(name, &label)
+    }
+
     pub fn start_node(&mut self, name: &str) -> Result<(), LabError> {
+        self.spawn_node(name, "up")
+    }
+
+    fn spawn_node(&mut self, name: &str, label: &str) -> Result<(), LabError> {
         let state = self.state(name).display().to_string();
         let log = format!("RUST_LOG={}", self.spec.log);
         let mut argv = vec![
@@ -266,7 +282,7 @@ impl<'l> Mesh<'l> {
             &self.node_token,
         ];
         argv.extend(self.spec.up_args.iter().map(String::as_str));
-        let proc = self.lab.spawn(name, "up", &argv)?;
+        let proc = self.lab.spawn(name, label, &argv)?;
         self.nodes.insert(name.to_owned(), proc);
         Ok(())
     }
