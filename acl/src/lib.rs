@@ -1,1 +1,13 @@
-//! The policy language and its compiler into peer visibility and packet filters.
+//! The policy language and its compiler into peer visibility and packet
+//! filters (docs/policy.md). Pure: no I/O, no clock.
+
+mod error;
+mod hujson;
+mod policy;
+
+pub use error::{ParseError, Pos};
+pub use hujson::{MAX_DEPTH, MAX_INPUT};
+pub use policy::{Dest, Policy, Ports, Proto, Rule, Selector, Test, ALL_PORTS};
+
+#[cfg(test)]
+mod tests;
