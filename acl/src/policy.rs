@@ -259,7 +259,14 @@ impl Reader<'_> {
                 let sels = self
                     .strings(nodes, &path)?
                     .into_iter()
-                    .map(|(at, s)| self.selector(at, s, &path))
+                    .map(|(at, s)| match self.selector(at, s, &path)? {
+                        // Functions given by functions could loop.
+                        Selector::Function(_) => Err(self.err(
+                            at,
+                            format!("{path} names a function; give the nodes that serve it"),
+                        )),
+                        sel => Ok(sel),
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 self.p.functions.insert(k.value.clone(), sels);
             }

@@ -1,20 +1,95 @@
 //! Data-driven tests: every case is a policy text and the expected result,
 //! through one `check` helper.
 
-use crate::Policy;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-/// Parses `policy` and compares the outcome with `expect`: `ok` for a
-/// policy that parses, or the error exactly as shown to the user.
+use crate::{Compiled, Node, Policy, Proto};
+
+/// The inventory every case is compiled against: slice `a` holds alice
+/// (tag:edge), bob (tag:db) and carol; slice `b` holds dave (tag:db) and
+/// erin (tag:edge).
+fn inventory() -> Vec<Node> {
+    let node = |id: u8, name: &str, slice: &str, tags: &[&str]| Node {
+        id: u64::from(id),
+        name: name.to_owned(),
+        tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        slice: slice.to_owned(),
+        ipv4: Ipv4Addr::new(100, 64, 0, id),
+        ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(id)),
+    };
+    vec![
+        node(1, "alice", "a", &["tag:edge"]),
+        node(2, "bob", "a", &["tag:db"]),
+        node(3, "carol", "a", &[]),
+        node(4, "dave", "b", &["tag:db"]),
+        node(5, "erin", "b", &["tag:edge"]),
+    ]
+}
+
+/// Parses and compiles `policy` against [`inventory`] and compares the
+/// outcome with `expect`: the error exactly as shown to the user, or per
+/// node its view and the IPv4 part of its filter (sources by name).
 fn check(policy: &str, expect: &str) {
     let got = match Policy::parse(policy) {
-        Ok(_) => "ok".to_owned(),
         Err(e) => e.to_string(),
+        Ok(p) => match Compiled::new(p, &inventory()) {
+            Err(e) => e.to_string(),
+            Ok(c) => render(&c),
+        },
     };
+    let got = got.trim_end();
+    let expect = expect.trim();
     if std::env::var_os("ACL_BLESS").is_some() && got != expect {
         eprintln!("BLESS {expect:?} => {got:?}");
         return;
     }
     assert_eq!(got, expect, "policy:\n{policy}");
+}
+
+fn render(c: &Compiled) -> String {
+    let nodes = inventory();
+    let name = |id: u64| {
+        nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map_or("?", |n| n.name.as_str())
+    };
+    let mut out = String::new();
+    for n in &nodes {
+        let view: Vec<_> = c.view(n.id).into_iter().map(name).collect();
+        let filter: Vec<_> = c
+            .filter(n.id)
+            .into_iter()
+            .filter_map(|r| {
+                let src = nodes
+                    .iter()
+                    .find(|m| ipnet::IpNet::from(std::net::IpAddr::V4(m.ipv4)) == r.source)?;
+                let (lo, hi) = r.ports;
+                let ports = if r.ports == crate::ALL_PORTS {
+                    "*".to_owned()
+                } else if lo == hi {
+                    lo.to_string()
+                } else {
+                    format!("{lo}-{hi}")
+                };
+                Some(format!("{} {}/{ports}", src.name, r.protocol))
+            })
+            .collect();
+        if !view.is_empty() || !filter.is_empty() {
+            let line = format!(
+                "{}: sees {}; accepts {}",
+                n.name,
+                view.join(" "),
+                filter.join(", ")
+            );
+            out += line.trim_end();
+            out.push('\n');
+        }
+    }
+    if out.is_empty() {
+        out = "nothing allowed".to_owned();
+    }
+    out
 }
 
 const DEFS: &str = r#"
@@ -33,7 +108,12 @@ fn with_defs(rest: &str) -> String {
 fn hujson_comments_and_trailing_commas() {
     check(
         "// a policy\n{ /* slices */ \"slices\": [\"a\",], \"acls\": [\n {\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"],},\n],\n}\n",
-        "ok",
+        "
+alice: sees bob carol; accepts bob 0/*, carol 0/*
+bob: sees alice carol; accepts alice 0/*, carol 0/*
+carol: sees alice bob; accepts alice 0/*, bob 0/*
+dave: sees erin; accepts erin 0/*
+erin: sees dave; accepts dave 0/*",
     );
 }
 
@@ -137,7 +217,15 @@ fn bad_ports_protocols_prefixes() {
         &rule("\"dst\": [\"10.0.0.0/33:22\"]"),
         "line 1, column 54: bad prefix '10.0.0.0/33' in acls[0].dst",
     );
-    check(&rule("\"dst\": [\"fd00::/64:22,80-90\"]"), "ok");
+    check(
+        &rule("\"dst\": [\"fd00::/64:22,80-90\"]"),
+        "
+alice: sees bob carol; accepts bob 0/22, bob 0/80-90, carol 0/22, carol 0/80-90
+bob: sees alice carol; accepts alice 0/22, alice 0/80-90, carol 0/22, carol 0/80-90
+carol: sees alice bob; accepts alice 0/22, alice 0/80-90, bob 0/22, bob 0/80-90
+dave: sees erin; accepts erin 0/22, erin 0/80-90
+erin: sees dave; accepts dave 0/22, dave 0/80-90",
+    );
     check(
         "{\"acls\": [{\"action\": \"deny\", \"src\": [], \"dst\": []}]}",
         "line 1, column 22: acls[0].action must be \"accept\" (rules only allow)",
@@ -146,4 +234,145 @@ fn bad_ports_protocols_prefixes() {
         "{\"acls\": [{\"action\": \"accept\", \"dst\": []}]}",
         "line 1, column 11: acls[0] has no 'src'",
     );
+}
+
+#[test]
+fn compile_views_and_filters() {
+    // Inside a slice, a rule is one-way for filters but makes both ends
+    // visible to each other; the same tags in slice b are untouched.
+    check(
+        r#"{"slices": ["a", "b"], "tags": {"tag:edge": [], "tag:db": []},
+            "acls": [{"action": "accept", "src": ["tag:edge"], "dst": ["tag:db:5432"], "proto": "tcp"}]}"#,
+        "
+alice: sees bob; accepts
+bob: sees alice; accepts alice 6/5432
+dave: sees erin; accepts erin 6/5432
+erin: sees dave; accepts",
+    );
+    // `*` stays inside each slice.
+    check(
+        r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22,80-90"]}]}"#,
+        "
+alice: sees bob carol; accepts bob 0/22, bob 0/80-90, carol 0/22, carol 0/80-90
+bob: sees alice carol; accepts alice 0/22, alice 0/80-90, carol 0/22, carol 0/80-90
+carol: sees alice bob; accepts alice 0/22, alice 0/80-90, bob 0/22, bob 0/80-90
+dave: sees erin; accepts erin 0/22, erin 0/80-90
+erin: sees dave; accepts dave 0/22, dave 0/80-90",
+    );
+    // A bridge crosses slices, only for the nodes it names.
+    check(
+        r#"{"slices": ["a", "b"], "acls": [{"action": "accept", "src": ["slice:a"], "dst": ["dave:*"], "proto": "icmp", "bridge": true}]}"#,
+        "
+alice: sees dave; accepts
+bob: sees dave; accepts
+carol: sees dave; accepts
+dave: sees alice bob carol; accepts alice 1/*, bob 1/*, carol 1/*",
+    );
+    // Without the bridge the same rule allows nothing.
+    check(
+        r#"{"slices": ["a", "b"], "acls": [{"action": "accept", "src": ["slice:a"], "dst": ["dave:*"]}]}"#,
+        "nothing allowed",
+    );
+    // Groups, hosts, prefixes and functions select by name and address.
+    check(
+        r#"{"groups": {"group:op": ["carol"]}, "hosts": {"db": "100.64.0.2"},
+            "functions": {"fn:resize": ["100.64.0.0/24"]},
+            "acls": [{"action": "accept", "src": ["group:op"], "dst": ["db:443"], "proto": "tcp"},
+                     {"action": "accept", "src": ["erin"], "dst": ["fn:resize:8080"], "proto": "udp"}]}"#,
+        "
+bob: sees carol; accepts carol 6/443
+carol: sees bob; accepts
+dave: sees erin; accepts erin 17/8080
+erin: sees dave; accepts",
+    );
+}
+
+#[test]
+fn policy_tests_gate_the_policy() {
+    let policy = |tests: &str| {
+        format!(
+            r#"{{"slices": ["a", "b"], "tags": {{"tag:edge": [], "tag:db": []}},
+  "acls": [{{"action": "accept", "src": ["tag:edge"], "dst": ["tag:db:5432"], "proto": "tcp"}}],
+  "tests": [
+    {tests}
+  ]}}"#
+        )
+    };
+    check(
+        &policy(
+            r#"{"src": "tag:edge", "accept": ["tag:db:5432"], "deny": ["tag:db:22"]}, {"src": "slice:a", "deny": ["slice:b:5432"]}"#,
+        ),
+        "
+alice: sees bob; accepts
+bob: sees alice; accepts alice 6/5432
+dave: sees erin; accepts erin 6/5432
+erin: sees dave; accepts",
+    );
+    // "can reach" holds inside a slice: dave, in slice b, is not asked for.
+    check(
+        &policy(r#"{"src": "alice", "accept": ["tag:db:5432"]}"#),
+        "
+alice: sees bob; accepts
+bob: sees alice; accepts alice 6/5432
+dave: sees erin; accepts erin 6/5432
+erin: sees dave; accepts",
+    );
+    check(
+        &policy(r#"{"src": "alice", "deny": ["bob:5432"]}"#),
+        "line 4, column 5: tests[0] failed: 'alice' can reach 'bob' on tcp/5432: allowed by acls[0] (line 2)",
+    );
+    check(
+        &policy(r#"{"src": "alice", "accept": ["bob:22"]}"#),
+        "line 4, column 5: tests[0] failed: 'alice' cannot reach 'bob' on tcp/22: acls[0] (line 2) match both nodes but not this port and protocol",
+    );
+    check(
+        &policy(r#"{"src": "alice", "proto": "udp", "deny": ["carol:1"]}, {"src": "carol", "accept": ["bob:5432"]}"#),
+        "line 4, column 60: tests[1] failed: 'carol' cannot reach 'bob' on tcp/5432: no rule matches the source",
+    );
+    check(
+        &policy(r#"{"src": "bob", "deny": ["alice:5432"]}, {"src": "alice", "accept": ["carol:5432"]}"#),
+        "line 4, column 45: tests[1] failed: 'alice' cannot reach 'carol' on tcp/5432: rules match the source but none the destination",
+    );
+}
+
+#[test]
+fn explain_says_which_rule() {
+    let p = Policy::parse(
+        r#"{"acls": [
+  {"action": "accept", "src": ["alice"], "dst": ["bob:80"], "proto": "tcp"},
+  {"action": "accept", "src": ["alice"], "dst": ["bob:443"]},
+]}"#,
+    );
+    let c = match p.map(|p| Compiled::new(p, &inventory())) {
+        Ok(Ok(c)) => c,
+        other => panic!("{other:?}"),
+    };
+    let e = |s, d, port, proto| c.explain(s, d, port, proto).to_string();
+    assert_eq!(e(1, 2, 80, Proto::Tcp), "allowed by acls[0] (line 2)");
+    assert_eq!(e(1, 2, 443, Proto::Udp), "allowed by acls[1] (line 3)");
+    assert_eq!(
+        e(1, 2, 80, Proto::Udp),
+        "acls[0] (line 2), acls[1] (line 3) match both nodes but not this port and protocol"
+    );
+    assert_eq!(e(2, 1, 80, Proto::Tcp), "no rule matches the source");
+    assert_eq!(e(1, 9, 80, Proto::Tcp), "no node 9");
+}
+
+#[test]
+fn upsert_recomputes_one_node() {
+    let p = Policy::parse(
+        r#"{"tags": {"tag:db": []}, "acls": [{"action": "accept", "src": ["alice"], "dst": ["tag:db:5432"]}]}"#,
+    );
+    let mut c = match p.map(|p| Compiled::new(p, &inventory())) {
+        Ok(Ok(c)) => c,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(c.view(1).into_iter().collect::<Vec<_>>(), [2]);
+    let mut carol = inventory()[2].clone();
+    carol.tags.push("tag:db".to_owned());
+    c.upsert_node(carol);
+    assert_eq!(c.view(1).into_iter().collect::<Vec<_>>(), [2, 3]);
+    c.remove_node(2);
+    assert_eq!(c.view(1).into_iter().collect::<Vec<_>>(), [3]);
+    assert!(c.filter(2).is_empty());
 }
