@@ -15,4 +15,6 @@ pub use hujson::{MAX_DEPTH, MAX_INPUT};
 pub use policy::{Dest, Policy, Ports, Proto, Rule, Selector, Test, ALL_PORTS};
 
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
 mod tests;
