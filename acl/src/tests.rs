@@ -376,3 +376,48 @@ fn upsert_recomputes_one_node() {
     assert_eq!(c.view(1).into_iter().collect::<Vec<_>>(), [3]);
     assert!(c.filter(2).is_empty());
 }
+
+/// The example in docs/policy.md and the fuzz seed are valid policies.
+#[test]
+fn documented_examples_compile() {
+    let doc = include_str!("../../docs/policy.md");
+    let example = doc
+        .split("```jsonc\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .unwrap_or_default();
+    let seed = include_str!("../fuzz/seeds/parse/example.hujson");
+    for text in [example, seed] {
+        let policy = match Policy::parse(text) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}\n{text}"),
+        };
+        if let Err(e) = Compiled::new(policy, &[]) {
+            panic!("{e}");
+        }
+    }
+    // The example's bridge: slice lab reaches db1 in slice shop on 5432 only.
+    let policy = Policy::parse(example).unwrap_or_default();
+    let node = |id: u8, name: &str, slice: &str| Node {
+        id: u64::from(id),
+        name: name.to_owned(),
+        tags: Vec::new(),
+        slice: slice.to_owned(),
+        ipv4: Ipv4Addr::new(100, 64, 0, id),
+        ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(id)),
+    };
+    let nodes = [node(7, "db1", "shop"), node(8, "lab1", "lab")];
+    let c = match Compiled::new(policy, &nodes) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        c.explain(8, 7, 5432, Proto::Udp).to_string(),
+        "allowed by acls[3] (line 16)"
+    );
+    assert_eq!(
+        c.explain(7, 8, 5432, Proto::Tcp).to_string(),
+        "no rule matches the source"
+    );
+    assert_eq!(c.view(7).into_iter().collect::<Vec<_>>(), [8]);
+}
