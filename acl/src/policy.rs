@@ -2,6 +2,7 @@
 //! uses is checked against the definitions here, so compilation cannot
 //! meet an undefined tag, group, slice, host or function.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -102,11 +103,13 @@ impl Policy {
         Reader {
             src,
             p: Policy::default(),
+            last_pos: Cell::new((0, Pos { line: 1, column: 1 })),
         }
         .policy(&root)
     }
 
-    /// Whether `who` (a node name, or the node's groups) may assign `tag`.
+    /// Whether the node called `node` may assign `tag`: it is an owner, or
+    /// in a group that is.
     pub fn may_assign(&self, tag: &str, node: &str) -> bool {
         self.tags.get(tag).is_some_and(|owners| {
             owners.iter().any(|o| {
@@ -137,11 +140,36 @@ type Fields = [(Spanned<String>, Spanned)];
 struct Reader<'a> {
     src: &'a str,
     p: Policy,
+    /// The last position computed, and its offset (see `pos`).
+    last_pos: Cell<(usize, Pos)>,
 }
 
 impl Reader<'_> {
     fn err(&self, at: usize, msg: String) -> ParseError {
-        ParseError::new(hujson::position(self.src, at), msg)
+        ParseError::new(self.pos(at), msg)
+    }
+
+    /// The position of byte offset `at`. Rules and tests ask in increasing
+    /// order, so each walks on from the last answer: reading a policy stays
+    /// linear in its size however many rules it has.
+    fn pos(&self, at: usize) -> Pos {
+        let (from, base) = self.last_pos.get();
+        let pos = match self.src.get(from..at) {
+            Some(between) if from <= at => {
+                let newlines = between.matches('\n').count();
+                let column = match between.rfind('\n') {
+                    Some(i) => between.get(i + 1..).map_or(0, |s| s.chars().count()) + 1,
+                    None => base.column + between.chars().count(),
+                };
+                Pos {
+                    line: base.line + newlines,
+                    column,
+                }
+            }
+            _ => hujson::position(self.src, at),
+        };
+        self.last_pos.set((at, pos));
+        pos
     }
 
     fn object<'v>(
@@ -464,7 +492,7 @@ impl Reader<'_> {
             dst,
             proto,
             bridge,
-            pos: hujson::position(self.src, v.at),
+            pos: self.pos(v.at),
         })
     }
 
@@ -503,7 +531,7 @@ impl Reader<'_> {
             proto,
             accept,
             deny,
-            pos: hujson::position(self.src, v.at),
+            pos: self.pos(v.at),
         })
     }
 }

@@ -421,3 +421,30 @@ fn documented_examples_compile() {
     );
     assert_eq!(c.view(7).into_iter().collect::<Vec<_>>(), [8]);
 }
+
+/// Positions are found in one pass: a policy of many rules on one line
+/// reads quickly, and its rules' positions are right.
+#[test]
+fn many_rules_read_in_linear_time() {
+    let rule = r#"{"action": "accept", "src": ["a"], "dst": ["b:1"]},"#;
+    let text = format!("{{\"acls\": [{}\n{rule}]}}", rule.repeat(15_000));
+    let start = std::time::Instant::now();
+    let policy = match Policy::parse(&text) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    };
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    let last = policy.acls.last().map(|r| r.pos);
+    assert_eq!(last, Some(crate::Pos { line: 2, column: 1 }));
+    assert_eq!(
+        policy.acls.get(1).map(|r| r.pos),
+        Some(crate::Pos {
+            line: 1,
+            column: 11 + rule.len()
+        })
+    );
+}
