@@ -103,7 +103,8 @@ impl Compiled {
             m.dst = vec![BTreeSet::new(); rule.dst.len()];
         }
         for node in nodes {
-            c.upsert_node(node.clone());
+            // Everything is new here; the affected sets are for later changes.
+            let _ = c.upsert_node(node.clone());
         }
         c.run_tests()?;
         Ok(c)
@@ -114,9 +115,12 @@ impl Compiled {
     }
 
     /// Adds a node or replaces it (new tags, slice or addresses), updating
-    /// only its own memberships.
-    pub fn upsert_node(&mut self, node: Node) {
+    /// only its own memberships. Returns the nodes whose view or filter may
+    /// have changed: the node itself and those it could see before or can
+    /// see now (another node's filter only lists sources in its view).
+    pub fn upsert_node(&mut self, node: Node) -> BTreeSet<NodeId> {
         let id = node.id;
+        let mut affected = self.view(id);
         for (m, rule) in self.members.iter_mut().zip(&self.policy.acls) {
             set(
                 &mut m.src,
@@ -128,9 +132,14 @@ impl Compiled {
             }
         }
         self.nodes.insert(id, node);
+        affected.extend(self.view(id));
+        affected.insert(id);
+        affected
     }
 
-    pub fn remove_node(&mut self, id: NodeId) {
+    /// Removes a node; returns the nodes that could see it.
+    pub fn remove_node(&mut self, id: NodeId) -> BTreeSet<NodeId> {
+        let affected = self.view(id);
         for m in &mut self.members {
             m.src.remove(&id);
             for d in &mut m.dst {
@@ -138,6 +147,7 @@ impl Compiled {
             }
         }
         self.nodes.remove(&id);
+        affected
     }
 
     pub fn node(&self, id: NodeId) -> Option<&Node> {

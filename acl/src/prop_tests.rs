@@ -154,3 +154,42 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Changing one node through `upsert_node` gives what compiling from
+    /// scratch gives, and every node whose view or filter changed is among
+    /// those it reports.
+    #[test]
+    fn upsert_matches_recompilation(
+        shape in prop::collection::vec((0..2u8, 0..4u8), 1..6),
+        change in (0..6usize, 0..2u8, 0..4u8),
+        rules in prop::collection::vec(rule_text(), 0..4),
+    ) {
+        let nodes: Vec<Node> = shape.iter().enumerate()
+            .map(|(i, &(slice, tags))| node(i as u8 + 1, slice, tags))
+            .collect();
+        let text = format!(
+            "{{\"slices\": [\"s0\", \"s1\"], \"tags\": {{\"tag:t0\": [], \"tag:t1\": []}},
+              \"groups\": {{\"group:g0\": [\"n1\"]}}, \"hosts\": {{\"h0\": \"100.64.0.3\"}},
+              \"acls\": [{}]}}",
+            rules.join(",\n"),
+        );
+        let policy = Policy::parse(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+        let compile = |nodes: &[Node]| Compiled::new(policy.clone(), nodes).map_err(|e| TestCaseError::fail(e.to_string()));
+        let mut incremental = compile(&nodes)?;
+        let before = incremental.clone();
+        let (which, slice, tags) = change;
+        let mut changed = nodes.clone();
+        let id = (which % nodes.len()) as u8 + 1;
+        changed[usize::from(id) - 1] = node(id, slice, tags);
+        let affected = incremental.upsert_node(node(id, slice, tags));
+        let fresh = compile(&changed)?;
+        for n in &changed {
+            prop_assert_eq!(incremental.view(n.id), fresh.view(n.id));
+            prop_assert_eq!(incremental.filter(n.id), fresh.filter(n.id));
+            if before.view(n.id) != fresh.view(n.id) || before.filter(n.id) != fresh.filter(n.id) {
+                prop_assert!(affected.contains(&n.id), "{} changed but is not reported\n{}", n.name, text);
+            }
+        }
+    }
+}

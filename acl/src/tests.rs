@@ -370,9 +370,10 @@ fn upsert_recomputes_one_node() {
     assert_eq!(c.view(1).into_iter().collect::<Vec<_>>(), [2]);
     let mut carol = inventory()[2].clone();
     carol.tags.push("tag:db".to_owned());
-    c.upsert_node(carol);
+    // carol now sees alice: both must be told; bob and the others are not.
+    assert_eq!(c.upsert_node(carol).into_iter().collect::<Vec<_>>(), [1, 3]);
     assert_eq!(c.view(1).into_iter().collect::<Vec<_>>(), [2, 3]);
-    c.remove_node(2);
+    assert_eq!(c.remove_node(2).into_iter().collect::<Vec<_>>(), [1]);
     assert_eq!(c.view(1).into_iter().collect::<Vec<_>>(), [3]);
     assert!(c.filter(2).is_empty());
 }
