@@ -217,7 +217,10 @@ impl Reader<'_> {
     fn strings<'v>(&self, v: &'v Spanned, path: &str) -> Result<Vec<(usize, &'v str)>, ParseError> {
         self.array(v, path)?
             .iter()
-            .map(|item| Ok((item.at, self.string(item, path)?)))
+            .map(|item| match &item.value {
+                Value::Str(s) => Ok((item.at, s.as_str())),
+                _ => Err(self.err(item.at, format!("{path} must be an array of strings"))),
+            })
             .collect()
     }
 

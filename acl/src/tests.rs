@@ -449,3 +449,59 @@ fn many_rules_read_in_linear_time() {
         })
     );
 }
+
+#[test]
+fn definition_errors() {
+    check(
+        r#"{"slices": ["a", "a"]}"#,
+        "line 1, column 18: slice 'a' is listed twice",
+    );
+    check(r#"{"slices": ["a b"]}"#, "line 1, column 13: bad slice name 'a b': only letters, digits, '-', '_' and '.' are allowed");
+    check(
+        r#"{"groups": {"ops": []}}"#,
+        "line 1, column 13: 'ops' must start with 'group:'",
+    );
+    check(
+        r#"{"groups": {"group:op": ["alice", 3]}}"#,
+        "line 1, column 35: groups[\"group:op\"] must be an array of strings",
+    );
+    check(
+        r#"{"hosts": {"db": "10.0.0.300"}}"#,
+        "line 1, column 18: bad prefix '10.0.0.300' in hosts[\"db\"]",
+    );
+    check(
+        r#"{"functions": {"fn:a": ["*"], "fn:b": ["fn:a"]}}"#,
+        "line 1, column 40: functions[\"fn:b\"] names a function; give the nodes that serve it",
+    );
+    check(
+        r#"{"acls": {}}"#,
+        "line 1, column 10: acls must be an array",
+    );
+    check(
+        r#"{"acls": [{"action": "accept", "action": "accept"}]}"#,
+        "line 1, column 32: duplicate field 'action' in acls[0]",
+    );
+    check(
+        r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"], "bridge": "yes"}]}"#,
+        "line 1, column 72: acls[0].bridge must be true or false",
+    );
+    check(
+        r#"{"tests": [{"src": "*", "accept": ["*:22-23"]}]}"#,
+        "line 1, column 36: bad port '22-23' in tests[0].accept: a test names one port",
+    );
+}
+
+#[test]
+fn tag_owners() {
+    let p = match Policy::parse(
+        r#"{"groups": {"group:op": ["bob"]}, "tags": {"tag:db": ["alice", "group:op"], "tag:x": []}}"#,
+    ) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    };
+    assert!(p.may_assign("tag:db", "alice"));
+    assert!(p.may_assign("tag:db", "bob"));
+    assert!(!p.may_assign("tag:db", "carol"));
+    assert!(!p.may_assign("tag:x", "alice"));
+    assert!(!p.may_assign("tag:nope", "alice"));
+}
