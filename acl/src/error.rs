@@ -34,9 +34,15 @@ impl ParseError {
 /// so a swapped pair of letters is found), and not a rewrite of all of it.
 pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let len = word.chars().count();
+    // Defined names are short; a long unknown word (up to the input's size)
+    // must not cost its length times every name.
+    if len > 80 {
+        return None;
+    }
     let limit = (len / 3).max(2).min(len.saturating_sub(1));
     candidates
         .into_iter()
+        .filter(|c| c.chars().count().abs_diff(len) <= limit)
         .map(|c| (edit_distance(word, c), c))
         .filter(|(d, _)| *d <= limit)
         .min()
@@ -48,6 +54,8 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
     suggest(word, candidates).map_or_else(String::new, |s| format!("; did you mean '{s}'?"))
 }
 
+/// Levenshtein distance, one row at a time; `row` has `b.len() + 1`
+/// entries, so every index below is in bounds.
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut row: Vec<usize> = (0..=b.len()).collect();
