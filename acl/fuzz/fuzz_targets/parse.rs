@@ -9,8 +9,12 @@ use libfuzzer_sys::fuzz_target;
 use meshd_acl::{Compiled, Node, Policy, Proto};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(policy) = Policy::parse(text) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(policy) = Policy::parse(text) else {
+        return;
+    };
     let nodes: Vec<Node> = (1..=3u8)
         .map(|i| Node {
             id: u64::from(i),
