@@ -297,9 +297,10 @@ impl Compiled {
                         for src in &srcs {
                             // "X can reach Y" is meant inside a slice: tag:edge
                             // reaching tag:db says nothing of other tenants'
-                            // nodes, which must stay apart. Denials hold for
-                            // every pair.
-                            if src.id == dst.id || (want && src.slice != dst.slice) {
+                            // nodes, which must stay apart; a test of a bridge
+                            // says so. Denials hold for every pair.
+                            let across = src.slice != dst.slice;
+                            if src.id == dst.id || (want && across && !test.bridge) {
                                 continue;
                             }
                             let e = self.explain(src.id, dst.id, *port, test.proto);

@@ -80,6 +80,8 @@ pub struct Test {
     pub proto: Proto,
     pub accept: Vec<(Selector, u16)>,
     pub deny: Vec<(Selector, u16)>,
+    /// Whether `accept` also asks for pairs in different slices.
+    pub bridge: bool,
     pub pos: Pos,
 }
 
@@ -133,7 +135,7 @@ const TOP: [&str; 7] = [
     "tests",
 ];
 const RULE: [&str; 5] = ["action", "src", "dst", "proto", "bridge"];
-const TEST: [&str; 4] = ["src", "proto", "accept", "deny"];
+const TEST: [&str; 5] = ["src", "proto", "accept", "deny", "bridge"];
 
 type Fields = [(Spanned<String>, Spanned)];
 
@@ -528,12 +530,21 @@ impl Reader<'_> {
                 list.push((sel, port));
             }
         }
+        let bridge = match get("bridge") {
+            None => false,
+            Some(Spanned {
+                value: Value::Bool(b),
+                ..
+            }) => *b,
+            Some(b) => return Err(self.err(b.at, format!("{path}.bridge must be true or false"))),
+        };
         let [accept, deny] = lists;
         Ok(Test {
             src,
             proto,
             accept,
             deny,
+            bridge,
             pos: self.pos(v.at),
         })
     }

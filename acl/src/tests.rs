@@ -318,6 +318,10 @@ dave: sees erin; accepts erin 6/5432
 erin: sees dave; accepts",
     );
     check(
+        &policy(r#"{"src": "alice", "accept": ["tag:db:5432"], "bridge": true}"#),
+        "line 4, column 5: tests[0] failed: 'alice' cannot reach 'dave' on tcp/5432: different slices and no bridge: acls[0] (line 2) match but none has \"bridge\": true",
+    );
+    check(
         &policy(r#"{"src": "alice", "deny": ["bob:5432"]}"#),
         "line 4, column 5: tests[0] failed: 'alice' can reach 'bob' on tcp/5432: allowed by acls[0] (line 2)",
     );
