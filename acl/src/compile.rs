@@ -154,6 +154,12 @@ impl Compiled {
         self.nodes.get(&id)
     }
 
+    /// The node called `name`, as `explain SRC DST` names them. Linear: it
+    /// serves one question from an operator, not the packet path.
+    pub fn node_by_name(&self, name: &str) -> Option<&Node> {
+        self.nodes.values().find(|n| n.name == name)
+    }
+
     /// Whether rule `r` may connect `a` and `b` across their slices.
     fn slices_ok(&self, rule: &Rule, a: NodeId, b: NodeId) -> bool {
         if rule.bridge {

@@ -360,6 +360,8 @@ fn explain_says_which_rule() {
     );
     assert_eq!(e(2, 1, 80, Proto::Tcp), "no rule matches the source");
     assert_eq!(e(1, 9, 80, Proto::Tcp), "no node 9");
+    assert_eq!(c.node_by_name("bob").map(|n| n.id), Some(2));
+    assert_eq!(c.node_by_name("zed"), None);
 }
 
 #[test]
