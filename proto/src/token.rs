@@ -147,6 +147,21 @@ pub fn cert_pin(cert_der: &[u8]) -> [u8; 32] {
 /// Lower-case hex, for showing hashes and pins.
 pub struct Hex<'a>(pub &'a [u8]);
 
+impl Hex<'_> {
+    /// 64 hex digits (either case) back into 32 bytes, as pins are stored.
+    pub fn parse32(s: &str) -> Option<[u8; 32]> {
+        let s = s.as_bytes();
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (b, pair) in out.iter_mut().zip(s.chunks(2)) {
+            *b = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+        }
+        Some(out)
+    }
+}
+
 impl fmt::Display for Hex<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))

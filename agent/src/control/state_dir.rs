@@ -74,16 +74,7 @@ impl CoordinatorFile {
     }
 
     pub fn pin_bytes(&self) -> Option<[u8; 32]> {
-        let s = self.pin.as_bytes();
-        if s.len() != 64 {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, pair) in s.chunks(2).enumerate() {
-            let hex = std::str::from_utf8(pair).ok()?;
-            out[i] = u8::from_str_radix(hex, 16).ok()?;
-        }
-        Some(out)
+        Hex::parse32(&self.pin)
     }
 }
 
@@ -334,28 +325,35 @@ impl StateDir {
     }
 
     pub fn save_node(&self, node: &NodeFile) -> Result<(), StateError> {
-        let path = self.file(NODE_FILE);
-        let text = toml::to_string(node).map_err(|e| StateError::Parse {
+        self.write_toml(NODE_FILE, node)
+    }
+
+    fn write_toml(&self, name: &str, value: &impl Serialize) -> Result<(), StateError> {
+        let path = self.file(name);
+        let text = toml::to_string(value).map_err(|e| StateError::Parse {
             path: path.clone(),
             message: e.to_string(),
         })?;
         self.write_atomic(&path, text.as_bytes())
     }
 
+    /// A cache file: missing or unreadable is empty (a cache is only a head
+    /// start: the coordinator sends the real thing), with a warning if broken.
+    fn read_cache<T: serde::de::DeserializeOwned + Default>(&self, name: &str) -> T {
+        let path = self.file(name);
+        let Ok(text) = fs::read_to_string(&path) else {
+            return T::default();
+        };
+        toml::from_str(&text).unwrap_or_else(|e: toml::de::Error| {
+            tracing::warn!(path = %path.display(), error = %e.message(), "ignoring a broken cache");
+            T::default()
+        })
+    }
+
     /// The cached peer map; a missing or unreadable cache is an empty map
     /// (it is only a head start: the coordinator sends the real one).
     pub fn load_peers(&self) -> BTreeMap<NodeId, Peer> {
-        let path = self.file(PEERS_FILE);
-        let Ok(text) = fs::read_to_string(&path) else {
-            return BTreeMap::new();
-        };
-        let file: PeersFile = match toml::from_str(&text) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e.message(), "ignoring the peer cache");
-                return BTreeMap::new();
-            }
-        };
+        let file: PeersFile = self.read_cache(PEERS_FILE);
         file.peer
             .into_iter()
             .filter_map(|p| {
@@ -375,7 +373,6 @@ impl StateDir {
     }
 
     pub fn save_peers(&self, peers: &BTreeMap<NodeId, Peer>) -> Result<(), StateError> {
-        let path = self.file(PEERS_FILE);
         let file = PeersFile {
             peer: peers
                 .values()
@@ -390,36 +387,17 @@ impl StateDir {
                 })
                 .collect(),
         };
-        let text = toml::to_string(&file).map_err(|e| StateError::Parse {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        self.write_atomic(&path, text.as_bytes())
+        self.write_toml(PEERS_FILE, &file)
     }
 
-    /// The cached relay map; missing or unreadable is none (the
-    /// coordinator sends the real one).
+    /// The cached relay map.
     pub fn load_relays(&self) -> Vec<RelayEntry> {
-        let path = self.file(RELAYS_FILE);
-        let Ok(text) = fs::read_to_string(&path) else {
-            return Vec::new();
-        };
-        let file: RelaysFile = match toml::from_str(&text) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e.message(), "ignoring the relay cache");
-                return Vec::new();
-            }
-        };
+        let file: RelaysFile = self.read_cache(RELAYS_FILE);
         file.relay
             .into_iter()
             .filter_map(|r| {
                 let key: PublicKey = r.key.parse().ok()?;
-                let pin = CoordinatorFile {
-                    addresses: Vec::new(),
-                    pin: r.pin,
-                }
-                .pin_bytes()?;
+                let pin = Hex::parse32(&r.pin)?;
                 Some(RelayEntry {
                     node_id: NodeId(r.id),
                     key: NodeKey(*key.as_bytes()),
@@ -436,7 +414,6 @@ impl StateDir {
     }
 
     pub fn save_relays(&self, relays: &[RelayEntry]) -> Result<(), StateError> {
-        let path = self.file(RELAYS_FILE);
         let file = RelaysFile {
             relay: relays
                 .iter()
@@ -451,11 +428,7 @@ impl StateDir {
                 })
                 .collect(),
         };
-        let text = toml::to_string(&file).map_err(|e| StateError::Parse {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        self.write_atomic(&path, text.as_bytes())
+        self.write_toml(RELAYS_FILE, &file)
     }
 
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StateError> {

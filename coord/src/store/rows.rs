@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use meshd_proto::token::Hex;
 use meshd_proto::{NodeId, NodeKey, RelayInfo};
 
 use super::StoreError;
@@ -86,8 +87,7 @@ fn hash32(v: &[u8], what: &str) -> Result<[u8; 32], StoreError> {
 }
 
 fn relay_to_text(r: &RelayInfo) -> String {
-    let pin: String = r.cert_pin.iter().map(|b| format!("{b:02x}")).collect();
-    let mut s = format!("{} {pin} {}", r.region, r.stun_port);
+    let mut s = format!("{} {} {}", r.region, Hex(&r.cert_pin), r.stun_port);
     for a in &r.addrs {
         s.push(' ');
         s.push_str(&a.to_string());
@@ -99,14 +99,7 @@ fn relay_from_text(s: &str) -> Result<RelayInfo, StoreError> {
     let bad = || corrupt("relay description", s);
     let mut parts = s.split(' ');
     let region = parts.next().filter(|r| !r.is_empty()).ok_or_else(bad)?;
-    let pin = parts.next().ok_or_else(bad)?;
-    let mut cert_pin = [0u8; 32];
-    if pin.len() != 64 || !pin.is_ascii() {
-        return Err(bad());
-    }
-    for (i, b) in cert_pin.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&pin[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
+    let cert_pin = parts.next().and_then(Hex::parse32).ok_or_else(bad)?;
     let stun_port = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
     let addrs = parts
         .map(|a| a.parse().map_err(|_| bad()))
