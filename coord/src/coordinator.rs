@@ -1189,21 +1189,27 @@ impl Coordinator {
     /// another replica wrote first, the records concerned are read again
     /// (and applied, as any other replica's change) and `decide` runs again,
     /// up to [`MAX_ATTEMPTS`] times. A refusal that names records to check
-    /// is checked the same way, once.
+    /// is checked the same way, once per record: a fresh read may lead to a
+    /// refusal that names others (a name's stale owner turns out deleted,
+    /// and then the node renamed is one this replica has not seen yet).
     fn transact<T, E: From<StoreError>>(
         &mut self,
         now: u64,
         mut decide: impl FnMut(&mut Self) -> Decision<T, E>,
     ) -> Result<T, E> {
-        let mut rechecked = false;
+        let mut rechecked: Vec<Lookup> = Vec::new();
         for _ in 0..MAX_ATTEMPTS {
             let lookups = match decide(self) {
                 Err(Refused { error, recheck }) => {
-                    if rechecked || recheck.is_empty() {
+                    let fresh: Vec<Lookup> = recheck
+                        .into_iter()
+                        .filter(|l| !rechecked.contains(l))
+                        .collect();
+                    if fresh.is_empty() {
                         return Err(error);
                     }
-                    rechecked = true;
-                    recheck
+                    rechecked.extend(fresh.iter().cloned());
+                    fresh
                 }
                 Ok((changes, out)) => {
                     if changes.is_empty() {
