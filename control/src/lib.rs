@@ -7,6 +7,7 @@
 //! [`meshd_proto::client::Client`]'s business. It lives apart from the
 //! coordinator so that a node does not link the coordinator's databases.
 
+pub mod identity;
 pub mod listen;
 mod pin;
 

@@ -687,7 +687,7 @@ mod quic {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant, SystemTime};
 
-    use meshd_coord::net::tls::Identity;
+    use meshd_coord::net::tls::{Identity, FILES};
     use meshd_coord::net::{ClientConn, Server, Transport};
     use meshd_coord::{Config, Coordinator, SqliteStore, TokenSpec};
     use meshd_proto::client::{Client, ClientEvent, Join};
@@ -711,7 +711,7 @@ mod quic {
     /// Starts a coordinator over SQLite in `dir` on 127.0.0.1 and makes a
     /// reusable token for it.
     async fn start_server(dir: &std::path::Path) -> (Server, JoinToken) {
-        let identity = Identity::load_or_create(dir).expect("identity");
+        let identity = Identity::load_or_create(dir, &FILES).expect("identity");
         let static_key = identity.static_key.clone();
         let db = dir.join("state.db");
         let listen = "127.0.0.1:0".parse().expect("addr");

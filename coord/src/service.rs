@@ -23,7 +23,7 @@ use crate::admin::client::{KEY_FILE, URL_FILE};
 use crate::admin::server::{AdminKey, AdminServer};
 use crate::admin::TokenContext;
 use crate::coordinator::{Config, Coordinator};
-use crate::net::tls::{write_private, Identity, IdentityError};
+use crate::net::tls::{write_private, Identity, IdentityError, FILES};
 use crate::net::{NetError, Server};
 use crate::store::{PgStore, SqliteStore, Store};
 
@@ -138,8 +138,8 @@ impl Service {
             _ => {}
         }
         let identity = match &config.certificate {
-            Some((cert, key)) => Identity::with_certificate(dir, cert, key)?,
-            None => Identity::load_or_create(dir)?,
+            Some((cert, key)) => Identity::with_certificate(dir, &FILES, cert, key)?,
+            None => Identity::load_or_create(dir, &FILES)?,
         };
         let admin_key = load_or_create_admin_key(&dir.join(KEY_FILE))?;
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use meshd_coord::net::tls::Identity;
+use meshd_coord::net::tls::{Identity, FILES};
 use meshd_coord::net::{ClientConn, ConnError, Server, Transport};
 use meshd_coord::*;
 use meshd_proto::client::{Client, ClientEvent, Join};
@@ -21,7 +21,7 @@ struct Setup {
 
 async fn start() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let identity = Identity::load_or_create(dir.path()).unwrap();
+    let identity = Identity::load_or_create(dir.path(), &FILES).unwrap();
     let static_key = identity.static_key.clone();
     let db = dir.path().join("state.db");
     let config = Config {
@@ -201,8 +201,8 @@ async fn a_burst_waits_in_the_quic_socket_while_the_endpoint_is_busy() {
 #[test]
 fn identity_is_created_once_and_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let a = Identity::load_or_create(dir.path()).unwrap();
-    let b = Identity::load_or_create(dir.path()).unwrap();
+    let a = Identity::load_or_create(dir.path(), &FILES).unwrap();
+    let b = Identity::load_or_create(dir.path(), &FILES).unwrap();
     assert_eq!(a.pin(), b.pin());
     assert_eq!(a.static_key.to_bytes(), b.static_key.to_bytes());
     use std::os::unix::fs::PermissionsExt;

@@ -29,7 +29,7 @@ use crate::conn::{
     client_handshake, connect_tls, drive, quic_binding, quic_transport, tune_tcp, udp_socket,
     ClientError, Cut, End, Handshake, HandshakeError, Incoming, Io, Mailbox, Stop, Traffic,
 };
-use crate::identity::{Identity, IdentityError};
+use crate::identity::{Identity, IdentityError, FILES};
 use crate::members::{Members, Role};
 use crate::Transport;
 
@@ -242,7 +242,7 @@ impl RelayServer {
     /// must be multi-threaded to use more than one core). Admits only
     /// `members`.
     pub async fn start(config: RelayConfig, members: Members) -> Result<RelayServer, RelayError> {
-        let identity = Identity::load_or_create(&config.state_dir)?;
+        let identity = Identity::load_or_create(&config.state_dir, &FILES)?;
         let server_tls = Arc::new(identity.server_config()?);
         let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls.clone())
             .map_err(|e| rustls::Error::General(e.to_string()))?;

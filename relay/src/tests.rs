@@ -546,7 +546,10 @@ async fn the_identity_persists_and_the_keys_are_private() {
     first.shutdown().await;
     let second = RelayServer::start(config, Members::new()).await.unwrap();
     assert_eq!((second.pin(), second.public_key()), (pin, key));
-    for f in [crate::identity::KEY_FILE, crate::identity::STATIC_FILE] {
+    for f in [
+        crate::identity::FILES.key,
+        crate::identity::FILES.static_key,
+    ] {
         let mode = std::fs::metadata(dir.path().join(f))
             .unwrap()
             .permissions()
