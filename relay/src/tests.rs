@@ -319,19 +319,7 @@ async fn a_client_cannot_claim_a_key_it_does_not_hold() {
     assert_eq!(refusal(&mut io).await, ErrorCode::InvalidKey);
 
     // A node may not announce keys as a relay would, to draw their packets.
-    let (mut io, relay_key, nonce) = raw(&relay).await;
-    let attacker_key = auth::public_key(&attacker);
-    let p = proof(&io, relay_key, &nonce, attacker_key, &attacker);
-    io.write_frame(&Frame::ClientAuth {
-        node_key: attacker_key,
-        proof: p,
-    })
-    .await
-    .unwrap();
-    assert!(matches!(
-        io.read_handshake().await.unwrap(),
-        Handshake::ServerOk
-    ));
+    let mut io = raw_authenticated(&relay, &attacker).await;
     io.write_frame(&Frame::PeerPresent(victim_key))
         .await
         .unwrap();
@@ -409,19 +397,8 @@ async fn a_flood_does_not_starve_another_sender_and_queues_stay_bounded() {
     let quiet = relay.connect(&sq, TransportChoice::Tls).await;
     // The destination: a raw connection that reads at about 8 MB/s, far
     // less than the flood offers.
-    let (mut d, relay_key, nonce) = raw(&relay).await;
+    let mut d = raw_authenticated(&relay, &sd).await;
     let dk = auth::public_key(&sd);
-    let p = proof(&d, relay_key, &nonce, dk, &sd);
-    d.write_frame(&Frame::ClientAuth {
-        node_key: dk,
-        proof: p,
-    })
-    .await
-    .unwrap();
-    assert!(matches!(
-        d.read_handshake().await.unwrap(),
-        Handshake::ServerOk
-    ));
     const ROUNDS: u64 = 500;
     let quiet_key = key(&sq).to_bytes();
     let reader = tokio::spawn(async move {
