@@ -84,6 +84,7 @@ pub struct Discovery {
     round_ends: Option<Instant>,
     out: Vec<(SocketAddr, Vec<u8>)>,
     rng: u64,
+    rounds: u64,
 }
 
 impl Discovery {
@@ -99,6 +100,7 @@ impl Discovery {
             round_ends: None,
             out: Vec::new(),
             rng: seed | 1,
+            rounds: 0,
         }
     }
 
@@ -266,8 +268,15 @@ impl Discovery {
         id
     }
 
+    /// Rounds finished so far: a report newer than a given moment comes
+    /// from a later count.
+    pub fn rounds(&self) -> u64 {
+        self.rounds
+    }
+
     fn finish_round(&mut self, _now: Instant) {
         self.round_ends = None;
+        self.rounds += 1;
         let mut latency: Vec<(String, f64)> = self
             .targets
             .iter()

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meshd_dataplane::engine::{self as dp, EngineHandle, OtherOutlet, RelayOutlet};
+use meshd_dataplane::engine::{self as dp, EngineHandle, EngineStatus, OtherOutlet, RelayOutlet};
 use meshd_dataplane::keys::{PrivateKey, PublicKey};
 use meshd_proto::{disco, stun, NodeKey, RelayEntry};
 use rand::RngCore;
@@ -35,7 +35,7 @@ use crate::relay_link;
 use meshd_relay::client::RelaySender;
 
 /// The home relay's connection, shared with the engine's relay outlet.
-type HomeLink = Arc<Mutex<Option<(RelayId, RelaySender)>>>;
+type HomeLink = Arc<Mutex<Option<RelaySender>>>;
 
 /// How often peers' byte counters are read to tell which peers are in use.
 const ACTIVITY_INTERVAL: Duration = Duration::from_secs(1);
@@ -131,12 +131,11 @@ pub fn prepare() -> (Pending, Outlets) {
                 let _ = udp_tx.send((from, datagram.to_vec()));
             }
         }),
-        relay: Box::new(move |relay, peer, datagram| {
+        // Whatever relay a peer's endpoint names, its datagrams go through
+        // the home relay: relays forward to each other.
+        relay: Box::new(move |_, peer, datagram| {
             let guard = relay_link.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((home, l)) = guard.as_ref() {
-                // A datagram for a relay that is no longer home is sent
-                // through the home one: relays forward to each other.
-                let _ = (relay, home);
+            if let Some(l) = guard.as_ref() {
                 let _ = l.send(&x25519_dalek::PublicKey::from(*peer.as_bytes()), datagram);
             }
         }),
@@ -184,6 +183,7 @@ impl Pending {
             lost_tx,
             retry_at: None,
             retry_backoff: RETRY_MIN,
+            failed: BTreeMap::new(),
             pings: BTreeMap::new(),
             counters: BTreeMap::new(),
             reported: Vec::new(),
@@ -274,6 +274,9 @@ struct Task {
     /// When to connect to the home relay again, and the wait after that.
     retry_at: Option<Instant>,
     retry_backoff: Duration,
+    /// Relays that failed, with the STUN round count after which they may
+    /// be believed again.
+    failed: BTreeMap<RelayId, u64>,
     pings: BTreeMap<u64, (Instant, oneshot::Sender<Result<PingResult, String>>)>,
     /// Each peer's byte counters at the last activity check.
     counters: BTreeMap<PublicKey, (u64, u64)>,
@@ -344,6 +347,7 @@ impl Task {
             mut extra,
         } = rx;
         let mut activity = tokio::time::interval(ACTIVITY_INTERVAL);
+        let (activity_tx, mut activity_rx) = mpsc::unbounded_channel();
         activity.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wake = self.next_wake();
@@ -377,7 +381,8 @@ impl Task {
                     self.after_discovery();
                     self.retry_home(now);
                 }
-                _ = activity.tick() => self.check_activity(),
+                _ = activity.tick() => self.check_activity(&activity_tx),
+                Some(status) = activity_rx.recv() => self.on_activity(status),
             }
             self.flush();
         }
@@ -609,6 +614,15 @@ impl Task {
             .filter_map(|r| Some((*self.relay_ids.get(&r.key)?, r.info.region.clone())))
             .collect();
         for (id, region) in ids {
+            // A relay that failed is believed again only on a STUN round
+            // that ended after the failure: the last report's latency for
+            // it is from before, and would make it home again at once.
+            if let Some(&round) = self.failed.get(&id) {
+                if round >= self.discovery.rounds() && self.discovery.report().udp {
+                    continue;
+                }
+                self.failed.remove(&id);
+            }
             let l = match stun.get(&region) {
                 Some(ms) => Some(Duration::from_secs_f64(ms / 1000.0)),
                 None if !self.discovery.report().udp => self.tcp_latency.get(&id).copied(),
@@ -620,21 +634,17 @@ impl Task {
         }
     }
 
-    fn check_activity(&mut self) {
-        let (tx, rx) = std::sync::mpsc::channel();
-        if self
-            .engine
-            .status_then(move |s| {
-                let _ = tx.send(s);
-            })
-            .is_err()
-        {
-            return;
-        }
-        // The engine answers within its turn; a busy engine is not waited for.
-        let Ok(status) = rx.recv_timeout(Duration::from_millis(50)) else {
-            return;
-        };
+    /// Asks the engine for its counters; the answer comes back through
+    /// `activity` (the engine's thread must never be waited for here).
+    fn check_activity(&self, activity: &mpsc::UnboundedSender<EngineStatus>) {
+        let tx = activity.clone();
+        let _ = self.engine.status_then(move |s| {
+            let _ = tx.send(s);
+        });
+    }
+
+    /// Peers whose byte counters moved are in use.
+    fn on_activity(&mut self, status: EngineStatus) {
         let now = Instant::now();
         for p in status.peers {
             if let Some(last) = self.counters.get_mut(&p.public_key) {
@@ -651,9 +661,16 @@ impl Task {
     /// Makes `link` the home relay's connection (closing the one before).
     fn set_link(&mut self, link: Option<(RelayId, relay_link::Link)>) {
         let mut shared = self.link.lock().unwrap_or_else(|e| e.into_inner());
-        *shared = link.as_ref().map(|(id, l)| (*id, l.sender.clone()));
+        *shared = link.as_ref().map(|(_, l)| l.sender.clone());
         drop(shared);
         self.home_link = link.map(|(_, l)| l);
+    }
+
+    fn mark_failed(&mut self, id: RelayId) {
+        // +1: a round running now may have heard the relay before it failed.
+        self.failed.insert(id, self.discovery.rounds() + 1);
+        self.discovery.probe_soon(Instant::now());
+        self.pm.handle_relay_latency(id, None);
     }
 
     fn on_relay_lost(&mut self) {
@@ -663,7 +680,7 @@ impl Task {
             self.tcp_latency.remove(&id);
             // Another relay becomes home if there is one; this one is
             // measured again shortly, and taken back when it answers.
-            self.pm.handle_relay_latency(id, None);
+            self.mark_failed(id);
             self.measure_tcp(id, Duration::from_secs(1));
             self.retry_at = Some(Instant::now() + self.retry_backoff);
         }
@@ -695,7 +712,7 @@ impl Task {
             Err(e) => {
                 tracing::warn!(%region, error = %e, retry_in = ?self.retry_backoff, "cannot connect to the relay");
                 self.tcp_latency.remove(&id);
-                self.pm.handle_relay_latency(id, None);
+                self.mark_failed(id);
                 self.measure_tcp(id, Duration::from_secs(2));
                 self.retry_at = Some(Instant::now() + self.retry_backoff);
                 self.retry_backoff = (self.retry_backoff * 2).min(RETRY_MAX);
@@ -754,7 +771,7 @@ impl Task {
                 }
                 Endpoint::Relay { peer, .. } => {
                     let guard = self.link.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some((_, l)) = guard.as_ref() {
+                    if let Some(l) = guard.as_ref() {
                         let _ = l.send(&x25519_dalek::PublicKey::from(peer.0), &t.packet);
                     }
                 }
